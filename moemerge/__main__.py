@@ -1,0 +1,5 @@
+import sys
+
+from moemerge.cli import main
+
+sys.exit(main())

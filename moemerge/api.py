@@ -1,0 +1,212 @@
+"""The Python API: `plan`, `run`, `inspect`, `pma` (the CLI is a thin shell over these)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from moemerge import __version__
+from moemerge.config import MergeConfig, load_config, parse_config
+from moemerge.engine import NullProgress, Progress, run_local
+from moemerge.errors import CheckpointError, ConfigError
+from moemerge.io.checkpoint import Checkpoint, TensorInfo
+from moemerge.io.sidefiles import read_side_files, retag_config_dtype
+from moemerge.io.writer import CONFIG_COPY_NAME, LocalModelWriter, check_output
+from moemerge.methods import average_weights
+from moemerge.planner import Plan, build_plan
+from moemerge.sizes import parse_size
+
+__all__ = ["plan", "run", "inspect", "pma_config", "RunResult", "DEFAULT_BUDGET", "DEFAULT_SHARD_SIZE"]
+
+DEFAULT_BUDGET = "2GB"
+DEFAULT_SHARD_SIZE = "5GB"
+#: The smallest budget we accept: below it, per-call overheads dominate every chunk.
+MIN_BUDGET = 10**6
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunResult:
+    """What a finished run produced."""
+
+    out: str
+    plan: Plan
+    seconds: float
+    checksums: dict[str, str] = field(default_factory=dict)
+
+
+def _as_config(config: MergeConfig | dict[str, Any] | str) -> MergeConfig:
+    if isinstance(config, MergeConfig):
+        return config
+    if isinstance(config, dict):
+        return parse_config(config)
+    return load_config(str(config))
+
+
+def _open_all(cfg: MergeConfig) -> list[Checkpoint]:
+    """Open every checkpoint (headers only); report every unreadable one in one error."""
+    opened: list[Checkpoint] = []
+    problems: list[str] = []
+    for loc in cfg.model_locations():
+        try:
+            opened.append(Checkpoint.open(loc, cfg.storage_options))
+        except CheckpointError as e:
+            problems.append(str(e))
+    if problems:
+        for c in opened:
+            c.close()
+        raise CheckpointError(problems[0] if len(problems) == 1 else
+                              "cannot read the inputs:\n  " + "\n  ".join(problems))
+    return opened
+
+
+def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int,
+          shard_size: str | int, seed: int) -> Plan:
+    budget = parse_size(memory_budget, what="--memory-budget", minimum=MIN_BUDGET)
+    shard = parse_size(shard_size, what="--shard-size", minimum=1)
+    side = ckpts[0].config() or {}
+    hint = side.get("num_hidden_layers") if isinstance(side.get("num_hidden_layers"), int) else None
+    return build_plan(
+        cfg, {c.url: c.tensors for c in ckpts}, memory_budget=budget, shard_size=shard,
+        seed=seed, n_layers_hint=hint,
+    )
+
+
+def plan(config: MergeConfig | dict[str, Any] | str, *, memory_budget: str | int = DEFAULT_BUDGET,
+         shard_size: str | int = DEFAULT_SHARD_SIZE, seed: int = 0) -> Plan:
+    """Validate a config against its checkpoints' headers and return the plan (no data read)."""
+    cfg = _as_config(config)
+    ckpts = _open_all(cfg)
+    try:
+        return _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed)
+    finally:
+        for c in ckpts:
+            c.close()
+
+
+def _main_dtype(p: Plan) -> str:
+    by_bytes: Counter[str] = Counter()
+    for t in p.tensors:
+        if t.method != "copy":
+            by_bytes[t.out_dtype] += t.numel
+    return by_bytes.most_common(1)[0][0] if by_bytes else "F32"
+
+
+def run(
+    config: MergeConfig | dict[str, Any] | str,
+    out: str,
+    *,
+    memory_budget: str | int = DEFAULT_BUDGET,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+    seed: int = 0,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: bool | Progress | NullProgress = False,
+    manifest_extra: dict[str, Any] | None = None,
+) -> RunResult:
+    """Merge per `config` into the model directory `out`; returns when the output is committed.
+
+    Everything is validated before the first output byte; on any error no index and no
+    manifest are written, so the partial output never looks finished.
+    """
+    t0 = time.monotonic()
+    cfg = _as_config(config)
+    if device != "cpu":
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    check_output(out, overwrite=overwrite, inputs=cfg.model_locations())
+    ckpts = _open_all(cfg)
+    try:
+        the_plan = _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed)
+        side = read_side_files(the_plan.side_source or ckpts[0].url, cfg.storage_options, model=True, tokenizer=False)
+        tok = read_side_files(the_plan.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
+        writer = LocalModelWriter(out, the_plan.shards, overwrite=overwrite)
+        writer.prepare()
+        try:
+            prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())
+            digests = run_local(the_plan, ckpts, writer, progress=prog, device=device, in_cast=cfg.dtype)
+            main_dtype = _main_dtype(the_plan)
+            if "config.json" in side:
+                side["config.json"] = retag_config_dtype(side["config.json"], main_dtype)
+            files = {**side, **tok}
+            source = {k: v for k, v in cfg.source.items() if k != "storage_options"}
+            files[CONFIG_COPY_NAME] = yaml.safe_dump(source, sort_keys=False).encode()
+            index = {
+                "metadata": {"total_size": the_plan.bytes_written, "moemerge_version": __version__},
+                "weight_map": {t.name: t.out_file for t in the_plan.tensors},
+            }
+            manifest = {
+                "moemerge_version": __version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "method": the_plan.method,
+                "config_hash": the_plan.config_hash,
+                "config": source,
+                "inputs": list(the_plan.sources),
+                "seed": seed,
+                "dtype": main_dtype,
+                "files": {s.file: s.size for s in the_plan.shards},
+                "tensors": {
+                    t.name: {"file": t.out_file, "dtype": t.out_dtype, "shape": list(t.shape),
+                             "sha256": digests[t.name]}
+                    for t in the_plan.tensors
+                },
+                **(manifest_extra or {}),
+            }
+            writer.finish(side_files=files, index=index, manifest=manifest)
+        except BaseException:
+            writer.close()
+            raise
+    finally:
+        for c in ckpts:
+            c.close()
+    return RunResult(out=out, plan=the_plan, seconds=time.monotonic() - t0, checksums=digests)
+
+
+def inspect(location: str, storage_options: dict[str, Any] | None = None) -> list[TensorInfo]:
+    """Every tensor of a checkpoint (name, dtype, shape, bytes, file), in file order."""
+    ck = Checkpoint.open(location, storage_options)
+    try:
+        return sorted(ck.tensors.values(), key=lambda t: (t.file, t.start))
+    finally:
+        ck.close()
+
+
+def pma_config(
+    snapshots: list[str], *, method: str = "sma", alpha: float = 0.2,
+    weights: list[float] | None = None, dtype: str | None = None,
+) -> tuple[dict[str, Any], list[float]]:
+    """A merge config averaging `snapshots` (oldest first), and the weight of each snapshot."""
+    if len(snapshots) < 1:
+        raise ConfigError("pma: give at least one snapshot")
+    if weights is not None:
+        if len(weights) != len(snapshots):
+            raise ConfigError(f"--weights: {len(weights)} weight(s) for {len(snapshots)} snapshot(s)")
+        if abs(sum(weights)) < 1e-12:
+            raise ConfigError(f"--weights: {weights} sum to 0; they are normalized, so give a non-zero sum")
+        total = sum(weights)
+        doc: dict[str, Any] = {
+            "merge_method": "linear",
+            "models": [{"model": s, "parameters": {"weight": w}} for s, w in zip(snapshots, weights)],
+            "parameters": {"normalize": True},
+        }
+        eff = [w / total for w in weights]
+    else:
+        if method not in ("sma", "wma", "ema"):
+            raise ConfigError(f"--method: unknown average {method!r}; use sma, wma or ema")
+        if method == "ema" and not 0 < alpha <= 1:
+            raise ConfigError(f"--alpha: must be in (0, 1], got {alpha}")
+        doc = {"merge_method": method, "models": [{"model": s} for s in snapshots]}
+        if method == "ema":
+            doc["parameters"] = {"alpha": alpha}
+        eff = average_weights(method, len(snapshots), alpha)
+    if dtype:
+        doc["out_dtype"] = dtype
+    return doc, eff
+
+

@@ -1,0 +1,281 @@
+"""The merge configuration: MergeKit's YAML schema, validated, plus per-tensor parameter lookup.
+
+A value in `parameters:` is a number/bool/string, a list of numbers (a gradient over layers),
+or a list of `{filter: STR, value: V}` rules; `methods.md` ("Parameters") gives the rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+
+from moemerge.errors import ConfigError
+from moemerge.io.dtypes import parse_dtype_name
+
+__all__ = [
+    "Scalar",
+    "Gradient",
+    "FilterRule",
+    "ParamValue",
+    "ModelSpec",
+    "MergeConfig",
+    "load_config",
+    "parse_config",
+    "resolve_value",
+]
+
+Scalar = Union[float, int, bool, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Gradient:
+    """A list of numbers interpolated over the layer index (methods.md, "Parameters")."""
+
+    points: tuple[float, ...]
+
+    def at(self, layer: int | None, n_layers: int) -> float:
+        """Value at `layer` of `n_layers`; tensors outside numbered layers take the first entry.
+
+        Example: Gradient((0, 1)).at(1, 3) == 0.5; a single-layer model takes the last entry.
+        """
+        pts = self.points
+        if layer is None:
+            return pts[0]
+        if n_layers <= 1:
+            return pts[-1]
+        s = layer / (n_layers - 1) * (len(pts) - 1)
+        i = min(int(math.floor(s)), len(pts) - 1)
+        if i >= len(pts) - 1:
+            return pts[-1]
+        frac = s - i
+        return pts[i] * (1 - frac) + pts[i + 1] * frac
+
+
+@dataclass(frozen=True, slots=True)
+class FilterRule:
+    """`{filter: STR, value: V}`: applies to tensors whose name contains `filter` (None: all)."""
+
+    filter: str | None
+    value: Scalar | Gradient
+
+
+ParamValue = Union[Scalar, Gradient, tuple[FilterRule, ...]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSpec:
+    """One entry of `models:`."""
+
+    model: str
+    """Location of the checkpoint directory: a path or any fsspec URL."""
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+    """Per-model parameters; they take precedence over the top-level `parameters:`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MergeConfig:
+    """A validated merge configuration (MergeKit 0.1.5's schema, minus `slices:`)."""
+
+    merge_method: str
+    """Registered method name (see `moemerge.methods.REGISTRY`)."""
+    models: tuple[ModelSpec, ...]
+    """Inputs in config order (for averages: oldest first)."""
+    base_model: str | None = None
+    """The base for task-vector methods; copied side files come from it."""
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+    """Top-level parameters: defaults for every model and the method's global parameters."""
+    dtype: str | None = None
+    """Safetensors dtype name the inputs are read as (MergeKit's `dtype`)."""
+    out_dtype: str | None = None
+    """Safetensors dtype name of the output (default: `dtype`, else the inputs' dtype)."""
+    tokenizer_source: str | None = None
+    """`base` (default), or a model location whose tokenizer files are copied."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for every location (e.g. an S3 endpoint); never printed."""
+    source: dict[str, Any] = field(default_factory=dict)
+    """The mapping this config was parsed from, written beside the output."""
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of the config (storage options left out)."""
+        src = {k: v for k, v in self.source.items() if k != "storage_options"}
+        blob = json.dumps(src, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def model_locations(self) -> list[str]:
+        """Every distinct checkpoint location, base first when it is set."""
+        seen: list[str] = []
+        for loc in ([self.base_model] if self.base_model else []) + [m.model for m in self.models]:
+            if loc not in seen:
+                seen.append(loc)
+        return seen
+
+
+_TOP_KEYS = {
+    "merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "storage_options", "slices", "tokenizer", "chat_template",
+    "name", "modules",
+}
+_UNSUPPORTED = {
+    "slices": "`slices:` is not supported yet; list whole models under `models:`",
+    "modules": "`modules:` is not supported yet; list whole models under `models:`",
+    "tokenizer": "`tokenizer:` (tokenizer merging) is not supported yet; use `tokenizer_source`",
+    "chat_template": "`chat_template:` is not supported yet; edit tokenizer_config.json after the merge",
+}
+
+
+def load_config(path: str, *, storage_options: dict[str, Any] | None = None) -> MergeConfig:
+    """Read and validate a YAML config from a path or fsspec URL."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rt", **(storage_options or {})) as f:
+            text = f.read()
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: config file does not exist") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e})") from e
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    return parse_config(doc, where=path)
+
+
+def _parse_value(v: Any, key: str) -> ParamValue:
+    if isinstance(v, bool | int | float | str):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"parameter `{key}`: {v} is not a finite number")
+        return v
+    if isinstance(v, list) and v and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v):
+        if not all(math.isfinite(x) for x in v):
+            raise ConfigError(f"parameter `{key}`: gradient {v} has a non-finite entry")
+        return Gradient(tuple(float(x) for x in v))
+    if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        rules = []
+        for x in v:
+            extra = set(x) - {"filter", "value"}
+            if extra or "value" not in x:
+                raise ConfigError(
+                    f"parameter `{key}`: each list entry must be {{filter: STR, value: V}}, got {x}"
+                )
+            inner = _parse_value(x["value"], key)
+            if isinstance(inner, tuple):
+                raise ConfigError(f"parameter `{key}`: a filter's value cannot be another filter list")
+            filt = x.get("filter")
+            rules.append(FilterRule(None if filt is None else str(filt), inner))
+        return tuple(rules)
+    raise ConfigError(
+        f"parameter `{key}`: expected a number, a list of numbers (a layer gradient) or a list "
+        f"of {{filter: ..., value: ...}} entries, got {v!r}"
+    )
+
+
+def _parse_params(doc: Any, where: str) -> dict[str, ParamValue]:
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: `parameters` must be a mapping of name -> value, got {doc!r}")
+    return {str(k): _parse_value(v, f"{where}.{k}" if where else str(k)) for k, v in doc.items()}
+
+
+def _parse_model_ref(v: Any, key: str) -> str:
+    if isinstance(v, dict) and set(v) <= {"model", "path"}:
+        v = v.get("model", v.get("path"))
+        if isinstance(v, dict):
+            v = v.get("path")
+    if not isinstance(v, str) or not v.strip():
+        raise ConfigError(f"`{key}`: expected a checkpoint path or URL, got {v!r}")
+    if "+" in v and not v.startswith(("s3://", "gs://", "http")) and not v.startswith("/"):
+        # MergeKit's `model+lora` syntax
+        raise ConfigError(f"`{key}`: LoRA references ('{v}') are not supported yet; merge the adapter first")
+    return v
+
+
+def _parse_dtype(v: Any, key: str) -> str | None:
+    if v is None:
+        return None
+    name = parse_dtype_name(str(v))
+    if name is None:
+        raise ConfigError(
+            f"`{key}`: unknown dtype {v!r}; use float32, float16, bfloat16 or float64"
+        )
+    return name
+
+
+def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
+    """Validate a YAML mapping (MergeKit schema) and build a MergeConfig.
+
+    Checks structure and parameter names/values against the method's declared parameters.
+    """
+    from moemerge.methods import get_method  # the registry knows each method's parameters
+
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: expected a YAML mapping with `merge_method` and `models`")
+    unknown = sorted(set(doc) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(f'`{k}`' for k in unknown)}; "
+            f"valid keys: {', '.join(sorted(_TOP_KEYS - set(_UNSUPPORTED)))}"
+        )
+    for key, msg in _UNSUPPORTED.items():
+        if doc.get(key) is not None:
+            raise ConfigError(f"{where}: {msg}")
+    if "merge_method" not in doc:
+        raise ConfigError(f"{where}: missing required key `merge_method`")
+    method = get_method(str(doc["merge_method"]))  # raises, listing valid names
+    models_doc = doc.get("models")
+    if not isinstance(models_doc, list) or not models_doc:
+        raise ConfigError(f"{where}: `models` must be a non-empty list of {{model: PATH}} entries")
+    models = []
+    for i, m in enumerate(models_doc):
+        key = f"models[{i}]"
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise ConfigError(f"{where}: `{key}` must be a mapping with a `model` key, got {m!r}")
+        extra = sorted(set(m) - {"model", "parameters"})
+        if extra:
+            raise ConfigError(f"{where}: `{key}` has unknown key(s) {extra}; allowed: model, parameters")
+        models.append(
+            ModelSpec(
+                model=_parse_model_ref(m["model"], f"{key}.model"),
+                parameters=_parse_params(m.get("parameters"), f"{key}.parameters"),
+            )
+        )
+    base = doc.get("base_model")
+    storage_options = doc.get("storage_options") or {}
+    if not isinstance(storage_options, dict):
+        raise ConfigError(f"{where}: `storage_options` must be a mapping")
+    tok = doc.get("tokenizer_source")
+    if tok is not None and not isinstance(tok, str):
+        raise ConfigError(f"{where}: `tokenizer_source` must be 'base' or a model location")
+    cfg = MergeConfig(
+        merge_method=method.name,
+        models=tuple(models),
+        base_model=None if base is None else _parse_model_ref(base, "base_model"),
+        parameters=_parse_params(doc.get("parameters"), "parameters"),
+        dtype=_parse_dtype(doc.get("dtype"), "dtype"),
+        out_dtype=_parse_dtype(doc.get("out_dtype"), "out_dtype"),
+        tokenizer_source=tok,
+        storage_options=dict(storage_options),
+        source=dict(doc),
+    )
+    method.validate_config(cfg)
+    return cfg
+
+
+def resolve_value(value: ParamValue, tensor: str, layer: int | None, n_layers: int) -> Scalar | None:
+    """The value of one parameter for one tensor; None when no filter rule matches."""
+    if isinstance(value, tuple):
+        for rule in value:
+            if rule.filter is None or rule.filter in tensor:
+                return resolve_value(rule.value, tensor, layer, n_layers)
+        return None
+    if isinstance(value, Gradient):
+        return value.at(layer, n_layers)
+    return value

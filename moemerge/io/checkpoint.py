@@ -1,0 +1,195 @@
+"""Open a safetensors checkpoint directory (sharded or single file), headers only.
+
+`Checkpoint.open(url)` reads the index and every shard header (two small reads per shard),
+validates them, and then serves exact row ranges of any tensor into a caller's buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from moemerge.errors import CheckpointError
+from moemerge.io import storage
+from moemerge.io.dtypes import itemsize
+from moemerge.io.safetensors_format import parse_header, parse_header_length
+
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorInfo", "Checkpoint", "row_geometry"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def row_geometry(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, elements per row) of the row-chunking view of a tensor.
+
+    A row is a slice along the last dim, so rows run over all leading dims in order (a fused
+    3-D expert tensor [E, H, C] has E*H rows of C): a row range is one contiguous byte range.
+    A 1-D tensor has one element per row so that huge vectors still chunk; a scalar is 1 x 1.
+    """
+    if len(shape) >= 2:
+        row_len = shape[-1]
+        return (math.prod(shape[:-1]) if row_len else 0), row_len
+    return (shape[0] if shape else 1), 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorInfo:
+    """Where one tensor of a checkpoint lives and what it is."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str  # file name inside the checkpoint directory
+    start: int  # absolute byte offset in that file
+    nbytes: int
+
+    @property
+    def rows(self) -> int:
+        return row_geometry(self.shape)[0]
+
+    @property
+    def row_len(self) -> int:
+        return row_geometry(self.shape)[1]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_len * itemsize(self.dtype)
+
+
+class Checkpoint:
+    """A checkpoint directory: its tensors (from headers) and range reads of their rows."""
+
+    def __init__(
+        self, url: str, fs: Any, root: str, tensors: dict[str, TensorInfo], files: dict[str, int]
+    ) -> None:
+        self.url = url
+        self.fs = fs
+        self.root = root
+        self.tensors = tensors
+        self.files = files  # file name -> size in bytes
+        self._sources: dict[str, storage.ByteSource] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.url!r}, tensors={len(self.tensors)}, files={len(self.files)})"
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:
+        """Read and validate the index and every shard header of the checkpoint at `url`."""
+        try:
+            fs, root = storage.resolve(url, storage_options)
+        except Exception as e:  # bad protocol, missing driver, bad options
+            raise CheckpointError(f"{url}: cannot open this location ({e})") from e
+        root = root.rstrip("/") or root
+        index_path = storage.join(root, INDEX_NAME)
+        single_path = storage.join(root, SINGLE_NAME)
+        if fs.isfile(root) and root.endswith(".safetensors"):
+            # a bare .safetensors file is a one-shard checkpoint
+            parent, name = root.rsplit("/", 1) if "/" in root else ("", root)
+            ckpt = cls(url, fs, parent, {}, {})
+            ckpt._load_shards({name: None})
+            return ckpt
+        if not fs.isdir(root):
+            raise CheckpointError(f"{url}: checkpoint directory does not exist")
+        ckpt = cls(url, fs, root, {}, {})
+        if fs.isfile(index_path):
+            ckpt._load_shards(ckpt._read_index(index_path))
+        elif fs.isfile(single_path):
+            ckpt._load_shards({SINGLE_NAME: None})
+        else:
+            raise CheckpointError(
+                f"{url}: no {INDEX_NAME} or {SINGLE_NAME} here; point at a Hugging Face model "
+                "directory with safetensors weights"
+            )
+        return ckpt
+
+    def _read_index(self, index_path: str) -> dict[str, list[str] | None]:
+        where = f"{self.url}/{INDEX_NAME}"
+        try:
+            doc = json.loads(self.fs.cat_file(index_path))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: not valid JSON ({e})") from e
+        wmap = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(wmap, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()
+        ):
+            raise CheckpointError(f"{where}: has no 'weight_map' object of tensor name -> file name")
+        by_file: dict[str, list[str] | None] = {}
+        for tensor, fname in wmap.items():
+            fname = storage.safe_relative(fname, where=where)
+            names = by_file.setdefault(fname, [])
+            assert names is not None
+            names.append(tensor)
+        return by_file
+
+    def _load_shards(self, by_file: dict[str, list[str] | None]) -> None:
+        for fname, expected in sorted(by_file.items()):
+            path = storage.join(self.root, fname) if self.root else fname
+            where = f"{self.url}/{fname}" if fname not in self.url else self.url
+            if not self.fs.isfile(path):
+                raise CheckpointError(
+                    f"{where}: shard named in {INDEX_NAME} does not exist (incomplete download "
+                    "or copy?)"
+                )
+            src = storage.open_source(self.fs, path)
+            self._sources[fname] = src
+            n = parse_header_length(storage.read_bytes(src, 0, 8) if src.size >= 8 else b"",
+                                    file_size=src.size, where=where)
+            header = parse_header(storage.read_bytes(src, 8, n), file_size=src.size, where=where)
+            self.files[fname] = src.size
+            wanted = header.tensors.keys() if expected is None else expected
+            for name in wanted:
+                entry = header.tensors.get(name)
+                if entry is None:
+                    raise CheckpointError(
+                        f"{where}: tensor `{name}` is listed in {INDEX_NAME} for this shard "
+                        "but the shard does not contain it"
+                    )
+                if name in self.tensors:
+                    raise CheckpointError(f"{where}: tensor `{name}` appears in two shards")
+                self.tensors[name] = TensorInfo(
+                    name=name, dtype=entry.dtype, shape=entry.shape, file=fname,
+                    start=entry.start, nbytes=entry.nbytes,
+                )
+
+    # -- side files ------------------------------------------------------------------------
+
+    def side_file(self, name: str) -> bytes | None:
+        """Bytes of a small file beside the weights (config.json, tokenizer files), or None."""
+        path = storage.join(self.root, name)
+        try:
+            return bytes(self.fs.cat_file(path)) if self.fs.isfile(path) else None
+        except FileNotFoundError:
+            return None
+
+    def config(self) -> dict[str, Any] | None:
+        raw = self.side_file("config.json")
+        if raw is None:
+            return None
+        try:
+            cfg = json.loads(raw)
+        except ValueError as e:
+            raise CheckpointError(f"{self.url}/config.json: not valid JSON ({e})") from e
+        return cfg if isinstance(cfg, dict) else None
+
+    # -- data ------------------------------------------------------------------------------
+
+    def read_rows(self, name: str, r0: int, r1: int, out: memoryview) -> None:
+        """Read rows [r0, r1) of tensor `name` as one exact byte range into `out`."""
+        t = self.tensors[name]
+        rb = t.row_bytes
+        need = (r1 - r0) * rb
+        if len(out) < need:
+            raise ValueError(f"buffer of {len(out)} bytes is too small for {need}")
+        self._sources[t.file].read_into(t.start + r0 * rb, out[:need])
+
+    def close(self) -> None:
+        for src in self._sources.values():
+            src.close()
+        self._sources.clear()

@@ -1,0 +1,54 @@
+"""Small files that travel with the weights: model config, generation config, tokenizer."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from moemerge.io import storage
+
+__all__ = ["MODEL_FILES", "is_tokenizer_file", "read_side_files", "retag_config_dtype"]
+
+MODEL_FILES = ("config.json", "generation_config.json")
+_TOKENIZER = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab.*|merges\.txt|"
+    r".*\.model|chat_template.*|preprocessor_config\.json)$"
+)
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def is_tokenizer_file(name: str) -> bool:
+    return bool(_TOKENIZER.match(name)) and not name.endswith(".safetensors")
+
+
+def read_side_files(url: str, storage_options: dict[str, Any] | None, *, model: bool, tokenizer: bool) -> dict[str, bytes]:
+    """The model config files and/or tokenizer files found directly under `url`."""
+    fs, root = storage.resolve(url, storage_options)
+    out: dict[str, bytes] = {}
+    try:
+        entries = fs.ls(root, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for p in sorted(entries):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        wanted = (model and name in MODEL_FILES) or (tokenizer and is_tokenizer_file(name))
+        if wanted and fs.isfile(p):
+            out[name] = bytes(fs.cat_file(p))
+    return out
+
+
+def retag_config_dtype(raw: bytes, dtype: str) -> bytes:
+    """config.json with its dtype fields (`torch_dtype`, transformers 5's `dtype`) set to `dtype`."""
+    try:
+        cfg = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(cfg, dict):
+        return raw
+    name = _DTYPE_NAMES.get(dtype, dtype)
+    cfg["torch_dtype"] = name
+    if "dtype" in cfg:
+        cfg["dtype"] = name
+    return (json.dumps(cfg, indent=2) + "\n").encode()

@@ -1,0 +1,153 @@
+"""Write a sharded safetensors model directory whose layout was fixed by the plan.
+
+Commit protocol (DESIGN promise 5): shards are pre-laid out (header written, file sized) and
+filled by byte-range writes; side files come next; the index and then the manifest are
+written last, each by write-to-temp + rename. Until the manifest exists the directory carries
+an `.moemerge-incomplete` marker and no index, so nothing loads it as a finished model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any
+
+from moemerge.errors import OutputError
+from moemerge.io import storage
+from moemerge.io.checkpoint import INDEX_NAME
+from moemerge.io.safetensors_format import ShardLayout
+
+__all__ = ["MANIFEST_NAME", "MARKER_NAME", "CONFIG_COPY_NAME", "LocalModelWriter", "check_output"]
+
+MANIFEST_NAME = "moemerge-manifest.json"
+MARKER_NAME = ".moemerge-incomplete"
+CONFIG_COPY_NAME = "moemerge-config.yml"
+
+
+def check_output(url: str, *, overwrite: bool, inputs: list[str] = ()) -> str:  # type: ignore[assignment]
+    """Check before any work that `url` can take the output; return its local path.
+
+    Refuses: a file, a finished output (unless `overwrite`), a non-empty directory that is not
+    a moemerge output, an input location, and a place with no writable parent.
+    """
+    fs, path = storage.resolve(url)
+    if not storage.is_local(fs):
+        raise OutputError(
+            f"{url}: writing to {fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]}:// "
+            "is not supported yet; write to a local directory"
+        )
+    path = os.path.abspath(path)
+    for src in inputs:
+        sfs, spath = storage.resolve(src)
+        if storage.is_local(sfs) and os.path.abspath(spath) == path:
+            raise OutputError(f"{url}: the output directory is also an input; choose another output")
+    if os.path.isfile(path):
+        raise OutputError(f"{url}: is a file; the output must be a directory (new or empty)")
+    if os.path.isdir(path):
+        entries = set(os.listdir(path))
+        if MANIFEST_NAME in entries and not overwrite:
+            raise OutputError(
+                f"{url}: already holds a finished merge ({MANIFEST_NAME}); pass --overwrite to "
+                "replace it or choose another directory"
+            )
+        if entries and MANIFEST_NAME not in entries and MARKER_NAME not in entries:
+            raise OutputError(
+                f"{url}: directory is not empty and is not a moemerge output; choose a new or "
+                "empty directory"
+            )
+        if not os.access(path, os.W_OK):
+            raise OutputError(f"{url}: directory is not writable (check permissions)")
+        return path
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent or "."):
+        raise OutputError(f"{url}: {parent} is a file, so the output directory cannot be created")
+    if not os.access(parent or ".", os.W_OK):
+        raise OutputError(f"{url}: cannot create the directory here ({parent} is not writable)")
+    return path
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class LocalModelWriter:
+    """Shard files on a local (or shared) filesystem, filled by `write(file, offset, data)`.
+
+    Thread-safe: writes are positional (`pwrite`), so units may finish in any order.
+    """
+
+    def __init__(self, url: str, shards: tuple[ShardLayout, ...], *, overwrite: bool) -> None:
+        self.url = url
+        self.path = check_output(url, overwrite=overwrite)
+        self.shards = shards
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"LocalModelWriter({self.url!r}, shards={len(self.shards)})"
+
+    def prepare(self) -> None:
+        """Mark the directory incomplete, drop any old commit files, lay out every shard."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            open(os.path.join(self.path, MARKER_NAME), "w").close()
+            # an old finished output stops looking finished before anything else changes
+            for name in (MANIFEST_NAME, INDEX_NAME):
+                p = os.path.join(self.path, name)
+                if os.path.exists(p):
+                    os.remove(p)
+            keep = {s.file for s in self.shards}
+            for name in os.listdir(self.path):
+                if name.endswith(".safetensors") and name not in keep:
+                    os.remove(os.path.join(self.path, name))
+            for s in self.shards:
+                fd = os.open(os.path.join(self.path, s.file), os.O_RDWR | os.O_CREAT, 0o644)
+                os.ftruncate(fd, s.size)
+                self._fds[s.file] = fd
+                self._pwrite(fd, memoryview(s.header), 0, s.file)
+        except OSError as e:
+            self.close()
+            raise OutputError(f"{self.url}: cannot lay out the output ({e.strerror or e}); check space and permissions") from e
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int, name: str) -> None:
+        done = 0
+        while done < len(data):
+            try:
+                n = os.pwrite(fd, data[done:], offset + done)
+            except OSError as e:
+                raise OutputError(f"{self.url}/{name}: write failed at byte {offset + done} ({e.strerror}); is the disk full?") from e
+            done += n
+
+    def write(self, file: str, offset: int, data: memoryview) -> None:
+        self._pwrite(self._fds[file], data, offset, file)
+
+    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: dict[str, Any]) -> None:
+        """Flush shards, write side files, then the index, then the manifest (the commit)."""
+        try:
+            for fd in self._fds.values():
+                os.fsync(fd)
+            self.close()
+            for name, data in side_files.items():
+                _atomic_write(os.path.join(self.path, name), data)
+            _atomic_write(os.path.join(self.path, INDEX_NAME), json.dumps(index, indent=2).encode())
+            _atomic_write(os.path.join(self.path, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
+            os.remove(os.path.join(self.path, MARKER_NAME))
+        except OSError as e:
+            raise OutputError(f"{self.url}: cannot finish the output ({e.strerror or e})") from e
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()

@@ -1,0 +1,46 @@
+"""Merge methods: one registry, one visible list (name -> Method)."""
+
+from __future__ import annotations
+
+from moemerge.errors import ConfigError
+from moemerge.methods.averages import EMA, SMA, WMA, average_weights
+from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams
+from moemerge.methods.linear import LINEAR
+from moemerge.methods.passthrough import PASSTHROUGH
+from moemerge.methods.task_arithmetic import TASK_ARITHMETIC
+
+__all__ = [
+    "REGISTRY", "get_method", "Method", "ParamSpec", "StatPass", "TensorParams", "Chunk",
+    "average_weights",
+]
+
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        LINEAR,
+        TASK_ARITHMETIC,
+        PASSTHROUGH,
+        SMA,
+        WMA,
+        EMA,
+    )
+}
+
+#: MergeKit methods that are planned but not built yet: a clear error instead of "unknown".
+_PLANNED = (
+    "slerp", "nearswap", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+    "model_stock", "nuslerp", "della", "della_linear", "sce", "multislerp", "karcher",
+)
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`; a ConfigError listing valid names otherwise."""
+    m = REGISTRY.get(name)
+    if m is not None:
+        return m
+    if name in _PLANNED:
+        raise ConfigError(
+            f"`merge_method`: {name} is not implemented yet in this version; "
+            f"available: {', '.join(sorted(REGISTRY))}"
+        )
+    raise ConfigError(f"`merge_method`: unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")

@@ -1,0 +1,230 @@
+"""The method interface: parameters, statistics passes, and `apply` on one row-chunk.
+
+A method is pure math on chunks (STYLE "Methods are pure functions on chunks"): it never
+touches storage, Dask or devices. The engine feeds it `Chunk`s; for methods that need
+whole-tensor statistics it first runs the declared `StatPass`es (map each chunk to a small
+partial, reduce the partials in row order) and hands the results to `apply`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
+
+from moemerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from moemerge.config import MergeConfig, ParamValue, Scalar
+
+__all__ = ["ParamSpec", "TensorParams", "Chunk", "StatPass", "Method", "check_range"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParamSpec:
+    """One parameter a method takes, with MergeKit's name and default."""
+
+    name: str
+    scope: Literal["model", "global"]
+    """`model`: resolved per input (model's own, then top-level); `global`: once per tensor."""
+    default: float | bool | None = None
+    """None means required."""
+    kind: Literal["float", "bool", "int"] = "float"
+    check: Callable[[float], str | None] | None = None
+    """Returns what is wrong with a value (e.g. 'must be in (0, 1]'), or None."""
+    doc: str = ""
+
+
+def check_range(lo: float | None, hi: float | None, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[float], str | None]:
+    """A `ParamSpec.check` for an interval, e.g. check_range(0, 1, lo_open=True) for (0, 1]."""
+
+    def check(v: float) -> str | None:
+        bad = (lo is not None and (v < lo or (lo_open and v == lo))) or (
+            hi is not None and (v > hi or (hi_open and v == hi))
+        )
+        if bad:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            return f"must be in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        return None
+
+    return check
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorParams:
+    """Parameters resolved for one tensor: per input (config order, base excluded) and global."""
+
+    per_input: tuple[Mapping[str, Any], ...]
+    glob: Mapping[str, Any]
+    seed: int = 0
+
+    def column(self, name: str) -> list[float]:
+        return [float(p[name]) for p in self.per_input]
+
+
+class Chunk(Protocol):
+    """Rows [row_start, row_stop) of one tensor, all inputs; tensors are [rows, row_len].
+
+    For `elementwise` methods the engine passes 1-D blocks of a chunk instead (any shape
+    works for elementwise math); `row_start`/`row_stop` then still name the enclosing rows.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    row_start: int
+    row_stop: int
+    row_len: int
+    n_inputs: int
+    compute_dtype: torch.dtype
+
+    def input(self, i: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Input i (base excluded) in the compute dtype, converted into `out` if given."""
+        ...
+
+    def base(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The base model's rows in the compute dtype (methods with a base only)."""
+        ...
+
+    def scratch(self, k: int) -> torch.Tensor:
+        """The k-th reusable buffer of the chunk's shape, k < method.working_copies(n)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatPass:
+    """A whole-tensor statistic: map every chunk to a partial, reduce partials in row order."""
+
+    name: str
+    map: Callable[[Chunk, Mapping[str, Any], TensorParams], Any]
+    reduce: Callable[[Sequence[Any]], Any]
+
+
+def _no_passes(params: TensorParams, shape: tuple[int, ...]) -> tuple[StatPass, ...]:
+    return ()
+
+
+def _one_row(shape: tuple[int, ...]) -> int:
+    return 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Method:
+    """A merge method: what it takes, what statistics it needs, and the math per chunk."""
+
+    name: str
+    pretty_name: str
+    reference_url: str
+    params: tuple[ParamSpec, ...]
+    apply: Callable[[Chunk, Mapping[str, Any], TensorParams], torch.Tensor]
+    base: Literal["none", "required", "optional"] = "none"
+    """Whether the method uses `base_model` (then the inputs are the models other than it)."""
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    elementwise: bool = False
+    """Output element j depends only on input elements j: the engine then feeds cache-sized
+    1-D blocks (faster, and compute buffers stay small whatever the chunk)."""
+    working_copies: Callable[[int], int] = lambda n: 2
+    """Compute buffers (`Chunk.scratch`) alive at once for n inputs (for the memory plan)."""
+    passes: Callable[[TensorParams, tuple[int, ...]], tuple[StatPass, ...]] = _no_passes
+    row_granularity: Callable[[tuple[int, ...]], int] = _one_row
+    """Chunks hold a multiple of this many rows (per-row statistics never split a row)."""
+    check_tensor: Callable[[TensorParams], str | None] = lambda p: None
+    """Plan-time check of one tensor's resolved parameters (e.g. weights summing to 0)."""
+    ignored_params: tuple[str, ...] = ()
+    """Accepted for MergeKit compatibility but without effect here (a warning says so)."""
+    notes: tuple[str, ...] = field(default=())
+
+    def spec(self, name: str) -> ParamSpec | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    def validate_config(self, cfg: MergeConfig) -> None:
+        """Check parameter names, values and the input contract of a config for this method."""
+        from moemerge.config import FilterRule, Gradient
+
+        problems: list[str] = []
+        known = {p.name for p in self.params} | set(self.ignored_params)
+
+        def values(v: ParamValue) -> list[Scalar]:
+            if isinstance(v, Gradient):
+                return list(v.points)
+            if isinstance(v, tuple):
+                out: list[Scalar] = []
+                for rule in v:
+                    assert isinstance(rule, FilterRule)
+                    out += values(rule.value)
+                return out
+            return [v]
+
+        def check(where: str, params: Mapping[str, ParamValue], scope_ok: set[str]) -> None:
+            for key, v in params.items():
+                if key not in known:
+                    problems.append(
+                        f"`{where}.{key}`: unknown parameter for {self.name}; "
+                        f"valid: {', '.join(sorted(known)) or '(none)'}"
+                    )
+                    continue
+                spec = self.spec(key)
+                if spec is None:
+                    continue
+                if spec.scope not in scope_ok:
+                    problems.append(f"`{where}.{key}`: {key} is a global parameter; set it under top-level `parameters`")
+                for x in values(v):
+                    if spec.kind == "bool":
+                        if not isinstance(x, bool) and x not in (0, 1):
+                            problems.append(f"`{where}.{key}`: expected true or false, got {x!r}")
+                        continue
+                    if isinstance(x, str) or isinstance(x, bool) and spec.kind != "bool":
+                        problems.append(f"`{where}.{key}`: expected a number, got {x!r}")
+                        continue
+                    if not math.isfinite(float(x)):
+                        problems.append(f"`{where}.{key}`: {x} is not finite")
+                        continue
+                    msg = spec.check(float(x)) if spec.check else None
+                    if msg:
+                        problems.append(f"`{where}.{key}`: {msg}, got {x}")
+
+        check("parameters", cfg.parameters, {"model", "global"})
+        for i, m in enumerate(cfg.models):
+            check(f"models[{i}].parameters", m.parameters, {"model"})
+        if self.base == "required" and not cfg.base_model:
+            problems.append(f"`base_model`: {self.name} needs a base model (task vectors are taken against it)")
+        n = len(self.input_models(cfg))
+        if n < self.min_inputs:
+            problems.append(
+                f"`models`: {self.name} needs at least {self.min_inputs} model(s)"
+                f"{' besides base_model' if self.base != 'none' else ''}, got {n}"
+            )
+        if self.max_inputs is not None and n > self.max_inputs:
+            problems.append(
+                f"`models`: {self.name} takes at most {self.max_inputs} model(s)"
+                f"{' besides base_model' if self.base != 'none' else ''}, got {n}"
+            )
+        for spec in self.params:
+            if spec.default is not None or spec.scope != "model":
+                continue
+            for i, m in enumerate(cfg.models):
+                if m.model == cfg.base_model and self.base != "none":
+                    continue
+                if spec.name not in m.parameters and spec.name not in cfg.parameters:
+                    problems.append(
+                        f"`models[{i}].parameters.{spec.name}`: required by {self.name} "
+                        f"for {m.model} (or set it under top-level `parameters`)"
+                    )
+        for spec in self.params:
+            if spec.default is None and spec.scope == "global" and spec.name not in cfg.parameters:
+                problems.append(f"`parameters.{spec.name}`: required by {self.name}")
+        if problems:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(problems) if len(problems) > 1 else problems[0])
+
+    def input_models(self, cfg: MergeConfig) -> list[int]:
+        """Indices into cfg.models of the inputs (the base excluded for base methods)."""
+        if self.base == "none":
+            return list(range(len(cfg.models)))
+        return [i for i, m in enumerate(cfg.models) if m.model != cfg.base_model]

@@ -1,0 +1,108 @@
+"""Plan objects: what each output tensor is made of, how it is chunked, where it is written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moemerge.io.safetensors_format import ShardLayout
+from moemerge.methods.base import TensorParams
+
+__all__ = ["TensorPlan", "ShardLayout", "WorkUnit", "Plan"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorPlan:
+    """One output tensor: inputs (indices into Plan.sources), method, chunking, output place."""
+
+    name: str
+    shape: tuple[int, ...]
+    rows: int
+    row_len: int
+    method: str
+    """Registered method name, or `copy` for non-floating tensors (must be equal in all inputs)."""
+    inputs: tuple[int, ...]
+    """Source indices, config order, base excluded."""
+    base: int | None
+    """Source index of the base for methods that use one."""
+    in_dtypes: tuple[str, ...]
+    """Stored dtype per source in `sources_used` order (base first when present)."""
+    out_dtype: str
+    compute_dtype: str
+    params: TensorParams
+    rows_per_chunk: int
+    out_file: str
+    out_offset: int
+    """Absolute byte offset of the tensor's data in `out_file`."""
+
+    @property
+    def sources_used(self) -> tuple[int, ...]:
+        return ((self.base,) if self.base is not None else ()) + self.inputs
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.row_len
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        step = max(1, self.rows_per_chunk)
+        return [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkUnit:
+    """A bounded piece of work: row ranges `(tensor index, r0, r1)` of one or more tensors."""
+
+    pieces: tuple[tuple[int, int, int], ...]
+    in_bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """Everything the engine needs; built from headers only (no tensor data read)."""
+
+    method: str
+    sources: tuple[str, ...]
+    """Checkpoint locations, indexed by TensorPlan.inputs / base."""
+    tensors: tuple[TensorPlan, ...]
+    shards: tuple[ShardLayout, ...]
+    units: tuple[WorkUnit, ...]
+    memory_budget: int
+    working_copies: int
+    """Compute buffers the engine allocates (max over methods used)."""
+    chunk_elems: int
+    """Largest chunk (elements) of any tensor: compute buffers are this big."""
+    chunk_in_bytes: int
+    """Largest chunk's raw input bytes (all sources): read buffers are this big."""
+    chunk_out_bytes: int
+    peak_bytes: int
+    """Bytes the engine's buffers take at most (the promise, below the budget when possible)."""
+    bytes_read: int
+    bytes_written: int
+    passes: int
+    """Extra statistics passes over tensor data (0 for elementwise methods)."""
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    side_source: str | None = None
+    """The checkpoint whose config/tokenizer files are copied to the output."""
+    tokenizer_source: str | None = None
+    out_dtype_name: str | None = None
+    config_hash: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, object]:
+        """The plan as a small JSON-able dict (what `moemerge plan --json` prints)."""
+        return {
+            "method": self.method,
+            "inputs": list(self.sources),
+            "tensors": len(self.tensors),
+            "shards": [s.file for s in self.shards],
+            "units": len(self.units),
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "statistics_passes": self.passes,
+            "memory_budget": self.memory_budget,
+            "peak_buffer_bytes": self.peak_bytes,
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+            **self.extra,
+        }

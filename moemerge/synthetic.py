@@ -390,6 +390,8 @@ def make_single_tensor_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Write `path/model.safetensors` holding one ~N(0, 0.02) tensor (default 512 MiB), streamed."""
+    if dtype not in _TORCH_NAMES:
+        raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(_TORCH_NAMES)}")
     out = Path(path)
     _prepare_dir(out, overwrite)
     t = SyntheticTensor(name=name, dtype=dtype, shape=tuple(shape))

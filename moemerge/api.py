@@ -65,24 +65,25 @@ def _open_all(cfg: MergeConfig) -> list[Checkpoint]:
 
 
 def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int,
-          shard_size: str | int, seed: int) -> Plan:
+          shard_size: str | int, seed: int, chunk_rows: int | None = None) -> Plan:
     budget = parse_size(memory_budget, what="--memory-budget", minimum=MIN_BUDGET)
     shard = parse_size(shard_size, what="--shard-size", minimum=1)
     side = ckpts[0].config() or {}
     hint = side.get("num_hidden_layers") if isinstance(side.get("num_hidden_layers"), int) else None
     return build_plan(
         cfg, {c.url: c.tensors for c in ckpts}, memory_budget=budget, shard_size=shard,
-        seed=seed, n_layers_hint=hint,
+        seed=seed, n_layers_hint=hint, chunk_rows=chunk_rows,
     )
 
 
 def plan(config: MergeConfig | dict[str, Any] | str, *, memory_budget: str | int = DEFAULT_BUDGET,
-         shard_size: str | int = DEFAULT_SHARD_SIZE, seed: int = 0) -> Plan:
+         shard_size: str | int = DEFAULT_SHARD_SIZE, seed: int = 0, chunk_rows: int | None = None) -> Plan:
     """Validate a config against its checkpoints' headers and return the plan (no data read)."""
     cfg = _as_config(config)
     ckpts = _open_all(cfg)
     try:
-        return _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed)
+        return _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
+                     chunk_rows=chunk_rows)
     finally:
         for c in ckpts:
             c.close()
@@ -107,11 +108,13 @@ def run(
     device: str = "cpu",
     progress: bool | Progress | NullProgress = False,
     manifest_extra: dict[str, Any] | None = None,
+    chunk_rows: int | None = None,
 ) -> RunResult:
     """Merge per `config` into the model directory `out`; returns when the output is committed.
 
     Everything is validated before the first output byte; on any error no index and no
-    manifest are written, so the partial output never looks finished.
+    manifest are written, so the partial output never looks finished. `chunk_rows` caps rows
+    per chunk (for tests and tuning; the output is the same for any value).
     """
     t0 = time.monotonic()
     cfg = _as_config(config)
@@ -123,7 +126,8 @@ def run(
     check_output(out, overwrite=overwrite, inputs=cfg.model_locations())
     ckpts = _open_all(cfg)
     try:
-        the_plan = _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed)
+        the_plan = _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
+                         chunk_rows=chunk_rows)
         side = read_side_files(the_plan.side_source or ckpts[0].url, cfg.storage_options, model=True, tokenizer=False)
         tok = read_side_files(the_plan.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
         writer = LocalModelWriter(out, the_plan.shards, overwrite=overwrite)

@@ -50,8 +50,13 @@ def build_plan(
     seed: int = 0,
     n_layers_hint: int | None = None,
     unit_bytes: int = DEFAULT_UNIT_BYTES,
+    chunk_rows: int | None = None,
 ) -> Plan:
-    """Plan a merge. `catalogs` maps each checkpoint location of `cfg` to its tensors."""
+    """Plan a merge. `catalogs` maps each checkpoint location of `cfg` to its tensors.
+
+    `chunk_rows` caps the rows per chunk below what the budget allows (tests use it to force
+    one-row or odd chunks on small tensors; the output must not change).
+    """
     method = get_method(cfg.merge_method)
     sources = tuple(cfg.model_locations())
     model_idx = method.input_models(cfg)
@@ -166,6 +171,8 @@ def build_plan(
             rows_per_chunk = 1
         elif fit >= gran:
             rows_per_chunk = min(fit, rows)
+            if chunk_rows:
+                rows_per_chunk = min(rows_per_chunk, max(gran, chunk_rows // gran * gran))
         else:  # even one row (group) is above the budget share: go one at a time, and say so
             rows_per_chunk = gran
             one_row.append(f"`{r.name}` ({format_size(row_len * in_elem * gran)} per row)")

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny checkpoints written on the fly, and the CLI run in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moemerge.cli import main
+
+
+def write_checkpoint(
+    path: Path | str,
+    tensors: dict[str, torch.Tensor],
+    *,
+    shards: int = 1,
+    config: dict | None = None,
+    index: bool | None = None,
+) -> Path:
+    """Save `tensors` as an HF directory: `shards` files (+ index when sharded or `index`)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    if shards == 1 and not index:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        per = -(-len(names) // shards)
+        wmap = {}
+        for s in range(shards):
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: tensors[k].contiguous() for k in names[s * per:(s + 1) * per]}
+            save_file(part, str(path / fname), metadata={"format": "pt"})
+            wmap.update({k: fname for k in part})
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": wmap})
+        )
+    (path / "config.json").write_text(json.dumps(config or {"model_type": "test", "num_hidden_layers": 2}))
+    return path
+
+
+@pytest.fixture
+def ckpt_factory(tmp_path: Path) -> Callable[..., Path]:
+    """`ckpt_factory(name, tensors, **kw)` writes a checkpoint under tmp_path and returns it."""
+
+    def make(name: str, tensors: dict[str, torch.Tensor], **kw) -> Path:
+        return write_checkpoint(tmp_path / name, tensors, **kw)
+
+    return make
+
+
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, str, str]]:
+    """Run `moemerge ARGS` in-process; returns (exit code, stdout, stderr)."""
+
+    def call(*args: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        import moemerge.cli as cli
+        from rich.console import Console
+
+        monkeypatch.setattr(cli, "_out", Console(file=out, width=200, highlight=False, soft_wrap=True))
+        monkeypatch.setattr(cli, "_err", Console(file=err, width=200, highlight=False, soft_wrap=True))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse errors
+                code = int(e.code or 0)
+        return code, out.getvalue(), err.getvalue()
+
+    return call
+
+
+def write_yaml(path: Path, doc: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads() -> None:
+    # keep torch to the machine's two cores; tests run many tiny ops
+    torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -121,7 +121,13 @@ def run(
     if device != "cpu":
         import torch
 
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as e:
+            raise ConfigError(f"--device {device}: not a device name; use cpu or cuda") from e
+        if kind != "cuda":
+            raise ConfigError(f"--device {device}: not supported; use cpu or cuda")
+        if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
     check_output(out, overwrite=overwrite, inputs=cfg.model_locations())
     ckpts = _open_all(cfg)

@@ -137,13 +137,25 @@ def load_config(path: str, *, storage_options: dict[str, Any] | None = None) -> 
             text = f.read()
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: config file does not exist") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}); save the config as UTF-8 YAML") from e
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e})") from e
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    return parse_config(doc, where=path)
+        # PyYAML's own message spans several lines (it quotes the source); keep one line
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at} ({what})") from e
+    try:
+        return parse_config(doc, where=path)
+    except ConfigError as e:
+        if e.message.startswith(f"{path}:"):
+            raise
+        # name the file in every config error (key-level messages name only the key)
+        raise ConfigError(f"{path}: {e.message}") from e
 
 
 def _parse_value(v: Any, key: str) -> ParamValue:
@@ -254,6 +266,8 @@ def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
     tok = doc.get("tokenizer_source")
     if tok is not None and not isinstance(tok, str):
         raise ConfigError(f"{where}: `tokenizer_source` must be 'base' or a model location")
+    if tok == "union":  # MergeKit builds a merged vocabulary (and resizes embeddings) for this
+        raise ConfigError(f"{where}: `tokenizer_source: union` is not supported yet; use 'base' or a model location")
     cfg = MergeConfig(
         merge_method=method.name,
         models=tuple(models),

@@ -21,8 +21,17 @@ def verify(out: str) -> int:
         raw = ck.side_file(MANIFEST_NAME)
         if raw is None:
             raise CheckpointError(f"{out}: no {MANIFEST_NAME}; the run did not finish (or this is not a moemerge output)")
-        manifest = json.loads(raw)
-        expected = manifest["tensors"]
+        try:
+            manifest = json.loads(raw)
+        except ValueError as e:
+            raise CheckpointError(f"{out}/{MANIFEST_NAME}: not valid JSON ({e}); the output is damaged") from e
+        expected = manifest.get("tensors") if isinstance(manifest, dict) else None
+        if not isinstance(expected, dict) or not all(
+            isinstance(m, dict) and isinstance(m.get("sha256"), str) for m in expected.values()
+        ):
+            raise CheckpointError(
+                f"{out}/{MANIFEST_NAME}: has no `tensors` map of name -> {{sha256: ...}}; the output is damaged"
+            )
         missing = sorted(set(expected) - set(ck.tensors))
         if missing:
             raise CheckpointError(f"{out}: tensor `{missing[0]}` is in the manifest but not in the shards")

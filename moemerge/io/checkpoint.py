@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,7 @@ class Checkpoint:
         self.tensors = tensors
         self.files = files  # file name -> size in bytes
         self._sources: dict[str, storage.ByteSource] = {}
+        self._bare = False  # `url` is one .safetensors file, not a directory
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -93,21 +95,31 @@ class Checkpoint:
             # a bare .safetensors file is a one-shard checkpoint
             parent, name = root.rsplit("/", 1) if "/" in root else ("", root)
             ckpt = cls(url, fs, parent, {}, {})
-            ckpt._load_shards({name: None})
-            return ckpt
+            ckpt._bare = True
+            return ckpt._loaded(lambda: {name: None})
         if not fs.isdir(root):
             raise CheckpointError(f"{url}: checkpoint directory does not exist")
         ckpt = cls(url, fs, root, {}, {})
         if fs.isfile(index_path):
-            ckpt._load_shards(ckpt._read_index(index_path))
-        elif fs.isfile(single_path):
-            ckpt._load_shards({SINGLE_NAME: None})
-        else:
-            raise CheckpointError(
-                f"{url}: no {INDEX_NAME} or {SINGLE_NAME} here; point at a Hugging Face model "
-                "directory with safetensors weights"
-            )
-        return ckpt
+            return ckpt._loaded(lambda: ckpt._read_index(index_path))
+        if fs.isfile(single_path):
+            return ckpt._loaded(lambda: {SINGLE_NAME: None})
+        raise CheckpointError(
+            f"{url}: no {INDEX_NAME} or {SINGLE_NAME} here; point at a Hugging Face model "
+            "directory with safetensors weights"
+        )
+
+    def _loaded(self, files: Callable[[], dict[str, list[str] | None]]) -> Checkpoint:
+        """Load the shard headers `files()` names; close what was opened if any is bad."""
+        try:
+            self._load_shards(files())
+            if not self.tensors:
+                # an empty weight_map (or header) would "merge" into an empty model
+                raise CheckpointError(f"{self.url}: holds no tensors; nothing to merge (incomplete copy?)")
+        except BaseException:
+            self.close()
+            raise
+        return self
 
     def _read_index(self, index_path: str) -> dict[str, list[str] | None]:
         where = f"{self.url}/{INDEX_NAME}"
@@ -131,7 +143,7 @@ class Checkpoint:
     def _load_shards(self, by_file: dict[str, list[str] | None]) -> None:
         for fname, expected in sorted(by_file.items()):
             path = storage.join(self.root, fname) if self.root else fname
-            where = f"{self.url}/{fname}" if fname not in self.url else self.url
+            where = self.url if self._bare else f"{self.url.rstrip('/')}/{fname}"
             if not self.fs.isfile(path):
                 raise CheckpointError(
                     f"{where}: shard named in {INDEX_NAME} does not exist (incomplete download "

@@ -110,11 +110,17 @@ def parse_header_length(prefix: bytes, *, file_size: int, where: str) -> int:
     return n
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"duplicate tensor name {k!r}")
+            raise _DuplicateKey(k)
         out[k] = v
     return out
 
@@ -130,6 +136,11 @@ def parse_header(raw: bytes, *, file_size: int, where: str) -> ShardHeader:
         raise CheckpointError(f"{where}: header does not start with '{{' (not a safetensors file)")
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        # JSON allows repeated keys (the last wins); safetensors readers must refuse them
+        raise CheckpointError(
+            f"{where}: header names `{e.key}` twice (a duplicate tensor name or field); the file is corrupt"
+        ) from e
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{where}: header is not valid JSON ({e}); the file is corrupt") from e
     if not isinstance(doc, dict):

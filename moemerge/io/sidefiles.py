@@ -6,6 +6,7 @@ import json
 import re
 from typing import Any
 
+from moemerge.errors import CheckpointError
 from moemerge.io import storage
 
 __all__ = ["MODEL_FILES", "is_tokenizer_file", "read_side_files", "retag_config_dtype"]
@@ -29,7 +30,13 @@ def read_side_files(url: str, storage_options: dict[str, Any] | None, *, model: 
     out: dict[str, bytes] = {}
     try:
         entries = fs.ls(root, detail=False)
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError as e:
+        # silently copying nothing would ship a model without its tokenizer
+        raise CheckpointError(
+            f"{url}: does not exist, so its config/tokenizer files cannot be copied "
+            "(check `tokenizer_source` / `base_model`)"
+        ) from e
+    except NotADirectoryError:
         return out
     for p in sorted(entries):
         name = p.rstrip("/").rsplit("/", 1)[-1]

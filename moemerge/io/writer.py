@@ -17,6 +17,7 @@ from moemerge.errors import OutputError
 from moemerge.io import storage
 from moemerge.io.checkpoint import INDEX_NAME
 from moemerge.io.safetensors_format import ShardLayout
+from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
 
 __all__ = ["MANIFEST_NAME", "MARKER_NAME", "CONFIG_COPY_NAME", "LocalModelWriter", "check_output"]
 
@@ -40,7 +41,11 @@ def check_output(url: str, *, overwrite: bool, inputs: list[str] = ()) -> str:  
     path = os.path.abspath(path)
     for src in inputs:
         sfs, spath = storage.resolve(src)
-        if storage.is_local(sfs) and os.path.abspath(spath) == path:
+        # a symlink (or bind mount) to an input is that input: compare real paths and inodes
+        if storage.is_local(sfs) and (
+            os.path.realpath(spath) == os.path.realpath(path)
+            or (os.path.exists(spath) and os.path.exists(path) and os.path.samefile(spath, path))
+        ):
             raise OutputError(f"{url}: the output directory is also an input; choose another output")
     if os.path.isfile(path):
         raise OutputError(f"{url}: is a file; the output must be a directory (new or empty)")
@@ -104,9 +109,13 @@ class LocalModelWriter:
                 p = os.path.join(self.path, name)
                 if os.path.exists(p):
                     os.remove(p)
+            # what an earlier run wrote must not outlive it: stale shards, and side files the
+            # new inputs may not have (an old tokenizer would silently pass for the new one's)
             keep = {s.file for s in self.shards}
             for name in os.listdir(self.path):
-                if name.endswith(".safetensors") and name not in keep:
+                stale_shard = name.endswith(".safetensors") and name not in keep
+                side = name in MODEL_FILES or name == CONFIG_COPY_NAME or is_tokenizer_file(name)
+                if (stale_shard or side) and os.path.isfile(os.path.join(self.path, name)):
                     os.remove(os.path.join(self.path, name))
             for s in self.shards:
                 fd = os.open(os.path.join(self.path, s.file), os.O_RDWR | os.O_CREAT, 0o644)

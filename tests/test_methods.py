@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import moemerge
 from moemerge.methods import REGISTRY
-from tests.reference_methods import REFERENCES, fp32_bound
+from tests.reference_methods import AMBIGUOUS, REFERENCES, fp32_bound, stat_bound
 
 SHAPES = {"vec": (67,), "mat": (29, 23), "cube": (3, 7, 11), "wide": (5, 301)}
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -31,6 +31,31 @@ CASES: dict[str, list[tuple[dict, list[dict], bool]]] = {
         ({"normalize": True, "lambda": 1.3}, [{"weight": 1.0}, {"weight": 2.0}, {"weight": -0.5}], True),
     ],
     "passthrough": [({}, [{"scale": 0.75}], False), ({}, [{}], False)],
+    "ties": [
+        ({"lambda": 0.5}, [{"weight": 0.3, "density": 0.7}, {"weight": 0.7, "density": 0.4}], True),
+        ({"normalize": False}, [{"weight": 1.0, "density": 0.01}, {"weight": 0.5}, {"weight": -0.6, "density": 0.5}], True),
+    ],
+    "dare_linear": [
+        ({"lambda": 0.5}, [{"weight": 0.3, "density": 0.6}, {"weight": 0.7, "density": 0.9}], True),
+        ({"rescale": False}, [{"weight": 0.5, "density": 0.3}, {"weight": 0.5}], True),
+    ],
+    "dare_ties": [({"lambda": 0.5, "density": 0.7}, [{"weight": 0.3}, {"weight": 0.7}], True)],
+    "breadcrumbs": [({"lambda": 0.5, "density": 0.9, "gamma": 0.01}, [{"weight": 0.3}, {"weight": 0.7}], True),
+                    ({}, [{"weight": 1.0, "density": 0.5, "gamma": 0.2}, {"weight": 0.2, "density": 0.95, "gamma": 0.1}], True)],
+    "breadcrumbs_ties": [({"lambda": 0.5, "density": 0.8, "gamma": 0.05}, [{"weight": 0.3}, {"weight": 0.7}], True)],
+    "della": [({"lambda": 0.5, "density": 0.7, "epsilon": 0.1}, [{"weight": 0.3}, {"weight": 0.7}], True)],
+    "della_linear": [({"density": 0.5, "epsilon": 0.2}, [{"weight": 0.6}, {"weight": 0.4}], True),
+                     ({"rescale": False}, [{"weight": 0.6, "density": 0.3, "epsilon": 0.05}, {"weight": 0.4}], True)],
+    "slerp": [({"t": 0.3}, [{}], True), ({"t": 0.85}, [{}], True)],
+    "nearswap": [({"t": 0.4}, [{}], True), ({"t": 0.01}, [{}], True)],
+    "nuslerp": [
+        ({}, [{"weight": 0.5}, {"weight": 0.5}], True),
+        ({"nuslerp_flatten": False}, [{"weight": 0.2}, {"weight": 0.6}], True),
+        ({"nuslerp_flatten": False, "nuslerp_row_wise": True}, [{"weight": 0.7}, {"weight": 0.4}], False),
+        ({}, [{"weight": 1.0}, {"weight": 3.0}], False),
+    ],
+    "model_stock": [({}, [{}, {}, {}], True), ({"filter_wise": True}, [{}, {}], True)],
+    "sce": [({"select_topk": 0.7}, [{}, {}, {}], True), ({}, [{}, {}], True)],
     "sma": [({}, [{}, {}, {}, {}], False)],
     "wma": [({}, [{}, {}, {}], False)],
     "ema": [({"alpha": 0.2}, [{}, {}, {}, {}], False), ({"alpha": 0.9}, [{}, {}], False)],
@@ -101,7 +126,8 @@ PARAMS = [
 def test_matches_float64_reference_and_is_chunk_invariant(tmp_path: Path, method: str, case: int, dtype_name: str) -> None:
     glob, per, with_base = CASES[method][case]
     dtype = DTYPES[dtype_name]
-    gen = torch.Generator().manual_seed(hash((method, case, dtype_name)) % 2**31)
+    seed = int(torch.randint(0, 2**31 - 1, ()))  # fresh inputs every run; printed on failure
+    gen = torch.Generator().manual_seed(seed)
     models, paths = _make_inputs(tmp_path, dtype, len(per), with_base, gen)
     doc = _config(method, glob, per, paths, with_base)
 
@@ -110,7 +136,10 @@ def test_matches_float64_reference_and_is_chunk_invariant(tmp_path: Path, method
     odd = _run(doc, tmp_path / "odd", chunk_rows=3)
 
     defaults = {s.name: s.default for s in REGISTRY[method].params if s.default is not None}
-    per_full = [{**{k: v for k, v in defaults.items() if REGISTRY[method].spec(k).scope == "model"}, **p} for p in per]
+    # precedence: the model's own value, then top-level, then the default
+    model_keys = {s.name for s in REGISTRY[method].params if s.scope == "model"}
+    top_model = {k: v for k, v in glob.items() if k in model_keys}
+    per_full = [{**{k: v for k, v in defaults.items() if k in model_keys}, **top_model, **p} for p in per]
     glob_full = {**{k: v for k, v in defaults.items() if REGISTRY[method].spec(k).scope == "global"}, **glob}
     for name in models[0]:
         got = whole[name]
@@ -124,10 +153,18 @@ def test_matches_float64_reference_and_is_chunk_invariant(tmp_path: Path, method
         assert got.dtype == dtype and got.shape == models[0][name].shape
         base = models[0][name].double() if with_base else None
         xs = [m[name].double() for m in (models[1:] if with_base else models)]
-        ref = REFERENCES[method](base, xs, per_full, glob_full)
+        AMBIGUOUS.clear()
+        ref = REFERENCES[method](base, xs, per_full, glob_full, name=name)
         err = (got.double() - ref).abs()
-        bound = _ulp(ref, dtype) + fp32_bound(base, xs, per_full, glob_full, method)
+        if "last" in AMBIGUOUS:  # sign-election ties within float32 rounding: either sign is right
+            tie = AMBIGUOUS["last"]
+            assert tie.sum() <= max(2, tie.numel() // 100), f"{name}: {int(tie.sum())} sign ties"
+            err = torch.where(tie, 0.0, err)
+        if REGISTRY[method].elementwise:
+            bound = _ulp(ref, dtype) + fp32_bound(base, xs, per_full, glob_full, method)
+        else:
+            bound = _ulp(ref, dtype) + stat_bound(base, xs, per_full, glob_full)
         worst = (err - bound).max().item()
-        assert worst <= 0, f"{name}: error exceeds 1 ulp + fp32 bound by {worst:g}"
+        assert worst <= 0, f"{name}: error exceeds 1 ulp + fp32 bound by {worst:g} (seed {seed})"
         # the reference is not trivially matched: inputs differ from the output
         assert not torch.equal(got, models[-1][name]) or method == "passthrough"

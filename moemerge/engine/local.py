@@ -90,7 +90,7 @@ class _ChunkView:
         self.row_len = t.row_len
         self.n_inputs = len(t.inputs)
         self.compute_dtype = compute
-        self._has_base = t.base is not None
+        self._has_base = self.has_base = t.base is not None
         self._raws = raws
         self._scratch = scratch
         self._in_cast = in_cast

@@ -5,9 +5,14 @@ from __future__ import annotations
 from moemerge.errors import ConfigError
 from moemerge.methods.averages import EMA, SMA, WMA, average_weights
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams
+from moemerge.methods.generalized import FAMILY
 from moemerge.methods.linear import LINEAR
+from moemerge.methods.model_stock import MODEL_STOCK
+from moemerge.methods.nearswap import NEARSWAP
+from moemerge.methods.nuslerp import NUSLERP
 from moemerge.methods.passthrough import PASSTHROUGH
-from moemerge.methods.task_arithmetic import TASK_ARITHMETIC
+from moemerge.methods.sce import SCE
+from moemerge.methods.slerp import SLERP
 
 __all__ = [
     "REGISTRY", "get_method", "Method", "ParamSpec", "StatPass", "TensorParams", "Chunk",
@@ -18,7 +23,12 @@ REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
         LINEAR,
-        TASK_ARITHMETIC,
+        *FAMILY,  # task_arithmetic, ties, dare_*, breadcrumbs*, della*
+        SLERP,
+        NEARSWAP,
+        NUSLERP,
+        MODEL_STOCK,
+        SCE,
         PASSTHROUGH,
         SMA,
         WMA,
@@ -27,10 +37,7 @@ REGISTRY: dict[str, Method] = {
 }
 
 #: MergeKit methods that are planned but not built yet: a clear error instead of "unknown".
-_PLANNED = (
-    "slerp", "nearswap", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-    "model_stock", "nuslerp", "della", "della_linear", "sce", "multislerp", "karcher",
-)
+_PLANNED = ("multislerp", "karcher")
 
 
 def get_method(name: str) -> Method:

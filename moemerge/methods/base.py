@@ -79,6 +79,7 @@ class Chunk(Protocol):
     row_stop: int
     row_len: int
     n_inputs: int
+    has_base: bool
     compute_dtype: torch.dtype
 
     def input(self, i: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,7 +108,7 @@ def _no_passes(params: TensorParams, shape: tuple[int, ...]) -> tuple[StatPass, 
     return ()
 
 
-def _one_row(shape: tuple[int, ...]) -> int:
+def _one_row(shape: tuple[int, ...], params: TensorParams) -> int:
     return 1
 
 
@@ -130,7 +131,7 @@ class Method:
     working_copies: Callable[[int], int] = lambda n: 2
     """Compute buffers (`Chunk.scratch`) alive at once for n inputs (for the memory plan)."""
     passes: Callable[[TensorParams, tuple[int, ...]], tuple[StatPass, ...]] = _no_passes
-    row_granularity: Callable[[tuple[int, ...]], int] = _one_row
+    row_granularity: Callable[[tuple[int, ...], TensorParams], int] = _one_row
     """Chunks hold a multiple of this many rows (per-row statistics never split a row)."""
     check_tensor: Callable[[TensorParams], str | None] = lambda p: None
     """Plan-time check of one tensor's resolved parameters (e.g. weights summing to 0)."""

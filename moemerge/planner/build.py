@@ -165,7 +165,7 @@ def build_plan(
     for p in planned:
         r: TensorInfo = p["infos"][0]
         rows, row_len = row_geometry(r.shape)
-        gran = method.row_granularity(r.shape) if p["method"] != "copy" else 1
+        gran = method.row_granularity(r.shape, p["params"]) if p["method"] != "copy" else 1
         fit = (chunk_cap // max(1, row_len)) // gran * gran
         if rows == 0:
             rows_per_chunk = 1

@@ -1,0 +1,167 @@
+"""Exact top-q selection over a whole tensor, as statistics passes (methods' shared part).
+
+"The q largest values, ties broken by lowest flat index" for several targets at once (one
+per input and threshold). Three passes: high-bits histograms, low-bits histograms inside
+the chosen bin, then (only where the threshold value is tied) per-row counts of tied values
+so that each chunk knows how many tied values came before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from moemerge.methods.base import Chunk, StatPass, TensorParams
+from moemerge.methods.stats import (Threshold, abs_bits, high_histogram, low_histogram,
+                                    pick_high_bin, pick_threshold)
+
+__all__ = ["Target", "Selection", "selection_passes", "top_mask"]
+
+#: values(chunk, stats, source) -> non-negative float32 values of that source for the chunk
+Values = Callable[[Chunk, Mapping[str, Any], int], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Select the `q(stats)` largest values of source `source` (q may depend on pass 1)."""
+
+    name: str
+    source: int
+    q: Callable[[Mapping[str, Any]], int]
+
+
+def _sum(parts: Sequence[Any]) -> Any:
+    out = parts[0]
+    for p in parts[1:]:
+        out = {k: out[k] + p[k] for k in out}
+    return out
+
+
+def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: int) -> Selection:
+    """The passes selecting each target's q largest values among the n of a tensor."""
+    sources = sorted({t.source for t in targets})
+    hi_key, lo_key, tie_key = f"{prefix}:high", f"{prefix}:low", f"{prefix}:ties"
+
+    def map_high(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> dict[int, torch.Tensor]:
+        out = {}
+        for s in sources:
+            bits = abs_bits(values(chunk, stats, s))
+            out[s] = high_histogram(bits)
+            out[-1 - s] = torch.tensor([int((bits == 0).sum())])  # zeros, for count_nonzero
+        return out
+
+    def plan_targets(stats: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
+        """target -> (q clipped to [0, n], high bin, count above the bin); bin -1 if trivial."""
+        hist = stats[hi_key]
+        plans = {}
+        for t in targets:
+            q = max(0, min(n, int(t.q(stats))))
+            if q == 0 or q == n:
+                plans[t.name] = (q, -1, 0)
+            else:
+                b, above = pick_high_bin(hist[t.source], q)
+                plans[t.name] = (q, b, above)
+        return plans
+
+    def map_low(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> dict[str, torch.Tensor]:
+        out = {}
+        plans = plan_targets(stats)
+        cache: dict[int, torch.Tensor] = {}
+        for t in targets:
+            q, b, _ = plans[t.name]
+            if b < 0:
+                out[t.name] = torch.zeros(1, dtype=torch.int64)
+                continue
+            if t.source not in cache:  # values live in a shared scratch buffer: keep only one
+                cache.clear()
+                cache[t.source] = abs_bits(values(chunk, stats, t.source))
+            out[t.name] = low_histogram(cache[t.source], b)
+        return out
+
+    def reduce_low(parts: Sequence[Any]) -> dict[str, Threshold]:
+        return _sum(list(parts))
+
+    memo: dict[int, dict[str, Threshold]] = {}
+
+    def thresholds(stats: Mapping[str, Any]) -> dict[str, Threshold]:
+        key = id(stats[lo_key])
+        if key in memo:
+            return memo[key]
+        plans = plan_targets(stats)
+        out = {}
+        for t in targets:
+            q, b, above = plans[t.name]
+            if b < 0:  # select nothing (q = 0) or everything (q = n)
+                out[t.name] = Threshold(bits=-1 if q == n else 0x7FFFFFFF, above=q, equal=0, q=q)
+            else:
+                out[t.name] = pick_threshold(stats[lo_key][t.name], b, above, q)
+        memo.clear()
+        memo[key] = out
+        return out
+
+    def map_ties(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> dict[str, np.ndarray | None]:
+        out: dict[str, np.ndarray | None] = {}
+        thrs = thresholds(stats)
+        for t in targets:
+            thr = thrs[t.name]
+            if not thr.needs_tiebreak:
+                out[t.name] = None
+                continue
+            bits = abs_bits(values(chunk, stats, t.source))
+            eq = (bits == thr.bits).reshape(bits.shape[0], -1)
+            out[t.name] = eq.sum(dim=1).numpy().astype(np.int64)
+        return out
+
+    def reduce_ties(parts: Sequence[Any]) -> dict[str, Any]:
+        out = {}
+        for t in targets:
+            rows = [p[t.name] for p in parts]
+            if rows[0] is None:
+                out[t.name] = None
+            else:  # prefix[r] = tied values in rows before r
+                out[t.name] = np.concatenate(([0], np.cumsum(np.concatenate(rows))))
+        return out
+
+    passes = (
+        StatPass(name=hi_key, map=map_high, reduce=_sum),
+        StatPass(name=lo_key, map=map_low, reduce=reduce_low),
+        StatPass(name=tie_key, map=map_ties, reduce=reduce_ties),
+    )
+    return Selection(passes=passes, thresholds=thresholds, tie_key=tie_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The passes of a selection, and how to read its result from the reduced stats."""
+
+    passes: tuple[StatPass, ...]
+    thresholds: Callable[[Mapping[str, Any]], dict[str, Threshold]]
+    tie_key: str
+
+    def mask(self, stats: Mapping[str, Any], name: str, bits: torch.Tensor, row_start: int) -> torch.Tensor:
+        return top_mask(bits, self.thresholds(stats)[name], stats[self.tie_key][name], row_start)
+
+
+def top_mask(bits: torch.Tensor, thr: Threshold, ties: np.ndarray | None, row_start: int) -> torch.Tensor:
+    """Boolean mask of the chunk's elements among the selected q (same shape as `bits`)."""
+    if thr.q == 0:
+        return torch.zeros_like(bits, dtype=torch.bool)
+    mask = bits > thr.bits
+    if thr.take_equal <= 0:
+        return mask
+    eq = bits == thr.bits
+    if thr.take_equal >= thr.equal:
+        return mask | eq
+    assert ties is not None
+    before = int(ties[row_start])
+    need = thr.take_equal - before
+    if need <= 0:
+        return mask
+    flat = eq.reshape(-1)
+    rank = torch.cumsum(flat.to(torch.int32), dim=0)  # 1-based rank of each tied value here
+    keep = flat & (rank <= need)
+    return mask | keep.reshape(bits.shape)

@@ -1,0 +1,29 @@
+"""Dot products and norms for geometric methods: whole-tensor (exact, streamed) or per row."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from moemerge.methods.stats import exact_row_sum, exact_value
+
+__all__ = ["exact_dots", "reduce_dots", "row_dots"]
+
+
+def exact_dots(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
+    """Exact-sum partials of <a, b> for each pair (float32 products are exact in float64)."""
+    return [exact_row_sum(a.to(torch.float64) * b.to(torch.float64)) for a, b in pairs]
+
+
+def reduce_dots(parts: Sequence[list[int]]) -> list[float]:
+    """Add the partials of every chunk exactly; the correctly rounded dot products."""
+    return [exact_value(sum(p[k] for p in parts)) for k in range(len(parts[0]))]
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Per-row <a_r, b_r> in float64 (numpy: the same for a row wherever it sits)."""
+    x = a.to(torch.float64).numpy()
+    y = b.to(torch.float64).numpy()
+    return (x * y).reshape(x.shape[0], -1).sum(axis=1)

@@ -1,0 +1,263 @@
+"""The generalized task-arithmetic family (methods.md): sparsify each task vector, weight,
+optionally elect signs, mix, normalize, scale by lambda, add to the base.
+
+| method           | sparsify  | consensus | normalize | rescale |
+| task_arithmetic  | none      | no        | false     | -       |
+| ties             | magnitude | yes       | true      | -       |
+| dare_linear      | random    | no        | false     | true    |
+| dare_ties        | random    | yes       | false     | true    |
+| breadcrumbs      | outliers  | no        | false     | -       |
+| breadcrumbs_ties | outliers  | yes       | false     | -       |
+| della_linear     | magprune  | no        | false     | true    |
+| della            | magprune  | yes       | true      | true    |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+
+from moemerge.methods._selection import Selection, Target, selection_passes
+from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams, check_range
+from moemerge.methods.stats import abs_bits, exact_row_sum, exact_value, stream_key, uniform
+
+__all__ = ["FAMILY", "make_generalized"]
+
+Sparsify = Literal["none", "magnitude", "random", "outliers", "magprune"]
+
+#: MergeKit's rule (methods.md): skip the L1 rescale when either norm is under this.
+_RESCALE_EPS = 1e-7
+
+
+def _delta(chunk: Chunk, i: int, out: torch.Tensor) -> torch.Tensor:
+    """d_i = x_i - b into `out` (scratch 0 holds the base, converted once per chunk)."""
+    chunk.input(i, out=out)
+    out.sub_(chunk.scratch(0))
+    return out
+
+
+def _load_base(chunk: Chunk) -> None:
+    chunk.base(out=chunk.scratch(0))
+
+
+def _magprune_probs(d: torch.Tensor, shape: tuple[int, ...], p: float, eps: float) -> torch.Tensor:
+    """Keep probabilities p - e + 2 e r from ranks of |d| along dim 1 (rows of the chunk)."""
+    if len(shape) <= 1:
+        groups, dim = d.reshape(1, 1, -1), 2  # a 1-D tensor is one row
+    elif len(shape) == 2:
+        groups, dim = d.reshape(-1, 1, shape[-1]), 2  # rank within each row
+    else:  # rank along dim 1 for every index of the other dims: [outer, dim1, inner]
+        groups, dim = d.reshape(-1, shape[1], math.prod(shape[2:])), 1
+    m = groups.shape[dim]
+    ranks = torch.argsort(torch.argsort(groups.abs(), dim=dim, stable=True), dim=dim, stable=True)
+    r = ranks.to(torch.float64) / (m - 1) if m > 1 else torch.full(groups.shape, 0.5, dtype=torch.float64)
+    return ((p - eps) + 2 * eps * r).reshape(d.shape)
+
+
+def make_generalized(
+    name: str, pretty: str, url: str, *, sparsify: Sparsify, consensus: bool,
+    normalize: bool, rescale: bool | None,
+) -> Method:
+    """One member of the family; the options are the table in the module docstring."""
+    params = [
+        ParamSpec(name="weight", scope="model", doc="weight of this model's task vector"),
+        ParamSpec(name="normalize", scope="global", default=normalize, kind="bool"),
+        ParamSpec(name="lambda", scope="global", default=1.0, doc="scale of the merged task vector"),
+    ]
+    if sparsify != "none":
+        params.append(ParamSpec(name="density", scope="model", default=1.0, doc="fraction of each task vector kept"))
+        params.append(ParamSpec(name="int8_mask", scope="global", default=False, kind="bool",
+                                doc="MergeKit memory option; no effect here"))
+    if sparsify == "outliers":
+        params.append(ParamSpec(name="gamma", scope="model", default=0.01, check=check_range(0, 1),
+                                doc="fraction of the largest magnitudes dropped"))
+    if sparsify == "magprune":
+        params.append(ParamSpec(name="epsilon", scope="model", default=0.15, check=check_range(0, 1),
+                                doc="spread of keep probabilities around density"))
+    if rescale is not None:
+        params.append(ParamSpec(name="rescale", scope="global", default=rescale, kind="bool",
+                                doc="rescale kept entries to the task vector's L1 norm"))
+
+    def density(p: TensorParams, i: int) -> float:
+        return float(p.per_input[i].get("density", 1.0))
+
+    def sparse_inputs(p: TensorParams) -> list[int]:
+        return [i for i in range(len(p.per_input)) if sparsify != "none" and density(p, i) < 1]
+
+    def selection(p: TensorParams, shape: tuple[int, ...]) -> Selection | None:
+        if sparsify not in ("magnitude", "outliers"):
+            return None
+        n = math.prod(shape)
+        targets: list[Target] = []
+        for i in sparse_inputs(p):
+            dens = density(p, i)
+            if sparsify == "magnitude":  # methods.md: k = max(1, floor(p n)); p <= 0 keeps none
+                k = 0 if dens <= 0 else max(1, math.floor(dens * n))
+                targets.append(Target(f"{i}:top", i, lambda s, k=k: k))
+            else:  # outliers: keep descending ranks [n - bottom - keep, n - bottom)
+                keep = max(0, math.floor(dens * n))
+                top = math.floor(float(p.per_input[i].get("gamma", 0.01)) * n)
+                bottom = max(0, n - keep - top)
+                targets.append(Target(f"{i}:hi", i, lambda s, q=n - bottom: q))
+                targets.append(Target(f"{i}:lo", i, lambda s, q=n - bottom - keep: q))
+
+        def values(chunk: Chunk, stats: Mapping[str, Any], i: int) -> torch.Tensor:
+            _load_base(chunk)
+            return _delta(chunk, i, chunk.scratch(1)).abs_()
+
+        return selection_passes("sel", values, targets, n) if targets else None
+
+    def keep_mask(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams, i: int, d: torch.Tensor,
+                  sel: Selection | None = None) -> torch.Tensor | None:
+        """Boolean keep-mask of input i's task vector in this chunk, None to keep all."""
+        if i not in sparse_inputs(p):
+            return None
+        dens = density(p, i)
+        if sparsify in ("magnitude", "outliers"):
+            assert sel is not None
+            bits = abs_bits(d)
+            if sparsify == "magnitude":
+                return sel.mask(stats, f"{i}:top", bits, chunk.row_start)
+            hi = sel.mask(stats, f"{i}:hi", bits, chunk.row_start)
+            return hi & ~sel.mask(stats, f"{i}:lo", bits, chunk.row_start)
+        start = chunk.row_start * chunk.row_len
+        u = uniform(stream_key(p.seed, chunk.name, i), start, d.numel()).reshape(d.shape)
+        if sparsify == "random":
+            return u < dens
+        if dens <= 0:
+            return torch.zeros(d.shape, dtype=torch.bool)
+        eps = float(p.per_input[i].get("epsilon", 0.15))
+        return u < _magprune_probs(d, chunk.shape, dens, eps)
+
+    def needs_rescale(p: TensorParams) -> bool:
+        return bool(p.glob.get("rescale", False)) and sparsify in ("random", "magprune") and bool(sparse_inputs(p))
+
+    def map_l1(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> dict[int, tuple[int, int]]:
+        _load_base(chunk)
+        out = {}
+        for i in sparse_inputs(p):
+            d = _delta(chunk, i, chunk.scratch(1))
+            mask = keep_mask(chunk, stats, p, i, d)
+            a = d.abs().to(torch.float64)
+            out[i] = (exact_row_sum(a), exact_row_sum(a * mask))
+        return out
+
+    def reduce_l1(parts: Sequence[dict[int, tuple[int, int]]]) -> dict[int, float]:
+        factors = {}
+        for i in parts[0]:
+            full = exact_value(sum(pt[i][0] for pt in parts))
+            kept = exact_value(sum(pt[i][1] for pt in parts))
+            factors[i] = full / kept if full >= _RESCALE_EPS and kept >= _RESCALE_EPS else 1.0
+        return factors
+
+    def passes(p: TensorParams, shape: tuple[int, ...]) -> tuple[StatPass, ...]:
+        out: tuple[StatPass, ...] = ()
+        sel = selection(p, shape)
+        if sel is not None:
+            out += sel.passes
+        if needs_rescale(p):
+            out += (StatPass(name="l1", map=map_l1, reduce=reduce_l1),)
+        return out
+
+    def apply(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> torch.Tensor:
+        sel = selection(p, chunk.shape)
+        w = p.column("weight")
+        n = len(w)
+        _load_base(chunk)
+        base = chunk.scratch(0)
+        factors = stats.get("l1", {})
+        deltas = []
+        for i in range(n):
+            d = _delta(chunk, i, chunk.scratch(4 + i))
+            mask = keep_mask(chunk, stats, p, i, d, sel)
+            if mask is not None:
+                d.mul_(mask)
+            f = factors.get(i, 1.0)
+            if f != 1.0:
+                d.mul_(f)
+            d.mul_(w[i])  # D_i = w_i d'_i
+            deltas.append(d)
+        mixed = chunk.scratch(1)
+        mixed.copy_(deltas[0])
+        for d in deltas[1:]:
+            mixed.add_(d)
+        div: torch.Tensor | float
+        if consensus:
+            # s = sign(sum D_i), 0 counted as +; keep D_i whose sign equals s (0 never matches)
+            positive = mixed >= 0
+            mixed.zero_()
+            div_t = chunk.scratch(2)
+            div_t.zero_()
+            tmp = chunk.scratch(3)
+            for wi, d in zip(w, deltas):
+                agree = torch.where(positive, d > 0, d < 0)
+                tmp.copy_(d)
+                tmp.mul_(agree)
+                mixed.add_(tmp)
+                tmp.copy_(agree)
+                tmp.mul_(wi)
+                div_t.add_(tmp)
+            div_t.masked_fill_(div_t == 0, 1.0)
+            div = div_t
+        else:
+            total = math.fsum(w)
+            div = 1.0 if abs(total) < 1e-8 else total
+        if p.glob.get("normalize", normalize):
+            mixed.div_(div)
+        lam = float(p.glob.get("lambda", 1.0))
+        if lam != 1.0:
+            mixed.mul_(lam)
+        mixed.add_(base)
+        return mixed
+
+    def check(p: TensorParams) -> str | None:
+        if sparsify != "magprune":
+            return None
+        for i in sparse_inputs(p):
+            dens, eps = density(p, i), float(p.per_input[i].get("epsilon", 0.15))
+            if dens > 0 and not (dens - eps > 0 and dens + eps < 1):
+                return (f"input {i + 1}: density {dens} and epsilon {eps} need 0 < density - epsilon "
+                        "and density + epsilon < 1 (keep probabilities must lie in (0, 1)); "
+                        "change `density` or `epsilon`")
+        return None
+
+    elementwise = sparsify == "none"
+    return Method(
+        name=name, pretty_name=pretty, reference_url=url, params=tuple(params), apply=apply,
+        base="required", passes=passes, elementwise=elementwise, check_tensor=check,
+        # base, mixed, divisor, temp + one task vector per input; masks and bit patterns
+        working_copies=lambda n: n + 7,
+        row_granularity=_granularity if sparsify == "magprune" else (lambda s, p: 1),
+    )
+
+
+def _granularity(shape: tuple[int, ...], params: TensorParams) -> int:
+    """DELLA ranks along dim 1: a chunk holds whole groups (1-D: the whole vector)."""
+    if len(shape) <= 1:
+        return shape[0] if shape else 1
+    if len(shape) == 2:
+        return 1
+    return math.prod(shape[1:-1])
+
+
+FAMILY = (
+    make_generalized("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
+                     sparsify="none", consensus=False, normalize=False, rescale=None),
+    make_generalized("ties", "TIES", "https://arxiv.org/abs/2306.01708",
+                     sparsify="magnitude", consensus=True, normalize=True, rescale=None),
+    make_generalized("dare_linear", "DARE (linear)", "https://arxiv.org/abs/2311.03099",
+                     sparsify="random", consensus=False, normalize=False, rescale=True),
+    make_generalized("dare_ties", "DARE (TIES)", "https://arxiv.org/abs/2311.03099",
+                     sparsify="random", consensus=True, normalize=False, rescale=True),
+    make_generalized("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
+                     sparsify="outliers", consensus=False, normalize=False, rescale=None),
+    make_generalized("breadcrumbs_ties", "Model Breadcrumbs (TIES)", "https://arxiv.org/abs/2312.06795",
+                     sparsify="outliers", consensus=True, normalize=False, rescale=None),
+    make_generalized("della_linear", "DELLA (linear)", "https://arxiv.org/abs/2406.11617",
+                     sparsify="magprune", consensus=False, normalize=False, rescale=True),
+    make_generalized("della", "DELLA", "https://arxiv.org/abs/2406.11617",
+                     sparsify="magprune", consensus=True, normalize=True, rescale=True),
+)

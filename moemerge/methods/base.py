@@ -129,7 +129,10 @@ class Method:
     """Output element j depends only on input elements j: the engine then feeds cache-sized
     1-D blocks (faster, and compute buffers stay small whatever the chunk)."""
     working_copies: Callable[[int], int] = lambda n: 2
-    """Compute buffers (`Chunk.scratch`) alive at once for n inputs (for the memory plan)."""
+    """Compute buffers (`Chunk.scratch`) the method uses for n inputs (allocated once)."""
+    temporaries: Callable[[int], int] = lambda n: 0
+    """Further float32-sized temporaries per element it allocates while computing (masks,
+    float64 products, random draws): budgeted by the planner, not preallocated."""
     passes: Callable[[TensorParams, tuple[int, ...]], tuple[StatPass, ...]] = _no_passes
     row_granularity: Callable[[tuple[int, ...], TensorParams], int] = _one_row
     """Chunks hold a multiple of this many rows (per-row statistics never split a row)."""

@@ -95,7 +95,9 @@ MODEL_STOCK = Method(
     base="required",
     min_inputs=2,
     passes=_passes,
-    working_copies=lambda n: n + 6,
+    # scratch: base, average + one offset per input; temporaries: float64 products
+    working_copies=lambda n: n + 2,
+    temporaries=lambda n: 6,
     row_granularity=_granularity,
 )
 

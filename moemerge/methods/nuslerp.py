@@ -122,6 +122,7 @@ NUSLERP = Method(
     min_inputs=2,
     max_inputs=2,
     passes=_passes,
-    working_copies=lambda n: 8,
+    working_copies=lambda n: 3,
+    temporaries=lambda n: 8,  # float64 products, transposed copies for row-wise vectors
     row_granularity=_granularity,
 )

@@ -128,6 +128,9 @@ SCE = Method(
     base="required",
     min_inputs=1,
     passes=_passes,
-    working_copies=lambda n: n + 8,
+    # scratch: base, variance/mixed, mean/divisor + one delta per input; temporaries: float64
+    # squares for the energy sums, masks, bit patterns
+    working_copies=lambda n: n + 3,
+    temporaries=lambda n: 8,
     ignored_params=("lambda", "weight"),
 )

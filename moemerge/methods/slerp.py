@@ -61,6 +61,7 @@ SLERP = Method(
     min_inputs=1,
     max_inputs=1,
     passes=_passes,
-    # two float32 buffers; float64 products for the dot products (2 x 8 bytes)
-    working_copies=lambda n: 6,
+    # two float32 buffers; float64 products for the dot products
+    working_copies=lambda n: 2,
+    temporaries=lambda n: 6,
 )

@@ -35,6 +35,30 @@ BLOCK_ELEMS = 256 * 1024
 _IN_FLIGHT = 2
 
 
+def _grouped(problems: list[str]) -> list[str]:
+    """Fold problems that differ only in the tensor named: `tensor `x`: msg` (N tensors)."""
+    by_msg: dict[str, list[str]] = {}
+    order: list[str] = []
+    for p in problems:
+        if p.startswith("tensor `") and "`: " in p:
+            name, msg = p[len("tensor `"):].split("`: ", 1)
+        else:
+            name, msg = "", p
+        if msg not in by_msg:
+            order.append(msg)
+        by_msg.setdefault(msg, []).append(name)
+    out = []
+    for msg in order:
+        names = [n for n in by_msg[msg] if n]
+        if not names:
+            out.append(msg)
+        elif len(names) == 1:
+            out.append(f"tensor `{names[0]}`: {msg}")
+        else:
+            out.append(f"{len(names)} tensors (e.g. `{names[0]}`): {msg}")
+    return out
+
+
 def _listed(problems: list[str]) -> str:
     shown = problems[:MAX_LISTED]
     more = len(problems) - len(shown)
@@ -136,7 +160,10 @@ def build_plan(
     problems = unsupported + missing + mismatched + param_problems
     if problems:
         kind = MismatchError if (missing or mismatched) and not param_problems else PlanError
-        raise kind(f"cannot plan this merge ({len(problems)} problem(s)):\n  {_listed(problems)}")
+        problems = _grouped(problems)
+        if len(problems) == 1:
+            raise kind(problems[0])
+        raise kind(f"cannot plan this merge ({len(problems)} problems):\n  {_listed(problems)}")
 
     # -- memory: one global chunk size in elements, from the budget ------------------------
     in_elem = max((sum(itemsize(i.dtype) for i in p["infos"]) for p in planned), default=1)
@@ -147,13 +174,14 @@ def build_plan(
     )
     comp_elem = 8 if wide else 4
     working = max((method.working_copies(len(inputs)) for p in planned if p["method"] != "copy"), default=0)
+    temps = method.temporaries(len(inputs)) if any(p["method"] != "copy" for p in planned) else 0
     if method.elementwise:
         # compute buffers are fixed cache-sized blocks, not chunk-sized
         fixed = working * BLOCK_ELEMS * comp_elem
         per_elem = _IN_FLIGHT * in_elem + _IN_FLIGHT * out_elem
     else:
         fixed = 0
-        per_elem = _IN_FLIGHT * in_elem + working * comp_elem + _IN_FLIGHT * out_elem
+        per_elem = _IN_FLIGHT * in_elem + (working + temps) * comp_elem + _IN_FLIGHT * out_elem
     chunk_cap = max(1, (memory_budget - fixed) // per_elem) if memory_budget > fixed else 1
 
     tensors: list[TensorPlan] = []
@@ -205,7 +233,7 @@ def build_plan(
         )
     if method.elementwise:
         chunk_elems = min(chunk_elems, BLOCK_ELEMS)
-    peak = _IN_FLIGHT * chunk_in + working * chunk_elems * comp_elem + _IN_FLIGHT * chunk_out
+    peak = _IN_FLIGHT * chunk_in + (working + temps) * chunk_elems * comp_elem + _IN_FLIGHT * chunk_out
     if peak > memory_budget:
         notes.append(
             f"buffers need {format_size(peak)}, above the {format_size(memory_budget)} budget, "

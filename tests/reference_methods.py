@@ -278,3 +278,63 @@ def stat_bound(base, xs, per, glob) -> torch.Tensor:
     mag = sum(x.abs() for x in xs) + (base.abs() if base is not None else 0)
     scale = max([1.0, abs(glob.get("lambda", 1.0))] + [abs(p.get("weight", 1.0)) for p in per])
     return 2.0**-16 * mag * scale * len(xs)
+
+
+def multislerp(base, xs, per, glob, name=""):
+    """MergeKit 0.1.5's multislerp, whole tensors in float64."""
+    if len(xs) == 1:
+        return xs[0]
+    eps = glob.get("eps", 1e-8)
+    t = torch.stack(xs)
+    if base is not None:
+        t = t - base
+    flat = t.reshape(len(xs), -1)
+    w = torch.tensor([p["weight"] for p in per], dtype=torch.float64)
+    if glob.get("normalize_weights", True):
+        w = w / w.sum()
+    norms = flat.norm(dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean = mean / mean.norm()
+    dots = (units * mean).sum(-1, keepdim=True)
+    tangent = ((units - dots * mean) * w.view(-1, 1)).sum(0)
+    tn = tangent.norm() + eps
+    res = (mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)) * (norms.squeeze(-1) * w).sum()
+    res = res.reshape(xs[0].shape)
+    return res + base if base is not None else res
+
+
+def karcher(base, xs, per, glob, name=""):
+    """MergeKit 0.1.5's Karcher mean (equal weights), whole tensors in float64."""
+    import math
+
+    max_iter, tol = glob.get("max_iter", 10), glob.get("tol", 1e-5)
+    n = len(xs)
+    if n == 1:
+        return xs[0]
+    alphas = [1 / n] * n
+    norms = [x.norm().item() for x in xs]
+    units = [x / nm if nm else torch.zeros_like(x) for x, nm in zip(xs, norms)]
+    valid = [i for i in range(n) if norms[i] > tol]
+    a = [alphas[i] / sum(alphas[j] for j in valid) for i in valid]
+    us = [units[i].reshape(-1) for i in valid]
+    mean = sum(ai * u for ai, u in zip(a, us))
+    mean = us[0].clone() if mean.norm().item() < tol else mean / mean.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for ai, u in zip(a, us):
+            dot = max(-1.0, min(1.0, torch.dot(mean, u).item()))
+            th = math.acos(dot)
+            if th < tol:
+                continue
+            tangent += ai * (th / math.sin(th)) * (u - dot * mean)
+        tnorm = tangent.norm().item()
+        if tnorm < tol:
+            break
+        mean = math.cos(tnorm) * mean + math.sin(tnorm) * (tangent / tnorm)
+        if mean.norm().item() > tol:
+            mean = mean / mean.norm()
+    return (sum(al * nm for al, nm in zip(alphas, norms)) * mean).reshape(xs[0].shape)
+
+
+REFERENCES.update(multislerp=multislerp, karcher=karcher)

@@ -13,6 +13,7 @@ from moemerge.methods.nuslerp import NUSLERP
 from moemerge.methods.passthrough import PASSTHROUGH
 from moemerge.methods.sce import SCE
 from moemerge.methods.slerp import SLERP
+from moemerge.methods.spherical import KARCHER, MULTISLERP
 
 __all__ = [
     "REGISTRY", "get_method", "Method", "ParamSpec", "StatPass", "TensorParams", "Chunk",
@@ -29,6 +30,8 @@ REGISTRY: dict[str, Method] = {
         NUSLERP,
         MODEL_STOCK,
         SCE,
+        MULTISLERP,
+        KARCHER,
         PASSTHROUGH,
         SMA,
         WMA,
@@ -37,7 +40,7 @@ REGISTRY: dict[str, Method] = {
 }
 
 #: MergeKit methods that are planned but not built yet: a clear error instead of "unknown".
-_PLANNED = ("multislerp", "karcher")
+_PLANNED: tuple[str, ...] = ()
 
 
 def get_method(name: str) -> Method:

@@ -177,7 +177,12 @@ def run_local(
     def write_loop() -> None:
         hashers: dict[str, Any] = {}
         while True:
-            item = writes.get()
+            try:
+                item = writes.get(timeout=0.1)
+            except queue.Empty:
+                if stop.is_set():
+                    return
+                continue
             if item is None:
                 return
             t, r0, nbytes, buf, last = item
@@ -248,8 +253,10 @@ def run_local(
             if t.rows == 0 or t.numel == 0:
                 digests[t.name] = hashlib.sha256(b"").hexdigest()
         return digests
-    except BaseException:
+    except BaseException as e:
         stop.set()
+        if errors and errors[0] is not e:  # a pipeline thread failed first: its error is the cause
+            raise errors[0] from None
         raise
     finally:
         stop.set()

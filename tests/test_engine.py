@@ -1,0 +1,71 @@
+"""The local executor's pipeline: failures in any thread surface as the real error, promptly."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moemerge.api import _open_all, _plan
+from moemerge.config import parse_config
+from moemerge.engine import run_local
+from moemerge.errors import CheckpointError, OutputError
+
+
+class FailingWriter:
+    """Accepts `fail_after` writes, then fails like a full disk."""
+
+    def __init__(self, fail_after: int) -> None:
+        self.fail_after = fail_after
+        self.writes = 0
+
+    def write(self, file: str, offset: int, data: memoryview) -> None:
+        self.writes += 1
+        if self.writes > self.fail_after:
+            raise OutputError(f"{file}: write failed at byte {offset} (No space left on device)")
+
+
+def _setup(ckpt_factory, n_tensors: int = 6):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    paths = [ckpt_factory(f"m{i}", {f"t{k}": torch.randn(40, 33, generator=g) for k in range(n_tensors)})
+             for i in range(2)]
+    cfg = parse_config({"merge_method": "linear",
+                        "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths]})
+    ckpts = _open_all(cfg)
+    return cfg, ckpts
+
+
+@pytest.mark.parametrize("fail_after", [0, 3, 17])
+def test_writer_failure_is_raised_as_itself_and_stops_the_run(ckpt_factory, fail_after: int) -> None:
+    cfg, ckpts = _setup(ckpt_factory)
+    plan = _plan(cfg, ckpts, memory_budget="1MB", shard_size="5GB", seed=0, chunk_rows=2)
+    writer = FailingWriter(fail_after)
+    t0 = time.monotonic()
+    with pytest.raises(OutputError, match="No space left"):
+        run_local(plan, ckpts, writer)
+    assert time.monotonic() - t0 < 20  # no thread left waiting for work that never comes
+    assert writer.writes == fail_after + 1
+
+
+def test_read_failure_mid_run_is_raised_as_itself(ckpt_factory, tmp_path: Path) -> None:
+    cfg, ckpts = _setup(ckpt_factory)
+    plan = _plan(cfg, ckpts, memory_budget="1MB", shard_size="5GB", seed=0, chunk_rows=2)
+    calls = {"n": 0}
+    original = ckpts[1].read_rows
+
+    def flaky(name: str, r0: int, r1: int, out: memoryview) -> None:
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise CheckpointError(f"{ckpts[1].url}: file ended at byte 123 (it shrank while being read?)")
+        original(name, r0, r1, out)
+
+    ckpts[1].read_rows = flaky  # type: ignore[method-assign]
+
+    class Sink:
+        def write(self, file: str, offset: int, data: memoryview) -> None:
+            pass
+
+    with pytest.raises(CheckpointError, match="shrank"):
+        run_local(plan, ckpts, Sink())

@@ -16,7 +16,8 @@ from moemerge.engine import NullProgress, Progress, run_local
 from moemerge.errors import CheckpointError, ConfigError
 from moemerge.io.checkpoint import Checkpoint, TensorInfo
 from moemerge.io.sidefiles import read_side_files, retag_config_dtype
-from moemerge.io.writer import CONFIG_COPY_NAME, LocalModelWriter, check_output
+from moemerge.io.dtypes import itemsize
+from moemerge.io.writer import CONFIG_COPY_NAME, LocalModelWriter, ModelWriter, TensorPlacement, check_output
 from moemerge.methods import average_weights
 from moemerge.planner import Plan, build_plan
 from moemerge.sizes import parse_size
@@ -89,6 +90,20 @@ def plan(config: MergeConfig | dict[str, Any] | str, *, memory_budget: str | int
             c.close()
 
 
+def placements(p: Plan) -> dict[str, TensorPlacement]:
+    """Where each planned tensor goes in the output."""
+    return {
+        t.name: TensorPlacement(name=t.name, file=t.out_file, offset=t.out_offset, dtype=t.out_dtype,
+                                shape=t.shape, row_bytes=t.row_len * itemsize(t.out_dtype))
+        for t in p.tensors
+    }
+
+
+def open_writer(out: str, p: Plan, *, overwrite: bool) -> ModelWriter:
+    """The writer for `out` (today: a local or shared-filesystem safetensors directory)."""
+    return LocalModelWriter(out, p.shards, placements(p), overwrite=overwrite)
+
+
 def _main_dtype(p: Plan) -> str:
     by_bytes: Counter[str] = Counter()
     for t in p.tensors:
@@ -136,7 +151,7 @@ def run(
                          chunk_rows=chunk_rows)
         side = read_side_files(the_plan.side_source or ckpts[0].url, cfg.storage_options, model=True, tokenizer=False)
         tok = read_side_files(the_plan.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
-        writer = LocalModelWriter(out, the_plan.shards, overwrite=overwrite)
+        writer = open_writer(out, the_plan, overwrite=overwrite)
         writer.prepare()
         try:
             prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())

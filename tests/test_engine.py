@@ -21,10 +21,10 @@ class FailingWriter:
         self.fail_after = fail_after
         self.writes = 0
 
-    def write(self, file: str, offset: int, data: memoryview) -> None:
+    def write_rows(self, name: str, row_start: int, data: memoryview) -> None:
         self.writes += 1
         if self.writes > self.fail_after:
-            raise OutputError(f"{file}: write failed at byte {offset} (No space left on device)")
+            raise OutputError(f"{name}: write failed at row {row_start} (No space left on device)")
 
 
 def _setup(ckpt_factory, n_tensors: int = 6):
@@ -64,7 +64,7 @@ def test_read_failure_mid_run_is_raised_as_itself(ckpt_factory, tmp_path: Path) 
     ckpts[1].read_rows = flaky  # type: ignore[method-assign]
 
     class Sink:
-        def write(self, file: str, offset: int, data: memoryview) -> None:
+        def write_rows(self, name: str, row_start: int, data: memoryview) -> None:
             pass
 
     with pytest.raises(CheckpointError, match="shrank"):

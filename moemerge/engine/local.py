@@ -37,7 +37,7 @@ ALIGN = 64
 
 
 class Writer(Protocol):
-    def write(self, file: str, offset: int, data: memoryview) -> None: ...
+    def write_rows(self, name: str, row_start: int, data: memoryview) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +189,7 @@ def run_local(
             try:
                 if not stop.is_set():
                     mv = memoryview(buf.numpy())[:nbytes]
-                    writer.write(t.out_file, t.out_offset + r0 * t.row_len * itemsize(t.out_dtype), mv)
+                    writer.write_rows(t.name, r0, mv)
                     h = hashers.setdefault(t.name, hashlib.sha256())
                     h.update(mv)
                     if last:

@@ -9,9 +9,11 @@ an `.moemerge-incomplete` marker and no index, so nothing loads it as a finished
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from moemerge.errors import OutputError
 from moemerge.io import storage
@@ -19,11 +21,50 @@ from moemerge.io.checkpoint import INDEX_NAME
 from moemerge.io.safetensors_format import ShardLayout
 from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
 
-__all__ = ["MANIFEST_NAME", "MARKER_NAME", "CONFIG_COPY_NAME", "LocalModelWriter", "check_output"]
+__all__ = [
+    "MANIFEST_NAME", "MARKER_NAME", "CONFIG_COPY_NAME", "TensorPlacement", "ModelWriter",
+    "LocalModelWriter", "check_output",
+]
 
 MANIFEST_NAME = "moemerge-manifest.json"
 MARKER_NAME = ".moemerge-incomplete"
 CONFIG_COPY_NAME = "moemerge-config.yml"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorPlacement:
+    """Where an output tensor goes: its shard file and absolute byte offset, dtype and shape."""
+
+    name: str
+    file: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+    row_bytes: int
+    """Bytes per row of the row-chunking view (see io.checkpoint.row_geometry)."""
+
+    @property
+    def nbytes(self) -> int:
+        from moemerge.io.dtypes import itemsize
+
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+class ModelWriter(Protocol):
+    """An output being written: lay out, take rows in any order, then commit or abandon.
+
+    `write_rows` may be called from any thread, for any tensor and row range, once per range.
+    `finish` writes the side files, then the index, then the manifest (the commit). `close`
+    without `finish` abandons the output: it must never look finished.
+    """
+
+    def prepare(self) -> None: ...
+
+    def write_rows(self, name: str, row_start: int, data: memoryview) -> None: ...
+
+    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def check_output(url: str, *, overwrite: bool, inputs: list[str] = ()) -> str:  # type: ignore[assignment]
@@ -89,10 +130,12 @@ class LocalModelWriter:
     Thread-safe: writes are positional (`pwrite`), so units may finish in any order.
     """
 
-    def __init__(self, url: str, shards: tuple[ShardLayout, ...], *, overwrite: bool) -> None:
+    def __init__(self, url: str, shards: tuple[ShardLayout, ...], placements: dict[str, TensorPlacement],
+                 *, overwrite: bool) -> None:
         self.url = url
         self.path = check_output(url, overwrite=overwrite)
         self.shards = shards
+        self.placements = placements
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -135,8 +178,9 @@ class LocalModelWriter:
                 raise OutputError(f"{self.url}/{name}: write failed at byte {offset + done} ({e.strerror}); is the disk full?") from e
             done += n
 
-    def write(self, file: str, offset: int, data: memoryview) -> None:
-        self._pwrite(self._fds[file], data, offset, file)
+    def write_rows(self, name: str, row_start: int, data: memoryview) -> None:
+        p = self.placements[name]
+        self._pwrite(self._fds[p.file], data, p.offset + row_start * p.row_bytes, p.file)
 
     def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: dict[str, Any]) -> None:
         """Flush shards, write side files, then the index, then the manifest (the commit)."""

@@ -66,14 +66,15 @@ def _open_all(cfg: MergeConfig) -> list[Checkpoint]:
 
 
 def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int,
-          shard_size: str | int, seed: int, chunk_rows: int | None = None) -> Plan:
+          shard_size: str | int, seed: int, chunk_rows: int | None = None,
+          out_format: str = "safetensors") -> Plan:
     budget = parse_size(memory_budget, what="--memory-budget", minimum=MIN_BUDGET)
     shard = parse_size(shard_size, what="--shard-size", minimum=1)
     side = ckpts[0].config() or {}
     hint = side.get("num_hidden_layers") if isinstance(side.get("num_hidden_layers"), int) else None
     return build_plan(
         cfg, {c.url: c.tensors for c in ckpts}, memory_budget=budget, shard_size=shard,
-        seed=seed, n_layers_hint=hint, chunk_rows=chunk_rows,
+        seed=seed, n_layers_hint=hint, chunk_rows=chunk_rows, out_format=out_format,
     )
 
 
@@ -99,8 +100,10 @@ def placements(p: Plan) -> dict[str, TensorPlacement]:
     }
 
 
-def open_writer(out: str, p: Plan, *, overwrite: bool) -> ModelWriter:
-    """The writer for `out` (today: a local or shared-filesystem safetensors directory)."""
+def open_writer(out: str, p: Plan, *, overwrite: bool, storage_options: dict[str, Any] | None = None) -> ModelWriter:
+    """The writer for `out` in the plan's format, on local disk or object storage."""
+    if p.out_format == "zarr":
+        raise ConfigError("--format zarr is not supported yet; use the default safetensors")
     return LocalModelWriter(out, p.shards, placements(p), overwrite=overwrite)
 
 
@@ -124,6 +127,7 @@ def run(
     progress: bool | Progress | NullProgress = False,
     manifest_extra: dict[str, Any] | None = None,
     chunk_rows: int | None = None,
+    out_format: str = "safetensors",
 ) -> RunResult:
     """Merge per `config` into the model directory `out`; returns when the output is committed.
 
@@ -148,10 +152,10 @@ def run(
     ckpts = _open_all(cfg)
     try:
         the_plan = _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
-                         chunk_rows=chunk_rows)
+                         chunk_rows=chunk_rows, out_format=out_format)
         side = read_side_files(the_plan.side_source or ckpts[0].url, cfg.storage_options, model=True, tokenizer=False)
         tok = read_side_files(the_plan.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
-        writer = open_writer(out, the_plan, overwrite=overwrite)
+        writer = open_writer(out, the_plan, overwrite=overwrite, storage_options=cfg.storage_options)
         writer.prepare()
         try:
             prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())

@@ -99,8 +99,6 @@ def _print_plan(plan: Any, header: str) -> None:
 def _not_yet(args: argparse.Namespace) -> None:
     from moemerge.errors import ConfigError
 
-    if getattr(args, "format", "safetensors") != "safetensors":
-        raise ConfigError("--format zarr is not supported yet; use the default safetensors")
     if getattr(args, "workers", None) or getattr(args, "scheduler", None):
         raise ConfigError("--workers/--scheduler (Dask) are not supported yet; the local executor runs by default")
 
@@ -110,7 +108,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
     _not_yet(args)
     res = run(args.config, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size,
-              seed=args.seed, overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
+              seed=args.seed, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
+              out_format=args.format)
     _report(res)
 
 
@@ -163,7 +162,7 @@ def _cmd_pma(args: argparse.Namespace) -> None:
         raise ConfigError("pma: give the output directory with -o OUT (or --dry-run)")
     res = run(cfg, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size, seed=args.seed,
               overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-              manifest_extra={"pma": {"method": "weights" if weights else args.method,
+              out_format=args.format, manifest_extra={"pma": {"method": "weights" if weights else args.method,
                                       "alpha": args.alpha if args.method == "ema" and not weights else None,
                                       "snapshots": list(args.snapshots), "weights": eff}})
     _report(res)

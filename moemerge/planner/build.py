@@ -75,6 +75,7 @@ def build_plan(
     n_layers_hint: int | None = None,
     unit_bytes: int = DEFAULT_UNIT_BYTES,
     chunk_rows: int | None = None,
+    out_format: str = "safetensors",
 ) -> Plan:
     """Plan a merge. `catalogs` maps each checkpoint location of `cfg` to its tensors.
 
@@ -194,6 +195,9 @@ def build_plan(
         r: TensorInfo = p["infos"][0]
         rows, row_len = row_geometry(r.shape)
         gran = method.row_granularity(r.shape, p["params"]) if p["method"] != "copy" else 1
+        if out_format == "zarr" and len(r.shape) >= 3:
+            # Zarr chunks are slabs along dim 0: a chunk must hold whole dim-0 slices
+            gran = math.lcm(gran, math.prod(r.shape[1:-1]))
         fit = (chunk_cap // max(1, row_len)) // gran * gran
         if rows == 0:
             rows_per_chunk = 1
@@ -249,7 +253,7 @@ def build_plan(
         chunk_out_bytes=chunk_out, peak_bytes=peak, bytes_read=bytes_read,
         bytes_written=bytes_written, passes=extra_passes, warnings=tuple(warnings),
         notes=tuple(notes), side_source=side, tokenizer_source=tok_source,
-        config_hash=cfg.config_hash(),
+        config_hash=cfg.config_hash(), out_format=out_format,
     )
 
 

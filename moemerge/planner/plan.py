@@ -87,6 +87,8 @@ class Plan:
     tokenizer_source: str | None = None
     out_dtype_name: str | None = None
     config_hash: str = ""
+    out_format: str = "safetensors"
+    """`safetensors` (sharded HF directory) or `zarr` (one array per tensor)."""
     extra: dict[str, object] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:

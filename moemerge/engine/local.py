@@ -209,7 +209,15 @@ def run_local(
     partials: list[Any] = []
     try:
         while True:
-            item = ready.get()
+            try:
+                item = ready.get(timeout=0.1)
+            except queue.Empty:
+                # a pipeline thread that failed (or was cancelled) hands nothing more over
+                if errors:
+                    raise errors[0] from None
+                if not reader_thread.is_alive() and ready.empty():
+                    raise RuntimeError("moemerge internal error: the read-ahead thread stopped early")
+                continue
             if item is None:
                 break
             if errors:

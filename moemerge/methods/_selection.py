@@ -54,9 +54,14 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
             out[-1 - s] = torch.tensor([int((bits == 0).sum())])  # zeros, for count_nonzero
         return out
 
+    # memos hold the object they were computed from, so a recycled id() can never match
+    plan_memo: list[Any] = [None, None]
+
     def plan_targets(stats: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
         """target -> (q clipped to [0, n], high bin, count above the bin); bin -1 if trivial."""
         hist = stats[hi_key]
+        if plan_memo[0] is hist:
+            return plan_memo[1]
         plans = {}
         for t in targets:
             q = max(0, min(n, int(t.q(stats))))
@@ -65,6 +70,7 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
             else:
                 b, above = pick_high_bin(hist[t.source], q)
                 plans[t.name] = (q, b, above)
+        plan_memo[:] = [hist, plans]
         return plans
 
     def map_low(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> dict[str, torch.Tensor]:
@@ -85,12 +91,12 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
     def reduce_low(parts: Sequence[Any]) -> dict[str, Threshold]:
         return _sum(list(parts))
 
-    memo: dict[int, dict[str, Threshold]] = {}
+    memo: list[Any] = [None, None]
 
     def thresholds(stats: Mapping[str, Any]) -> dict[str, Threshold]:
-        key = id(stats[lo_key])
-        if key in memo:
-            return memo[key]
+        low = stats[lo_key]
+        if memo[0] is low:
+            return memo[1]
         plans = plan_targets(stats)
         out = {}
         for t in targets:
@@ -99,8 +105,7 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
                 out[t.name] = Threshold(bits=-1 if q == n else 0x7FFFFFFF, above=q, equal=0, q=q)
             else:
                 out[t.name] = pick_threshold(stats[lo_key][t.name], b, above, q)
-        memo.clear()
-        memo[key] = out
+        memo[:] = [low, out]
         return out
 
     def map_ties(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> dict[str, np.ndarray | None]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from moemerge.errors import MergeRuntimeError
-from moemerge.methods._kernels import weighted_sum
+from moemerge.methods._kernels import weighted_delta_sum, weighted_sum
 from moemerge.methods._vectors import exact_dots, reduce_dots
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams, check_range
 
@@ -131,11 +131,11 @@ def _multislerp_apply(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -
         return chunk.input(0, out=chunk.scratch(0))
     c = multislerp_coefficients(stats["gram"], p.column("weight"), bool(p.glob.get("normalize_weights", True)),
                                 float(p.glob.get("eps", 1e-8)), chunk.name)
-    # weighted_sum works on inputs; with a base, sum c_i (x_i - b) + b = sum c_i x_i + (1 - sum c_i) b
     if chunk.has_base:
-        out = weighted_sum(chunk, [float(x) for x in c])
+        # sum c_i (x_i - b) + b, on the task vectors: a zero task vector may carry a huge
+        # coefficient (w / eps), which must multiply an exact 0, not cancel x_i against b
         b = chunk.base(out=chunk.scratch(2))
-        b.mul_(1.0 - float(c.sum()))
+        out = weighted_delta_sum(chunk, b, [float(x) for x in c])
         out.add_(b)
         return out
     return weighted_sum(chunk, [float(x) for x in c])

@@ -98,13 +98,14 @@ def low_histogram(bits: torch.Tensor, high: int) -> torch.Tensor:
 
 def pick_high_bin(hist: torch.Tensor, q: int) -> tuple[int, int]:
     """The high-bits bin holding the q-th largest value (1-based), and the count above it."""
-    counts = hist.tolist()
-    above = 0
-    for b in range(len(counts) - 1, -1, -1):
-        if above + counts[b] >= q:
-            return b, above
-        above += counts[b]
-    raise ValueError(f"q={q} is larger than the {above} values counted")
+    # counts at or above each bin, from the top: the first bin where that reaches q
+    from_top = torch.cumsum(hist.flip(0), dim=0)
+    idx = int(torch.searchsorted(from_top, torch.tensor([q], dtype=from_top.dtype)).item())
+    if idx >= hist.numel():
+        raise ValueError(f"q={q} is larger than the {int(from_top[-1])} values counted")
+    b = hist.numel() - 1 - idx
+    above = int(from_top[idx - 1]) if idx > 0 else 0
+    return b, above
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,13 +132,8 @@ class Threshold:
 
 def pick_threshold(low_hist: torch.Tensor, high: int, above_high: int, q: int) -> Threshold:
     """Refine `pick_high_bin`'s answer to the exact bit pattern of the q-th largest value."""
-    counts = low_hist.tolist()
-    above = above_high
-    for b in range(len(counts) - 1, -1, -1):
-        if above + counts[b] >= q:
-            return Threshold(bits=(high << 16) | b, above=above, equal=counts[b], q=q)
-        above += counts[b]
-    raise ValueError(f"q={q} is larger than the values counted")
+    b, above = pick_high_bin(low_hist, q - above_high)
+    return Threshold(bits=(high << 16) | b, above=above_high + above, equal=int(low_hist[b]), q=q)
 
 
 def stream_key(seed: int, tensor: str, input_index: int) -> int:

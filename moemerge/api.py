@@ -100,10 +100,28 @@ def placements(p: Plan) -> dict[str, TensorPlacement]:
     }
 
 
-def open_writer(out: str, p: Plan, *, overwrite: bool, storage_options: dict[str, Any] | None = None) -> ModelWriter:
-    """The writer for `out` in the plan's format, on local disk or object storage."""
+def open_writer(out: str, p: Plan, *, overwrite: bool, storage_options: dict[str, Any] | None = None,
+                attributes: dict[str, Any] | None = None) -> ModelWriter:
+    """The writer for `out` in the plan's format, on local disk or object storage.
+
+    `attributes` (JSON-able) are recorded in formats that keep metadata (Zarr root attributes).
+    """
     if p.out_format == "zarr":
-        raise ConfigError("--format zarr is not supported yet; use the default safetensors")
+        from moemerge.io.zarr_writer import ZarrArraySpec, ZarrModelWriter
+
+        arrays = [ZarrArraySpec(name=t.name, shape=t.shape, dtype=t.out_dtype, rows_per_chunk=t.rows_per_chunk)
+                  for t in p.tensors]
+        attrs = {"moemerge_version": __version__, "method": p.method, "sources": list(p.sources),
+                 "config_hash": p.config_hash, **(attributes or {})}
+        return ZarrModelWriter(out, arrays, attributes=attrs, overwrite=overwrite,
+                               storage_options=storage_options)
+    from moemerge.io.storage import is_local, resolve
+
+    if not is_local(resolve(out, storage_options)[0]):
+        from moemerge.io.s3_writer import RemoteModelWriter
+
+        return RemoteModelWriter(out, p.shards, placements(p), overwrite=overwrite,
+                                 storage_options=storage_options)
     return LocalModelWriter(out, p.shards, placements(p), overwrite=overwrite)
 
 
@@ -148,14 +166,16 @@ def run(
             raise ConfigError(f"--device {device}: not supported; use cpu or cuda")
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    check_output(out, overwrite=overwrite, inputs=cfg.model_locations())
+    check_output(out, overwrite=overwrite, inputs=cfg.model_locations(), storage_options=cfg.storage_options)
     ckpts = _open_all(cfg)
     try:
         the_plan = _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
                          chunk_rows=chunk_rows, out_format=out_format)
         side = read_side_files(the_plan.side_source or ckpts[0].url, cfg.storage_options, model=True, tokenizer=False)
         tok = read_side_files(the_plan.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
-        writer = open_writer(out, the_plan, overwrite=overwrite, storage_options=cfg.storage_options)
+        source = {k: v for k, v in cfg.source.items() if k != "storage_options"}
+        writer = open_writer(out, the_plan, overwrite=overwrite, storage_options=cfg.storage_options,
+                             attributes={"config": source})
         writer.prepare()
         try:
             prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())
@@ -164,7 +184,6 @@ def run(
             if "config.json" in side:
                 side["config.json"] = retag_config_dtype(side["config.json"], main_dtype)
             files = {**side, **tok}
-            source = {k: v for k, v in cfg.source.items() if k != "storage_options"}
             files[CONFIG_COPY_NAME] = yaml.safe_dump(source, sort_keys=False).encode()
             index = {
                 "metadata": {"total_size": the_plan.bytes_written, "moemerge_version": __version__},

@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("export", help="convert a moemerge Zarr output to a safetensors directory")
+    p.add_argument("store", help="the Zarr output (local path or URL)")
+    p.add_argument("out", help="the safetensors directory to write")
+    p.add_argument("--shard-size", default=None,
+                   help="largest output shard (default: the shards the merge planned)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished output")
+
     p = sub.add_parser("verify", help="check an output against its manifest checksums")
     p.add_argument("out")
 
@@ -187,6 +194,15 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     _out.print(f"{len(infos):,} tensors, {format_size(sum(i.nbytes for i in infos))}")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from moemerge.export import export
+    from moemerge.sizes import format_size
+
+    res = export(args.store, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
+    _out.print(f"wrote {res.out}: {res.tensors:,} tensors in {len(res.shards)} shard(s), "
+               f"{format_size(res.bytes_written)}")
+
+
 def _cmd_verify(args: argparse.Namespace) -> None:
     from moemerge.verify import verify
 
@@ -202,7 +218,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 _COMMANDS = {
     "run": _cmd_run, "plan": _cmd_plan, "pma": _cmd_pma, "inspect": _cmd_inspect,
-    "verify": _cmd_verify, "demo": _cmd_demo,
+    "export": _cmd_export, "verify": _cmd_verify, "demo": _cmd_demo,
 }
 
 

@@ -89,3 +89,51 @@ def write_yaml(path: Path, doc: dict) -> Path:
 def _quiet_threads() -> None:
     # keep torch to the machine's two cores; tests run many tiny ops
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch):
+    """A real S3-compatible server (moto) on 127.0.0.1; yields its endpoint URL.
+
+    Sets `AWS_ENDPOINT_URL`, dummy credentials and a region, so s3fs and boto3 find it the way
+    they find a real one. Filesystem instance caches are cleared around each test.
+    """
+    import socket
+
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its state per process, not per server: start every test from an empty one
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    fsspec.AbstractFileSystem.clear_instance_cache()
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+    except ImportError:
+        pass
+    try:
+        yield endpoint
+    finally:
+        fsspec.AbstractFileSystem.clear_instance_cache()
+        try:
+            import s3fs
+
+            s3fs.S3FileSystem.clear_instance_cache()
+        except ImportError:
+            pass
+        server.stop()

@@ -61,6 +61,15 @@ class TensorInfo:
         return self.row_len * itemsize(self.dtype)
 
 
+def _isfile(fs: Any, url: str, path: str) -> bool:
+    """fs.isfile with retries; permission and network failures name the checkpoint."""
+    return bool(storage.with_retries(lambda: fs.isfile(path), what=f"look up {path}", url=url))
+
+
+def _isdir(fs: Any, url: str, path: str) -> bool:
+    return bool(storage.with_retries(lambda: fs.isdir(path), what=f"look up {path}", url=url))
+
+
 class Checkpoint:
     """A checkpoint directory: its tensors (from headers) and range reads of their rows."""
 
@@ -91,18 +100,22 @@ class Checkpoint:
         root = root.rstrip("/") or root
         index_path = storage.join(root, INDEX_NAME)
         single_path = storage.join(root, SINGLE_NAME)
-        if fs.isfile(root) and root.endswith(".safetensors"):
+        if _isfile(fs, url, storage.join(root, "zarr.json")):  # a moemerge Zarr output
+            from moemerge.io.zarr_reader import ZarrCheckpoint
+
+            return ZarrCheckpoint.open_store(url, fs, root, storage_options)
+        if _isfile(fs, url, root) and root.endswith(".safetensors"):
             # a bare .safetensors file is a one-shard checkpoint
             parent, name = root.rsplit("/", 1) if "/" in root else ("", root)
             ckpt = cls(url, fs, parent, {}, {})
             ckpt._bare = True
             return ckpt._loaded(lambda: {name: None})
-        if not fs.isdir(root):
+        if not _isdir(fs, url, root):
             raise CheckpointError(f"{url}: checkpoint directory does not exist")
         ckpt = cls(url, fs, root, {}, {})
-        if fs.isfile(index_path):
+        if _isfile(fs, url, index_path):
             return ckpt._loaded(lambda: ckpt._read_index(index_path))
-        if fs.isfile(single_path):
+        if _isfile(fs, url, single_path):
             return ckpt._loaded(lambda: {SINGLE_NAME: None})
         raise CheckpointError(
             f"{url}: no {INDEX_NAME} or {SINGLE_NAME} here; point at a Hugging Face model "
@@ -124,7 +137,7 @@ class Checkpoint:
     def _read_index(self, index_path: str) -> dict[str, list[str] | None]:
         where = f"{self.url}/{INDEX_NAME}"
         try:
-            doc = json.loads(self.fs.cat_file(index_path))
+            doc = json.loads(storage.with_retries(lambda: self.fs.cat_file(index_path), what=f"read {INDEX_NAME}", url=self.url))
         except ValueError as e:
             raise CheckpointError(f"{where}: not valid JSON ({e})") from e
         wmap = doc.get("weight_map") if isinstance(doc, dict) else None

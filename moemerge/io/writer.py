@@ -67,18 +67,21 @@ class ModelWriter(Protocol):
     def close(self) -> None: ...
 
 
-def check_output(url: str, *, overwrite: bool, inputs: list[str] = ()) -> str:  # type: ignore[assignment]
-    """Check before any work that `url` can take the output; return its local path.
+def check_output(url: str, *, overwrite: bool, inputs: list[str] = (),  # type: ignore[assignment]
+                 storage_options: dict[str, Any] | None = None) -> str:
+    """Check before any work that `url` can take the output; return its path (local: absolute).
 
     Refuses: a file, a finished output (unless `overwrite`), a non-empty directory that is not
-    a moemerge output, an input location, and a place with no writable parent.
+    a moemerge output, an input location, and a place with no writable parent. Remote: a
+    missing bucket, denied access, an object where the prefix should be, a finished output.
     """
-    fs, path = storage.resolve(url)
+    try:
+        fs, path = storage.resolve(url, storage_options)
+    except Exception as e:  # bad protocol, missing driver, bad options
+        raise OutputError(storage.redact(f"{url}: cannot use this output location ({e})", storage_options)) from e
     if not storage.is_local(fs):
-        raise OutputError(
-            f"{url}: writing to {fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]}:// "
-            "is not supported yet; write to a local directory"
-        )
+        return _check_remote_output(url, fs, path, overwrite=overwrite, inputs=inputs,
+                                    storage_options=storage_options)
     path = os.path.abspath(path)
     for src in inputs:
         sfs, spath = storage.resolve(src)
@@ -115,6 +118,59 @@ def check_output(url: str, *, overwrite: bool, inputs: list[str] = ()) -> str:  
     return path
 
 
+def _check_remote_output(url: str, fs: Any, path: str, *, overwrite: bool, inputs: list[str],
+                         storage_options: dict[str, Any] | None) -> str:
+    root = path.rstrip("/")
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    for src in inputs:
+        try:
+            sfs, spath = storage.resolve(src, storage_options)
+        except Exception:
+            continue  # reported by the input checks
+        sproto = sfs.protocol if isinstance(sfs.protocol, str) else sfs.protocol[0]
+        if sproto == proto and spath.rstrip("/") == root:
+            raise OutputError(f"{url}: the output location is also an input; choose another output")
+
+    def check(call: Any, what: str) -> Any:
+        return storage.with_retries(call, what=what, url=url, error=OutputError)
+
+    if proto == "s3" and hasattr(fs, "call_s3"):
+        bucket = root.split("/", 1)[0]
+        try:
+            check(lambda: fs.call_s3("head_bucket", Bucket=bucket), f"reach bucket {bucket!r}")
+        except OutputError as e:
+            cause = e.__cause__
+            if isinstance(cause, FileNotFoundError):
+                raise OutputError(f"{url}: bucket s3://{bucket} does not exist; create it first or "
+                                  "choose another bucket") from cause
+            if isinstance(cause, PermissionError):
+                raise OutputError(
+                    f"{url}: access to bucket s3://{bucket} was denied; check the credentials "
+                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or storage_options) and "
+                    "the bucket's permissions") from cause
+            raise
+    if root and check(lambda: fs.isfile(root), "check the output location"):
+        raise OutputError(f"{url}: is an object (a file); the output must be a prefix (directory)")
+    def listing() -> list[str]:
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    entries = set(check(listing, "list the output location")) if root else set()
+    if MANIFEST_NAME in entries and not overwrite:
+        raise OutputError(
+            f"{url}: already holds a finished merge ({MANIFEST_NAME}); pass --overwrite to "
+            "replace it or choose another location"
+        )
+    if MANIFEST_NAME not in entries and MARKER_NAME not in entries and (
+            INDEX_NAME in entries or any(e.endswith(".safetensors") for e in entries)):
+        raise OutputError(
+            f"{url}: holds a model that is not a moemerge output; choose a new or empty location"
+        )
+    return root
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -133,6 +189,10 @@ class LocalModelWriter:
     def __init__(self, url: str, shards: tuple[ShardLayout, ...], placements: dict[str, TensorPlacement],
                  *, overwrite: bool) -> None:
         self.url = url
+        if not storage.is_local(storage.resolve(url)[0]):
+            # check_output accepts remote URLs now; this writer would create a local "bucket/key"
+            raise OutputError(f"{url}: not a local path; remote outputs take RemoteModelWriter "
+                              "(moemerge.api.open_writer picks the writer)")
         self.path = check_output(url, overwrite=overwrite)
         self.shards = shards
         self.placements = placements

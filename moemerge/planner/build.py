@@ -197,7 +197,7 @@ def build_plan(
         gran = method.row_granularity(r.shape, p["params"]) if p["method"] != "copy" else 1
         if out_format == "zarr" and len(r.shape) >= 3:
             # Zarr chunks are slabs along dim 0: a chunk must hold whole dim-0 slices
-            gran = math.lcm(gran, math.prod(r.shape[1:-1]))
+            gran = math.lcm(gran, max(1, math.prod(r.shape[1:-1])))
         fit = (chunk_cap // max(1, row_len)) // gran * gran
         if rows == 0:
             rows_per_chunk = 1

@@ -1,0 +1,152 @@
+"""Convert a moemerge Zarr output to a Hugging Face safetensors directory, streaming.
+
+Tensors are copied by row ranges through a fixed buffer into shards laid out before the copy
+(the same layout code as `moemerge run`), so memory stays bounded and the shards are byte for
+byte those a safetensors run of the same merge writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from moemerge import __version__
+from moemerge.errors import CheckpointError
+from moemerge.io.checkpoint import Checkpoint
+from moemerge.io.dtypes import itemsize
+from moemerge.io.safetensors_format import ShardLayout
+from moemerge.io.sidefiles import read_side_files
+from moemerge.io.writer import CONFIG_COPY_NAME, MANIFEST_NAME, LocalModelWriter, TensorPlacement, check_output
+from moemerge.io.zarr_reader import ZarrCheckpoint
+from moemerge.planner.layout import lay_out_shards
+from moemerge.sizes import parse_size
+
+__all__ = ["export", "ExportResult", "COPY_BYTES"]
+
+#: Bytes copied per read/write: large sequential ranges, bounded memory (as in verify).
+COPY_BYTES = 64 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportResult:
+    out: str
+    tensors: int
+    shards: tuple[str, ...]
+    bytes_written: int
+
+
+def _layout(order: list[tuple[str, str, tuple[int, ...]]], planned: dict[str, str],
+            shard_size: int | None) -> tuple[list[ShardLayout], dict[str, tuple[str, int]]]:
+    """Shards for `order`: re-packed to `shard_size`, or (None) the shards the merge planned."""
+    if shard_size is not None or not all(planned.get(n) for n, _, _ in order):
+        return lay_out_shards(order, shard_size or parse_size("5GB", what="--shard-size", minimum=1))
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = []
+    for t in order:
+        if not groups or planned[groups[-1][-1][0]] != planned[t[0]]:
+            groups.append([])
+        groups[-1].append(t)
+    shards: list[ShardLayout] = []
+    where: dict[str, tuple[str, int]] = {}
+    for group in groups:
+        # one group -> one shard (a size limit above its bytes), renamed to the planned name
+        limit = sum(itemsize(d) * math.prod(s) for _, d, s in group) + 1
+        (shard,), offs = lay_out_shards(group, limit)
+        name = planned[group[0][0]]
+        shards.append(replace(shard, file=name))
+        where.update({n: (name, off) for n, (_, off) in offs.items()})
+    return shards, where
+
+
+def export(store: str, out: str, *, shard_size: str | int | None = None, overwrite: bool = False,
+           storage_options: dict[str, Any] | None = None) -> ExportResult:
+    """Write the moemerge Zarr output `store` as a sharded safetensors directory `out`.
+
+    `shard_size` None keeps the shards the merge planned (what `moemerge run` with the same
+    `--shard-size` writes); a size re-packs the tensors in the same order.
+
+    Example:
+        >>> export("merged.zarr", "merged-hf")  # doctest: +SKIP
+    """
+    check_output(out, overwrite=overwrite, inputs=[store])
+    ck = Checkpoint.open(store, storage_options)
+    try:
+        if not isinstance(ck, ZarrCheckpoint):
+            raise CheckpointError(f"{store}: not a moemerge Zarr output (no zarr.json); nothing to export")
+        raw = ck.side_file(MANIFEST_NAME)
+        manifest = json.loads(raw) if raw else {}
+        listed = manifest.get("tensors") if isinstance(manifest, dict) else None
+        if not isinstance(listed, dict):
+            raise CheckpointError(f"{store}/{MANIFEST_NAME}: has no `tensors` map; the output is damaged")
+        # the manifest lists tensors in plan order: the order `moemerge run` lays shards out in
+        names = [n for n in listed if n in ck.tensors] + sorted(set(ck.tensors) - set(listed))
+        order = [(n, ck.tensors[n].dtype, ck.tensors[n].shape) for n in names]
+        planned = {n: m.get("file") for n, m in listed.items() if isinstance(m, dict)}
+        size = None if shard_size is None else parse_size(shard_size, what="--shard-size", minimum=1)
+        shards, where = _layout(order, planned, size)
+        places = {
+            n: TensorPlacement(name=n, file=where[n][0], offset=where[n][1], dtype=d, shape=s,
+                               row_bytes=ck.tensors[n].row_bytes)
+            for n, d, s in order
+        }
+        writer = LocalModelWriter(out, tuple(shards), places, overwrite=overwrite)
+        writer.prepare()
+        try:
+            digests = _copy(ck, names, writer)
+            for n in names:
+                want = listed.get(n, {}).get("sha256") if isinstance(listed.get(n), dict) else None
+                if want and want != digests[n]:
+                    raise CheckpointError(
+                        f"{store}/{ck.array(n)}: tensor `{n}` does not match its manifest "
+                        "checksum (corrupted store); nothing was exported"
+                    )
+            files = read_side_files(store, storage_options, model=True, tokenizer=True)
+            cfg_copy = ck.side_file(CONFIG_COPY_NAME)
+            if cfg_copy is not None:
+                files[CONFIG_COPY_NAME] = cfg_copy
+            total = sum(ck.tensors[n].nbytes for n in names)
+            index = {
+                "metadata": {"total_size": total, "moemerge_version": __version__},
+                "weight_map": {n: where[n][0] for n in names},
+            }
+            man = copy.deepcopy(manifest)
+            man.pop("format", None)
+            man["files"] = {s.file: s.size for s in shards}
+            man["tensors"] = {
+                n: {**{k: v for k, v in (listed.get(n) or {}).items() if k != "array"},
+                    "file": where[n][0], "dtype": ck.tensors[n].dtype,
+                    "shape": list(ck.tensors[n].shape), "sha256": digests[n]}
+                for n in names
+            }
+            man["exported_from"] = store
+            writer.finish(side_files=files, index=index, manifest=man)
+        except BaseException:
+            writer.close()
+            raise
+    finally:
+        ck.close()
+    return ExportResult(out=out, tensors=len(names), shards=tuple(s.file for s in shards), bytes_written=total)
+
+
+def _copy(ck: Checkpoint, names: list[str], writer: LocalModelWriter) -> dict[str, str]:
+    """Copy every tensor by row ranges through one buffer; return each tensor's sha256."""
+    buf = bytearray(COPY_BYTES)
+    digests: dict[str, str] = {}
+    for name in names:
+        t = ck.tensors[name]
+        h = hashlib.sha256()
+        rows_per = max(1, COPY_BYTES // max(1, t.row_bytes))
+        for r0 in range(0, t.rows if t.nbytes else 0, rows_per):
+            r1 = min(t.rows, r0 + rows_per)
+            n = (r1 - r0) * t.row_bytes
+            # a single row above the buffer gets its own (one row is the smallest unit)
+            view = memoryview(buf)[:n] if n <= len(buf) else memoryview(bytearray(n))
+            ck.read_rows(name, r0, r1, view)
+            writer.write_rows(name, r0, view)
+            h.update(view)
+        digests[name] = h.hexdigest()
+    return digests
+

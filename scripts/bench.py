@@ -1,0 +1,491 @@
+"""Benchmark merges against the disk's floor: wall time vs. read-once + write-once, and peak RSS.
+
+Makes N synthetic MoE checkpoints (fine-tunes of one base, Mixtral layout), measures the raw
+floor on the same disk (every input byte read once with 64 MiB sequential reads, then an output
+of the merge's size written with 64 MiB writes and fsync), then runs each method as a
+`moemerge` subprocess and reports its wall time and peak RSS (the child's own VmHWM, printed
+at exit; not `ru_maxrss`, which inherits this script's high-water mark at exec). The page cache is dropped before the floor and before every case when running
+as root (`echo 3 > /proc/sys/vm/drop_caches`); the table says whether it was (cold) or not (warm).
+
+Targets (issue): wall <= 1.3 x floor; peak RSS < budget + 400 MB.
+
+Example:
+    python scripts/bench.py                                  # 4 inputs x 2 GB bf16, budget 2GB
+    python scripts/bench.py --inputs 3 --size-per-input 256MB --budget 256MB --methods linear,sma,ema
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moemerge.sizes import format_size, parse_size  # noqa: E402
+
+__all__ = ["main"]
+
+#: Bytes per read/write call of the floor measurement.
+IO_BLOCK = 64 << 20
+#: Methods that run through `moemerge pma --method X`; every other one through `moemerge run`.
+PMA_METHODS = ("sma", "wma", "ema")
+#: The spec file that lets `--keep` + a later run reuse the inputs it made.
+SPEC_FILE = "bench-inputs.json"
+_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "f16": "F16", "fp16": "F16", "float16": "F16",
+           "f32": "F32", "fp32": "F32", "float32": "F32"}
+
+
+@dataclass(slots=True, kw_only=True)
+class Row:
+    """One line of the result table."""
+
+    case: str
+    cache: str
+    gb_read: float
+    wall: float
+    gb_written: float = 0.0
+    floor: float | None = None
+    peak_rss: int | None = None
+    budget: int | None = None
+    inner: float | None = None
+    """Seconds the merge reported itself (without interpreter start and imports)."""
+    cpu: float | None = None
+    """CPU seconds of the merge process (user + system)."""
+    other_cpu: float | None = None
+    """CPU seconds other processes used meanwhile: the machine was shared when this is large."""
+
+
+# -- cache -----------------------------------------------------------------------------------
+
+
+def drop_caches() -> bool:
+    """sync, then drop the page cache; False when not allowed (not root, or a container)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _warm_interpreter() -> None:
+    """Re-read Python, torch and moemerge after a cache drop: cases time the merge, not imports."""
+    subprocess.run([sys.executable, "-c", "import torch, moemerge.cli, moemerge.api"], check=True)
+
+
+# -- a shared machine -----------------------------------------------------------------------
+
+
+def busy_seconds() -> float:
+    """CPU seconds this machine's processes and kernel have run (all cores, from /proc/stat).
+
+    Idle, iowait and steal (time the hypervisor gave to other guests) are excluded: steal is
+    contention too, but from outside, and nothing here can wait it out.
+    """
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(limit: float, *, share: float = 0.1, window: float = 2.0) -> float:
+    """Wait (up to `limit` s) until other processes use under `share` of the CPUs; return the wait.
+
+    Other people's jobs on a small machine swamp the numbers (torch's OpenMP threads spin on
+    barriers when cores are oversubscribed), so cases start on a quiet machine when possible.
+    """
+    t0 = time.monotonic()
+    cores = os.cpu_count() or 1
+    while True:
+        b0 = busy_seconds()
+        time.sleep(window)
+        if (busy_seconds() - b0) / (window * cores) < share or time.monotonic() - t0 > limit:
+            return time.monotonic() - t0
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+def _make_one(path: str, seed: int, base_seed: int, target: int, fields: dict[str, Any]) -> str:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core instead
+    from moemerge.synthetic import make_checkpoint
+
+    make_checkpoint(path, seed=seed, base_seed=base_seed, target_bytes=target, overwrite=True, **fields)
+    return path
+
+
+def make_inputs(root: Path, n: int, size: int, fields: dict[str, Any]) -> tuple[list[Path], float, bool]:
+    """N fine-tunes of one base (seeds as `make_family`); reused when `root` holds the same spec."""
+    spec = {"n": n, "size": size, **fields}
+    spec_path = root / SPEC_FILE
+    paths = [root / f"model_{i}" for i in range(n)]
+    if spec_path.exists() and json.loads(spec_path.read_text()) == spec and all(
+        any(p.glob("*.safetensors")) for p in paths
+    ):
+        return paths, 0.0, True
+    root.mkdir(parents=True, exist_ok=True)
+    spec_path.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    workers = max(1, min(n, os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futs = [pool.submit(_make_one, str(p), 1 + i, 0, size, fields) for i, p in enumerate(paths)]
+        for f in futs:
+            f.result()
+    spec_path.write_text(json.dumps(spec))
+    return paths, time.monotonic() - t0, False
+
+
+def _weight_files(paths: list[Path]) -> list[Path]:
+    return [f for p in paths for f in sorted(p.glob("*.safetensors"))]
+
+
+# -- floor -----------------------------------------------------------------------------------
+
+
+def _read_file(path: Path, buf: bytearray) -> int:
+    mv = memoryview(buf)
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(mv)
+            if not n:
+                return total
+            total += n
+
+
+def floor_read(paths: list[Path], parallel: bool) -> tuple[float, int]:
+    """Read every weight file once: one stream (file after file) or one stream per input."""
+    t0 = time.monotonic()
+    if not parallel:
+        buf = bytearray(IO_BLOCK)
+        total = sum(_read_file(f, buf) for f in _weight_files(paths))
+    else:
+        def one_input(p: Path) -> int:
+            buf = bytearray(IO_BLOCK)
+            return sum(_read_file(f, buf) for f in _weight_files([p]))
+
+        with ThreadPoolExecutor(len(paths)) as pool:
+            total = sum(pool.map(one_input, paths))
+    return time.monotonic() - t0, total
+
+
+def floor_write(path: Path, nbytes: int) -> float:
+    """Write `nbytes` (non-zero data) with 64 MiB writes, then fsync; the file is removed."""
+    block = (bytes(range(256)) * (IO_BLOCK // 256))
+    mv = memoryview(block)
+    t0 = time.monotonic()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left:
+            left -= os.write(fd, mv[:min(left, IO_BLOCK)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    took = time.monotonic() - t0
+    path.unlink()
+    return took
+
+
+# -- cases -----------------------------------------------------------------------------------
+
+
+def _config(method: str, paths: list[Path], params: dict[str, Any]) -> dict[str, Any]:
+    from moemerge.methods import get_method
+
+    m = get_method(method)
+    weight = {"weight": 1.0 / len(paths)} if m.spec("weight") else {}
+    models: list[dict[str, Any]] = [{"model": str(p), **({"parameters": dict(weight)} if weight else {})}
+                                    for p in paths]
+    doc: dict[str, Any] = {"merge_method": method, "models": models}
+    if m.base != "none":  # the first input is the base; the others are merged against it
+        doc["base_model"] = str(paths[0])
+        models[0] = {"model": str(paths[0])}
+    known = {k: v for k, v in params.items() if m.spec(k) is not None}  # --params serve every method
+    if known:
+        doc["parameters"] = known
+    return doc
+
+
+def _command(method: str, paths: list[Path], out: Path, work: Path, budget: str,
+             params: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """The moemerge command line for a case, and the equivalent config (to plan its bytes)."""
+    import yaml
+
+    from moemerge.api import pma_config
+
+    common = ["--memory-budget", budget, "--no-progress"]
+    if method in PMA_METHODS:
+        doc, _ = pma_config([str(p) for p in paths], method=method)
+        return [*_MOEMERGE, "pma", *map(str, paths), "-o", str(out),
+                "--method", method, *common], doc
+    doc = _config(method, paths, params)
+    cfg = work / f"{method}.yml"
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return [*_MOEMERGE, "run", str(cfg), str(out), *common], doc
+
+
+#: `moemerge ARGS`, then the process's own peak RSS. Not ru_maxrss: after fork/vfork + exec
+#: Linux carries the parent's high-water mark into the child's (this script's ~400 MB would
+#: show up as the merge's); VmHWM is the child's own address space's.
+_WRAPPER = """
+import sys
+from moemerge.cli import main
+code = main(sys.argv[1:])
+with open("/proc/self/status") as f:
+    print("MOEMERGE_PEAK_RSS=" + next(ln.split()[1] for ln in f if ln.startswith("VmHWM:")), flush=True)
+sys.exit(code)
+"""
+_MOEMERGE = [sys.executable, "-c", _WRAPPER]
+
+
+def run_case(cmd: list[str]) -> tuple[float, int, str, float | None, float, float]:
+    """Run `cmd`; return wall s, the child's peak RSS (bytes), its output, the seconds it reported,
+    its CPU s, and the CPU s other processes used meanwhile."""
+    b0 = busy_seconds()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    _, status, usage = os.wait4(proc.pid, 0)  # CPU times of that child alone
+    wall = time.monotonic() - t0
+    cpu = usage.ru_utime + usage.ru_stime
+    other = max(0.0, busy_seconds() - b0 - cpu)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    reader.join()
+    text = "".join(out)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: moemerge {' '.join(cmd[3:])} failed ({proc.returncode}):\n{text}")
+    m = re.search(r" in ([0-9.]+)s", text)
+    peak = re.search(r"^MOEMERGE_PEAK_RSS=(\d+)$", text, re.M)
+    if peak is None:
+        raise SystemExit(f"bench: {' '.join(cmd[3:])} did not report its peak RSS:\n{text}")
+    return wall, int(peak.group(1)) * 1024, text, float(m.group(1)) if m else None, cpu, other
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def _contended(r: Row, cores: int, limit: float) -> bool:
+    """Other processes used more than `limit` of the machine's CPU during the measurement."""
+    return bool(r.other_cpu and r.wall and r.other_cpu / (r.wall * cores) > limit)
+
+
+def _table(rows: list[Row], floor: float) -> str:
+    head = ("case", "cache", "GB read", "wall s", "GB/s", "x floor", "peak RSS", "budget", "RSS-budget",
+            "merge s", "CPU s", "other CPU s")
+    lines = [head]
+    for r in rows:
+        rate = r.gb_read / r.wall if r.gb_read and r.wall else (r.gb_written / r.wall if r.wall else 0)
+        lines.append((
+            r.case, r.cache, f"{r.gb_read:.2f}" if r.gb_read else "-", f"{r.wall:.2f}", f"{rate:.2f}",
+            f"{r.wall / floor:.2f}" if r.floor is not None else "-",
+            format_size(r.peak_rss) if r.peak_rss is not None else "-",
+            format_size(r.budget) if r.budget is not None else "-",
+            format_size(r.peak_rss - r.budget) if r.peak_rss is not None and r.budget is not None else "-",
+            f"{r.inner:.2f}" if r.inner is not None else "-",
+            f"{r.cpu:.1f}" if r.cpu is not None else "-",
+            f"{r.other_cpu:.1f}" if r.other_cpu is not None else "-",
+        ))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    fmt = lambda line: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(line, widths)))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(lines[0]), sep, *map(fmt, lines[1:])])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inputs", type=int, default=4, help="number of input checkpoints (default 4)")
+    p.add_argument("--size-per-input", default="2GB", help="bytes per input checkpoint (default 2GB)")
+    p.add_argument("--dtype", default="bf16", help="bf16 (default), f16 or f32")
+    p.add_argument("--dir", default=None, help="where inputs and outputs go (default: a new temp dir)")
+    p.add_argument("--budget", default="2GB", help="--memory-budget of the merges (default 2GB)")
+    p.add_argument("--methods", default="linear,sma",
+                   help="comma-separated; sma/wma/ema run as `moemerge pma`, others as `moemerge run` "
+                        "(default linear,sma)")
+    p.add_argument("--params", default="",
+                   help="global parameters for `run` methods, e.g. density=0.5,lambda=1 (each method "
+                        "gets those it takes)")
+    p.add_argument("--family", default="mixtral", help="synthetic layout (default mixtral)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--input-shard-size", default="1GB", help="shard size of the inputs (default 1GB)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measurements per case; the fastest is reported (default 1)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="extra measurements allowed when other processes used the CPU meanwhile (default 3)")
+    p.add_argument("--max-other-cpu", type=float, default=0.1,
+                   help="share of all cores other processes may use during a measurement before it "
+                        "counts as shared and is retried (default 0.1)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the inputs (a later run with the same --dir and sizes reuses them)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--wait-quiet", type=float, default=300,
+                   help="before each measurement wait up to this many seconds for other processes to "
+                        "go idle (default 300; 0: do not wait)")
+    return p
+
+
+def _params(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        k, _, v = item.partition("=")
+        out[k.strip()] = float(v) if v.strip().lstrip("-").replace(".", "", 1).isdigit() else v.strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moemerge.errors import MoemergeError
+
+    try:
+        return _main(argv)
+    except MoemergeError as e:
+        raise SystemExit(f"bench: {e}") from None
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    dtype = _DTYPES.get(args.dtype.lower())
+    if dtype is None:
+        raise SystemExit(f"bench: --dtype {args.dtype}: use bf16, f16 or f32")
+    size = parse_size(args.size_per_input, what="--size-per-input")
+    budget = parse_size(args.budget, what="--budget")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    params = _params(args.params)
+    made_dir = args.dir is None
+    work = Path(args.dir or tempfile.mkdtemp(prefix="moemerge-bench-", dir="/tmp")).resolve()
+    inputs_root = work / "inputs"
+    fields = dict(family=args.family, dtype=dtype, layers=args.layers, experts=args.experts,
+                  shard_size=parse_size(args.input_shard_size, what="--input-shard-size"))
+    try:
+        print(f"bench: {args.inputs} x {format_size(size)} {dtype} ({args.family}, {args.layers} layers, "
+              f"{args.experts} experts) in {work}", flush=True)
+        paths, made_s, reused = make_inputs(inputs_root, args.inputs, size, fields)
+        total_in = sum(f.stat().st_size for f in _weight_files(paths))
+        print(f"inputs: {format_size(total_in)} " + ("reused" if reused else f"made in {made_s:.1f}s "
+              f"({total_in / made_s / 1e9:.2f} GB/s)"), flush=True)
+
+        from moemerge.api import plan
+
+        cases = []
+        for method in methods:
+            out = work / f"out-{method}"
+            cmd, doc = _command(method, paths, out, work, args.budget, params)
+            p = plan(doc, memory_budget=budget)
+            cases.append((method, cmd, out, p.bytes_read, p.bytes_written))
+        write_bytes = max(c[4] for c in cases)
+
+        rows: list[Row] = []
+        cores = os.cpu_count() or 1
+
+        def best_of(label: str, attempt: Any) -> Row:
+            """Run `attempt()` -> Row `repeat` times (plus retries while the machine is shared);
+            keep the fastest uncontended row, else the least contended one."""
+            got: list[Row] = []
+            for i in range(args.repeat + args.retries):
+                clean = [r for r in got if not _contended(r, cores, args.max_other_cpu)]
+                if len(clean) >= args.repeat:
+                    break
+                wait_quiet(args.wait_quiet)
+                r = attempt()
+                got.append(r)
+                shared = _contended(r, cores, args.max_other_cpu)
+                print(f"  {label}: {r.wall:.2f}s" + (f", peak RSS {format_size(r.peak_rss)}, CPU {r.cpu:.1f}s"
+                      if r.peak_rss is not None else "") + f", other processes' CPU {r.other_cpu:.1f}s"
+                      + (" (shared machine: retrying)" if shared and i + 1 < args.repeat + args.retries else ""),
+                      flush=True)
+            clean = [r for r in got if not _contended(r, cores, args.max_other_cpu)]
+            if clean:
+                return min(clean, key=lambda r: r.wall)
+            r = min(got, key=lambda r: r.other_cpu or 0.0)
+            r.case += " (shared)"
+            return r
+
+        def floor_row(case: str, fn: Any, *a: Any, cold_read: bool) -> Row:
+            cold = drop_caches() if cold_read else False
+            b0, c0 = busy_seconds(), time.process_time()
+            secs, nbytes = fn(*a)
+            other = max(0.0, busy_seconds() - b0 - (time.process_time() - c0))
+            if cold_read:
+                return Row(case=case, cache="cold" if cold else "warm", gb_read=nbytes / 1e9, wall=secs,
+                           other_cpu=other)
+            return Row(case=case, cache="-", gb_read=0, gb_written=nbytes / 1e9, wall=secs, other_cpu=other)
+
+        seq = best_of("floor read, 1 stream", lambda: floor_row(
+            "floor: read, 1 stream", floor_read, paths, False, cold_read=True))
+        par = best_of(f"floor read, {len(paths)} streams", lambda: floor_row(
+            f"floor: read, {len(paths)} streams", floor_read, paths, True, cold_read=True))
+        wr = best_of("floor write", lambda: floor_row(
+            "floor: write+fsync", lambda: (floor_write(work / "floor-write.bin", write_bytes), write_bytes),
+            cold_read=False))
+        rows += [seq, par, wr]
+        read_best = min(seq, par, key=lambda r: r.wall)
+        floor = read_best.wall + wr.wall
+        rows.append(Row(case="floor = best read + write", cache=read_best.cache, gb_read=read_best.gb_read,
+                        wall=floor, floor=floor))
+        print(f"floor: read {read_best.wall:.2f}s + write {wr.wall:.2f}s = {floor:.2f}s", flush=True)
+
+        for method, cmd, out, b_read, b_written in cases:
+            label = f"{method} ({'pma' if method in PMA_METHODS else 'run'})"
+
+            def attempt() -> Row:
+                shutil.rmtree(out, ignore_errors=True)
+                cold = drop_caches()
+                _warm_interpreter()
+                wall, rss, _, inner, cpu, other = run_case(cmd)
+                shutil.rmtree(out, ignore_errors=True)
+                return Row(case=label, cache="cold" if cold else "warm", gb_read=b_read / 1e9,
+                           gb_written=b_written / 1e9, wall=wall, floor=floor, peak_rss=rss, budget=budget,
+                           inner=inner, cpu=cpu, other_cpu=other)
+
+            rows.append(best_of(label, attempt))
+
+        print()
+        print(_table(rows, floor))
+        print("\nwall: subprocess start to exit (interpreter and imports warm in the page cache; "
+              "the inputs cold when cache=cold); merge s: what moemerge reported itself; other CPU s: "
+              "CPU time other processes used meanwhile (a shared machine skews the numbers; "
+              "'(shared)' marks a case that stayed above --max-other-cpu in every attempt). "
+              "Targets: x floor <= 1.3, RSS-budget < 400 MB.")
+        for r in rows:
+            if r.peak_rss is None:
+                continue
+            missed = ([f"{r.wall / floor:.2f}x floor > 1.3"] if r.wall / floor > 1.3 else []) + (
+                [f"RSS-budget {format_size(r.peak_rss - budget)} > 400 MB"] if r.peak_rss - budget > 400e6 else [])
+            if missed:
+                print(f"MISSED TARGET: {r.case}: {'; '.join(missed)}")
+        if args.json:
+            Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        return 0
+    finally:
+        for c in (work / f"out-{m}" for m in methods):
+            shutil.rmtree(c, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(inputs_root, ignore_errors=True)
+            for f in work.glob("*.yml"):
+                f.unlink()
+            if made_dir:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

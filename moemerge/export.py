@@ -136,15 +136,8 @@ def _copy(ck: Checkpoint, names: list[str], writer: LocalModelWriter) -> dict[st
     buf = bytearray(COPY_BYTES)
     digests: dict[str, str] = {}
     for name in names:
-        t = ck.tensors[name]
         h = hashlib.sha256()
-        rows_per = max(1, COPY_BYTES // max(1, t.row_bytes))
-        for r0 in range(0, t.rows if t.nbytes else 0, rows_per):
-            r1 = min(t.rows, r0 + rows_per)
-            n = (r1 - r0) * t.row_bytes
-            # a single row above the buffer gets its own (one row is the smallest unit)
-            view = memoryview(buf)[:n] if n <= len(buf) else memoryview(bytearray(n))
-            ck.read_rows(name, r0, r1, view)
+        for r0, view in ck.iter_rows(name, buf):
             writer.write_rows(name, r0, view)
             h.update(view)
         digests[name] = h.hexdigest()

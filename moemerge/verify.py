@@ -39,13 +39,8 @@ def verify(out: str) -> int:
         for name, meta in expected.items():
             t = ck.tensors[name]
             h = hashlib.sha256()
-            rows_per = max(1, _READ // max(1, t.row_bytes))
-            for r0 in range(0, t.rows if t.nbytes else 0, rows_per):
-                r1 = min(t.rows, r0 + rows_per)
-                n = (r1 - r0) * t.row_bytes
-                view = memoryview(buf) if n <= len(buf) else memoryview(bytearray(n))
-                ck.read_rows(name, r0, r1, view)
-                h.update(view[:n])
+            for _, view in ck.iter_rows(name, buf):
+                h.update(view)
             if h.hexdigest() != meta["sha256"]:
                 raise CheckpointError(f"{out}/{t.file}: tensor `{name}` does not match its manifest checksum (corrupted)")
         return len(expected)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,6 +213,20 @@ class Checkpoint:
         if len(out) < need:
             raise ValueError(f"buffer of {len(out)} bytes is too small for {need}")
         self._sources[t.file].read_into(t.start + r0 * rb, out[:need])
+
+    def iter_rows(self, name: str, buf: bytearray) -> Iterator[tuple[int, memoryview]]:
+        """Read tensor `name` in order, as many rows at a time as fit `buf`.
+
+        Yields (first row, bytes); a single row bigger than `buf` gets a buffer of its own.
+        """
+        t = self.tensors[name]
+        rows_per = max(1, len(buf) // max(1, t.row_bytes))
+        for r0 in range(0, t.rows if t.nbytes else 0, rows_per):
+            r1 = min(t.rows, r0 + rows_per)
+            n = (r1 - r0) * t.row_bytes
+            view = memoryview(buf)[:n] if n <= len(buf) else memoryview(bytearray(n))
+            self.read_rows(name, r0, r1, view)
+            yield r0, view
 
     def close(self) -> None:
         for src in self._sources.values():

@@ -14,7 +14,8 @@ from moemerge.config import FilterRule, Gradient, load_config, parse_config
 from moemerge.errors import ConfigError, PlanError
 from moemerge.methods import REGISTRY
 
-EXAMPLES = Path("/work/shared/examples")
+#: The MergeKit example configs live in shared/, beside the checkout (CI clones it there too).
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "examples"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yml"))
 HF_NAMES = (
     "meta-llama/Llama-3.1-8B-Instruct",

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from moemerge.methods.base import Chunk, StatPass, TensorParams
-from moemerge.methods.stats import (Threshold, abs_bits, high_histogram, low_histogram,
+from moemerge.methods.stats import (Threshold, high_histogram, low_histogram,
                                     pick_high_bin, pick_threshold)
 
 __all__ = ["Target", "Selection", "selection_passes", "top_mask"]
@@ -41,6 +41,11 @@ def _sum(parts: Sequence[Any]) -> Any:
     return out
 
 
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of values that are already non-negative (`Values` returns |x|): no copy."""
+    return values.view(torch.int32)
+
+
 def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: int) -> Selection:
     """The passes selecting each target's q largest values among the n of a tensor."""
     sources = sorted({t.source for t in targets})
@@ -49,9 +54,10 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
     def map_high(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> dict[int, torch.Tensor]:
         out = {}
         for s in sources:
-            bits = abs_bits(values(chunk, stats, s))
+            bits = _bits(values(chunk, stats, s))
             out[s] = high_histogram(bits)
-            out[-1 - s] = torch.tensor([int((bits == 0).sum())])  # zeros, for count_nonzero
+            # zeros, for count_nonzero (count_nonzero is ~8x faster than summing a bool mask)
+            out[-1 - s] = torch.tensor([bits.numel() - int(torch.count_nonzero(bits))])
         return out
 
     # memos hold the object they were computed from, so a recycled id() can never match
@@ -84,7 +90,7 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
                 continue
             if t.source not in cache:  # values live in a shared scratch buffer: keep only one
                 cache.clear()
-                cache[t.source] = abs_bits(values(chunk, stats, t.source))
+                cache[t.source] = _bits(values(chunk, stats, t.source))
             out[t.name] = low_histogram(cache[t.source], b)
         return out
 
@@ -116,9 +122,9 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
             if not thr.needs_tiebreak:
                 out[t.name] = None
                 continue
-            bits = abs_bits(values(chunk, stats, t.source))
+            bits = _bits(values(chunk, stats, t.source))
             eq = (bits == thr.bits).reshape(bits.shape[0], -1)
-            out[t.name] = eq.sum(dim=1).numpy().astype(np.int64)
+            out[t.name] = torch.count_nonzero(eq, dim=1).numpy().astype(np.int64)
         return out
 
     def reduce_ties(parts: Sequence[Any]) -> dict[str, Any]:

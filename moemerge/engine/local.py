@@ -240,7 +240,12 @@ def run_local(
                         for k in todo:
                             if job.kind == "all" or job.r0 == 0:
                                 partials = []
-                            partials.append(passes[k].map(chunk, stats, t.params))
+                            part = passes[k].map(chunk, stats, t.params)
+                            fold = passes[k].combine
+                            if fold is not None and partials:  # keep one running partial
+                                partials[0] = fold(partials[0], part)
+                            else:
+                                partials.append(part)
                             if job.last:
                                 stats[passes[k].name] = passes[k].reduce(partials)
                         if job.kind == "pass":

@@ -138,8 +138,8 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
         return out
 
     passes = (
-        StatPass(name=hi_key, map=map_high, reduce=_sum),
-        StatPass(name=lo_key, map=map_low, reduce=reduce_low),
+        StatPass(name=hi_key, map=map_high, reduce=_sum, combine=lambda a, b: _sum([a, b])),
+        StatPass(name=lo_key, map=map_low, reduce=reduce_low, combine=lambda a, b: _sum([a, b])),
         StatPass(name=tie_key, map=map_ties, reduce=reduce_ties),
     )
     return Selection(passes=passes, thresholds=thresholds, tie_key=tie_key)

@@ -102,6 +102,9 @@ class StatPass:
     name: str
     map: Callable[[Chunk, Mapping[str, Any], TensorParams], Any]
     reduce: Callable[[Sequence[Any]], Any]
+    combine: Callable[[Any, Any], Any] | None = None
+    """Exact, order-free merge of two partials (e.g. adding histograms). When given, the
+    engine folds partials as they arrive, so memory does not grow with the chunk count."""
 
 
 def _no_passes(params: TensorParams, shape: tuple[int, ...]) -> tuple[StatPass, ...]:

@@ -256,12 +256,13 @@ sys.exit(code)
 _MOEMERGE = [sys.executable, "-c", _WRAPPER]
 
 
-def run_case(cmd: list[str]) -> tuple[float, int, str, float | None, float, float]:
+def run_case(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str, float | None, float, float]:
     """Run `cmd`; return wall s, the child's peak RSS (bytes), its output, the seconds it reported,
     its CPU s, and the CPU s other processes used meanwhile."""
     b0 = busy_seconds()
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
     reader.start()
@@ -338,6 +339,8 @@ def _parser() -> argparse.ArgumentParser:
                         "counts as shared and is retried (default 0.1)")
     p.add_argument("--keep", action="store_true",
                    help="keep the inputs (a later run with the same --dir and sizes reuses them)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment of the merge processes, e.g. OMP_NUM_THREADS=1 (repeatable)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--wait-quiet", type=float, default=300,
                    help="before each measurement wait up to this many seconds for other processes to "
@@ -371,6 +374,7 @@ def _main(argv: list[str] | None) -> int:
     budget = parse_size(args.budget, what="--budget")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     params = _params(args.params)
+    child_env = dict(kv.split("=", 1) for kv in args.env)
     made_dir = args.dir is None
     work = Path(args.dir or tempfile.mkdtemp(prefix="moemerge-bench-", dir="/tmp")).resolve()
     inputs_root = work / "inputs"
@@ -445,13 +449,14 @@ def _main(argv: list[str] | None) -> int:
         print(f"floor: read {read_best.wall:.2f}s + write {wr.wall:.2f}s = {floor:.2f}s", flush=True)
 
         for method, cmd, out, b_read, b_written in cases:
-            label = f"{method} ({'pma' if method in PMA_METHODS else 'run'})"
+            label = f"{method} ({'pma' if method in PMA_METHODS else 'run'})" + (
+                f" [{' '.join(args.env)}]" if args.env else "")
 
             def attempt() -> Row:
                 shutil.rmtree(out, ignore_errors=True)
                 cold = drop_caches()
                 _warm_interpreter()
-                wall, rss, _, inner, cpu, other = run_case(cmd)
+                wall, rss, _, inner, cpu, other = run_case(cmd, child_env)
                 shutil.rmtree(out, ignore_errors=True)
                 return Row(case=label, cache="cold" if cold else "warm", gb_read=b_read / 1e9,
                            gb_written=b_written / 1e9, wall=wall, floor=floor, peak_rss=rss, budget=budget,

@@ -45,7 +45,6 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-
 @pytest.fixture(scope="module")
 def big_inputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Path]]:
     """Three single-tensor checkpoints, streamed to disk (the generator holds ~16 MB)."""

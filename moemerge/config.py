@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -97,6 +97,10 @@ class MergeConfig:
     """`base` (default), or a model location whose tokenizer files are copied."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for every location (e.g. an S3 endpoint); never printed."""
+    non_float: Literal["equal", "last"] | None = None
+    """Non-float (and `*_extra_state`) tensors: `equal` copies them and requires them equal in
+    every input (MergeKit's rule, the default of its methods); `last` copies them from the last
+    listed model, the newest snapshot (the default of sma / wma / ema, set by `pma --weights`)."""
     source: dict[str, Any] = field(default_factory=dict)
     """The mapping this config was parsed from, written beside the output."""
 
@@ -118,7 +122,7 @@ class MergeConfig:
 _TOP_KEYS = {
     "merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "storage_options", "slices", "tokenizer", "chat_template",
-    "name", "modules",
+    "name", "modules", "non_float",
 }
 _UNSUPPORTED = {
     "slices": "`slices:` is not supported yet; list whole models under `models:`",
@@ -219,6 +223,13 @@ def _parse_dtype(v: Any, key: str) -> str | None:
     return name
 
 
+def _parse_non_float(value: Any, where: str) -> Literal["equal", "last"] | None:
+    if value is None or value in ("equal", "last"):
+        return value
+    raise ConfigError(f"{where}: `non_float` must be 'equal' (copy, must match in every input) or "
+                      f"'last' (copy from the last listed model), got {value!r}")
+
+
 def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
     """Validate a YAML mapping (MergeKit schema) and build a MergeConfig.
 
@@ -276,6 +287,7 @@ def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
         dtype=_parse_dtype(doc.get("dtype"), "dtype"),
         out_dtype=_parse_dtype(doc.get("out_dtype"), "out_dtype"),
         tokenizer_source=tok,
+        non_float=_parse_non_float(doc.get("non_float"), where),
         storage_options=dict(storage_options),
         source=dict(doc),
     )

@@ -33,6 +33,8 @@ MAX_LISTED = 12
 BLOCK_ELEMS = 256 * 1024
 #: Double buffering: one chunk is read (and one written) while the previous one computes.
 _IN_FLIGHT = 2
+#: Averages over one run's snapshots (oldest first): non-float tensors come from the newest.
+_AVERAGES = frozenset({"sma", "wma", "ema"})
 
 
 def _grouped(problems: list[str]) -> list[str]:
@@ -99,6 +101,9 @@ def build_plan(
         if name in cfg.parameters or any(name in m.parameters for m in cfg.models):
             warnings.append(f"parameter `{name}` has no effect on {method.name} (MergeKit ignores it too)")
 
+    # Snapshots of one run (averages, `non_float: last`): counters and serialized extra state
+    # come from the last listed input, the newest, instead of having to be equal in all.
+    take_last = (cfg.non_float or ("last" if method.name in _AVERAGES else "equal")) == "last"
     ref = used[0]
     ref_cat = catalogs[sources[ref]]
     names = sorted(ref_cat, key=lambda n: (ref_cat[n].file, ref_cat[n].start))
@@ -132,6 +137,11 @@ def build_plan(
                 f"tensor `{name}` in {sources[ref]}/{r.file}: FP8 block-scaled weights are not "
                 "supported yet; dequantize the checkpoint to bf16 first"
             )
+            continue
+        newest = infos[-1]
+        if take_last and (not is_float(newest.dtype) or name.endswith("_extra_state")):
+            planned.append(dict(name=name, infos=[newest], method="copy", out_dtype=newest.dtype,
+                                params=None, inputs=inputs[-1:], base=None))
             continue
         for s, info in zip(used, infos):
             if info.shape != r.shape:
@@ -225,8 +235,8 @@ def build_plan(
         fname, off = where[r.name]
         tensors.append(TensorPlan(
             name=r.name, shape=r.shape, rows=rows, row_len=row_len, method=p["method"],
-            inputs=inputs,
-            base=base, in_dtypes=tuple(i.dtype for i in p["infos"]), out_dtype=p["out_dtype"],
+            inputs=p.get("inputs", inputs),
+            base=p.get("base", base), in_dtypes=tuple(i.dtype for i in p["infos"]), out_dtype=p["out_dtype"],
             compute_dtype=compute, params=p["params"] or _COPY_PARAMS,
             rows_per_chunk=rows_per_chunk, out_file=fname, out_offset=off,
         ))

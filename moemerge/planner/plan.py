@@ -21,7 +21,8 @@ class TensorPlan:
     method: str
     """Registered method name, or `copy` for non-floating tensors (must be equal in all inputs)."""
     inputs: tuple[int, ...]
-    """Source indices, config order, base excluded."""
+    """Source indices, config order, base excluded. A `copy` taken from the newest snapshot
+    (averages, `non_float: last`) has that one source only, so nothing else is read."""
     base: int | None
     """Source index of the base for methods that use one."""
     in_dtypes: tuple[str, ...]

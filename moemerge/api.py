@@ -227,9 +227,13 @@ def inspect(location: str, storage_options: dict[str, Any] | None = None) -> lis
 
 def pma_config(
     snapshots: list[str], *, method: str = "sma", alpha: float = 0.2,
-    weights: list[float] | None = None, dtype: str | None = None,
+    weights: list[float] | None = None, dtype: str | None = None, dcp: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[float]]:
-    """A merge config averaging `snapshots` (oldest first), and the weight of each snapshot."""
+    """A merge config averaging `snapshots` (oldest first), and the weight of each snapshot.
+
+    Non-float tensors come from the newest snapshot (`non_float: last`, implied by sma / wma /
+    ema); `dcp` ({prefix, rename}) maps DCP training-checkpoint names to HF names.
+    """
     if len(snapshots) < 1:
         raise ConfigError("pma: give at least one snapshot")
     if weights is not None:
@@ -242,6 +246,7 @@ def pma_config(
             "merge_method": "linear",
             "models": [{"model": s, "parameters": {"weight": w}} for s, w in zip(snapshots, weights)],
             "parameters": {"normalize": True},
+            "non_float": "last",
         }
         eff = [w / total for w in weights]
     else:
@@ -255,6 +260,8 @@ def pma_config(
         eff = average_weights(method, len(snapshots), alpha)
     if dtype:
         doc["out_dtype"] = dtype
+    if dcp:
+        doc["dcp"] = dcp
     return doc, eff
 
 

@@ -34,6 +34,30 @@ def _run_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress output")
 
 
+def _pma_select_opts(p: argparse.ArgumentParser) -> None:
+    """The selection and method flags of `pma` (and `pma update`)."""
+    p.add_argument("--last", type=int, default=None, metavar="N",
+                   help="average the newest N snapshots (default 10 for a pattern)")
+    p.add_argument("--interval-steps", type=int, default=None, metavar="K",
+                   help="keep snapshots at least K steps apart, counting back from the newest")
+    p.add_argument("--interval-tokens", type=float, default=None, metavar="V",
+                   help="keep snapshots at least V tokens apart (e.g. 80e9); needs --tokens-per-step")
+    p.add_argument("--tokens-per-step", type=float, default=None, metavar="T",
+                   help="tokens per training step (e.g. 4e6), for --interval-tokens")
+    p.add_argument("--before-step", type=int, default=None, metavar="S",
+                   help="only snapshots before step S (PMA-init after a loss spike at S)")
+    p.add_argument("--step-regex", default=None, metavar="RE",
+                   help=r"regex with one group finding the step in a directory name, e.g. 'ckpt(\d+)'")
+    p.add_argument("--method", default="sma", choices=["sma", "wma", "ema"])
+    p.add_argument("--alpha", type=float, default=0.2, help="EMA weight of the newest snapshot (default 0.2)")
+    p.add_argument("--weights", default=None, help="explicit weights, comma-separated, oldest first (normalized)")
+    p.add_argument("--out-dtype", default=None, help="output dtype (default: the inputs')")
+    p.add_argument("--dcp-prefix", default=None, metavar="P",
+                   help="DCP snapshots: keep model keys under P and strip it (e.g. model.)")
+    p.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                   help="DCP snapshots: rename tensor-name prefix OLD to NEW (repeatable)")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moemerge", description="Stream-merge huge model checkpoints in constant memory.")
     ap.add_argument("--version", action="version", version=f"moemerge {__version__}")
@@ -50,13 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _common(p)
 
-    p = sub.add_parser("pma", help="average training snapshots (SMA / WMA / EMA)")
-    p.add_argument("snapshots", nargs="+", help="snapshot directories, oldest first")
+    p = sub.add_parser("pma", help="average training snapshots (SMA / WMA / EMA)",
+                       description="Average the snapshots of one training run. Give the snapshot "
+                       "directories oldest first, or one quoted glob or prefix ('ckpt/step-*', "
+                       "s3://b/run/ckpt/) to discover them by the step in their names. "
+                       "`moemerge pma update STATE PATTERN -o OUT` updates a running average.")
+    p.add_argument("snapshots", nargs="+", help="snapshot directories oldest first, or one glob/prefix")
     p.add_argument("-o", "--out", default=None, help="output directory")
-    p.add_argument("--method", default="sma", choices=["sma", "wma", "ema"])
-    p.add_argument("--alpha", type=float, default=0.2, help="EMA weight of the newest snapshot (default 0.2)")
-    p.add_argument("--weights", default=None, help="explicit weights, comma-separated (normalized)")
-    p.add_argument("--out-dtype", default=None, help="output dtype (default: the inputs')")
+    _pma_select_opts(p)
     p.add_argument("--dry-run", action="store_true", help="print the snapshots, weights and plan; write nothing")
     _common(p)
     _run_opts(p)
@@ -142,36 +167,86 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         _print_plan(p, f"plan for {args.config}")
 
 
+def _pma_weights(args: argparse.Namespace) -> list[float] | None:
+    from moemerge.errors import ConfigError
+
+    if not args.weights:
+        return None
+    try:
+        return [float(x) for x in args.weights.split(",")]
+    except ValueError as e:
+        raise ConfigError(f"--weights: expected numbers separated by commas, got {args.weights!r}") from e
+
+
+def _pma_window(args: argparse.Namespace) -> Any:
+    from moemerge.pma.choose import Window
+
+    return Window(last=args.last, interval_steps=args.interval_steps, interval_tokens=args.interval_tokens,
+                  tokens_per_step=args.tokens_per_step, before_step=args.before_step,
+                  step_regex=args.step_regex)
+
+
+def _pma_dcp(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The config's `dcp:` mapping from --dcp-prefix / --rename, or None."""
+    from moemerge.errors import ConfigError
+
+    rename: dict[str, str] = {}
+    for item in args.rename:
+        old, sep, new = item.partition("=")
+        if not sep or not old:
+            raise ConfigError(f"--rename {item!r}: expected OLD=NEW (a tensor-name prefix and its replacement)")
+        rename[old] = new
+    if args.dcp_prefix is None and not rename:
+        return None
+    return {"prefix": args.dcp_prefix, "rename": rename}
+
+
+def _print_snapshots(chosen: Any, weights: list[float], title: str) -> None:
+    t = Table(title=title, box=None)
+    t.add_column("step", justify="right")
+    t.add_column("snapshot", overflow="fold")
+    t.add_column("weight", justify="right")
+    for step, url, w in zip(chosen.steps, chosen.urls, weights):
+        t.add_row("-" if step is None else str(step), url, f"{w:.6f}")
+    _out.print(t)
+
+
 def _cmd_pma(args: argparse.Namespace) -> None:
     from moemerge.api import plan, pma_config, run
     from moemerge.config import parse_config
     from moemerge.errors import ConfigError
+    from moemerge.pma.choose import choose
 
+    if args.snapshots[0] == "update":  # `moemerge pma update STATE PATTERN -o OUT`
+        update = globals().get("_cmd_pma_update")
+        if update is None:
+            raise ConfigError("pma update: incremental averaging is not available in this version; "
+                              "run `moemerge pma PATTERN -o OUT` to average the window from scratch")
+        update(args)
+        return
     _not_yet(args)
-    weights = None
-    if args.weights:
-        try:
-            weights = [float(x) for x in args.weights.split(",")]
-        except ValueError as e:
-            raise ConfigError(f"--weights: expected numbers separated by commas, got {args.weights!r}") from e
-    doc, eff = pma_config(args.snapshots, method=args.method, alpha=args.alpha, weights=weights, dtype=args.out_dtype)
+    if not args.out and not args.dry_run:
+        raise ConfigError("pma: give the output directory with -o OUT (or --dry-run)")
+    weights = _pma_weights(args)
+    chosen = choose(args.snapshots, _pma_window(args), min_last=len(weights) if weights else None)
+    for n in chosen.notes:
+        _err.print(f"note: {n}", markup=False)
+    snaps = list(chosen.urls)
+    doc, eff = pma_config(snaps, method=args.method, alpha=args.alpha, weights=weights, dtype=args.out_dtype,
+                          dcp=_pma_dcp(args))
     cfg = parse_config(doc, where="pma")
-    t = Table(title=f"{'weights' if weights else args.method} over {len(args.snapshots)} snapshot(s), oldest first", box=None)
-    t.add_column("snapshot")
-    t.add_column("weight", justify="right")
-    for s, w in zip(args.snapshots, eff):
-        t.add_row(s, f"{w:.6f}")
-    _out.print(t)
+    _print_snapshots(chosen, eff, f"{'weights' if weights else args.method} over {len(snaps)} snapshot(s), "
+                                  "oldest first")
     if args.dry_run:
         _print_plan(plan(cfg, memory_budget=args.memory_budget, shard_size=args.shard_size), "plan")
         return
-    if not args.out:
-        raise ConfigError("pma: give the output directory with -o OUT (or --dry-run)")
+    record = {"method": "weights" if weights else args.method,
+              "alpha": args.alpha if args.method == "ema" and not weights else None,
+              "snapshots": snaps, "steps": list(chosen.steps), "weights": eff,
+              "pattern": chosen.pattern, "selection": chosen.selection}
     res = run(cfg, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size, seed=args.seed,
               overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-              out_format=args.format, manifest_extra={"pma": {"method": "weights" if weights else args.method,
-                                      "alpha": args.alpha if args.method == "ema" and not weights else None,
-                                      "snapshots": list(args.snapshots), "weights": eff}})
+              out_format=args.format, manifest_extra={"pma": record})
     _report(res)
 
 

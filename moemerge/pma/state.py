@@ -1,0 +1,340 @@
+"""The incremental PMA state: fp64 running sums in versioned Zarr groups behind a pointer.
+
+Layout of a state at STATE (a local path or any fsspec URL, e.g. s3://bucket/pma/state):
+
+    STATE/pma-state.json     the pointer: {"format": 1, "version": 17, "path": "v000017"}
+    STATE/v000017/           one version: a Zarr v3 group written by io.zarr_writer, one
+                             float64 array per tensor and running quantity (`S:<tensor>` the
+                             window sum, `W:<tensor>` the weighted sum, `E:<tensor>` the EMA),
+                             each flattened to (rows, row_len) and chunked along rows; its
+                             `moemerge-manifest.json` (written last) holds the StateMeta.
+
+An update writes the next version beside the current one, and only when that version is
+complete (its manifest written) replaces the pointer: one atomic rename on local disk, one PUT
+on object storage (which has no rename, but shows a whole object or none). The old version is
+deleted after. A reader always follows the pointer, so a crash at any moment leaves the
+previous state valid; versions the pointer does not name are leftovers of a crash and are
+deleted by the next update.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from moemerge import __version__
+from moemerge.errors import CheckpointError, ConfigError, OutputError
+from moemerge.io import storage
+from moemerge.io.checkpoint import Checkpoint
+from moemerge.io.writer import MANIFEST_NAME
+from moemerge.io.zarr_writer import ZarrArraySpec, ZarrModelWriter
+
+__all__ = [
+    "POINTER_NAME", "STATE_FORMAT", "METHOD_ARRAYS", "StateSettings", "StateMeta", "StateStore",
+    "StateVersion", "array_name", "new_meta",
+]
+
+POINTER_NAME = "pma-state.json"
+STATE_FORMAT = 1
+#: Running quantities per method (methods.md "incremental forms"): SMA keeps the window sum S;
+#: WMA keeps S and W = sum(i * M_i), i = 1 for the oldest; EMA keeps its value E.
+METHOD_ARRAYS: dict[str, tuple[str, ...]] = {"sma": ("S",), "wma": ("S", "W"), "ema": ("E",)}
+_VERSION_DIR = re.compile(r"^v(\d{6,})$")
+
+
+def array_name(kind: str, tensor: str) -> str:
+    """The state array holding quantity `kind` of `tensor`: array_name('S', 'a.w') == 'S:a.w'."""
+    return f"{kind}:{tensor}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateSettings:
+    """What a state averages; recorded by the first update, every later one must match."""
+
+    method: str
+    """`sma`, `wma` or `ema`."""
+    last: int | None
+    """Window size N (SMA/WMA); for EMA the size of the first window (None: every snapshot)."""
+    alpha: float | None
+    """EMA weight of the newest snapshot; None for SMA/WMA."""
+    interval_steps: int | None
+    """Least step distance between two snapshots taken in; None: every snapshot."""
+
+    def describe(self) -> str:
+        """The settings as the flags that give them: '--method ema --alpha 0.2 --last 5'."""
+        parts = [f"--method {self.method}"]
+        if self.alpha is not None:
+            parts.append(f"--alpha {self.alpha:g}")
+        parts.append(f"--last {self.last}" if self.last is not None else "(no --last)")
+        if self.interval_steps is not None:
+            parts.append(f"--interval-steps {self.interval_steps}")
+        return " ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "last": self.last, "alpha": self.alpha,
+                "interval_steps": self.interval_steps}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> StateSettings:
+        return cls(method=str(doc["method"]), last=doc.get("last"), alpha=doc.get("alpha"),
+                   interval_steps=doc.get("interval_steps"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateMeta:
+    """Everything about one state version except the sums themselves."""
+
+    settings: StateSettings
+    steps: tuple[tuple[int, str], ...]
+    """(step, location) of the snapshots in the sums, oldest first: the window (SMA/WMA) or
+    every snapshot since the state began (EMA)."""
+    skipped: tuple[int, ...] = ()
+    """Steps seen but passed over by the interval rule (so a late arrival can be told apart)."""
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Float tensor name -> {"shape": [...], "dtype": "BF16"} (dtype of the newest snapshot)."""
+    version: int = 0
+    state_id: str = ""
+    """Random id of this version's contents: an output records it to tell it is up to date."""
+    updates_since_recompute: int = 0
+    """Incremental updates applied since the sums were last computed exactly from scratch."""
+    ops_since_recompute: int = 0
+    """fp64 additions/subtractions per element since then (drift bound, README)."""
+    created: str = ""
+
+    @property
+    def last_step(self) -> int:
+        return self.steps[-1][0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT, "moemerge_version": __version__, "created": self.created,
+            "version": self.version, "state_id": self.state_id, "settings": self.settings.to_json(),
+            "steps": [{"step": s, "url": u} for s, u in self.steps], "skipped": list(self.skipped),
+            "tensors": self.tensors, "updates_since_recompute": self.updates_since_recompute,
+            "ops_since_recompute": self.ops_since_recompute,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], *, where: str) -> StateMeta:
+        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+            got = doc.get("format") if isinstance(doc, dict) else None
+            raise CheckpointError(
+                f"{where}: PMA state format {got!r}, this moemerge reads format {STATE_FORMAT}; "
+                "upgrade moemerge, or start a new state (another STATE location)")
+        try:
+            return cls(
+                settings=StateSettings.from_json(doc["settings"]),
+                steps=tuple((int(s["step"]), str(s["url"])) for s in doc["steps"]),
+                skipped=tuple(int(s) for s in doc.get("skipped", ())),
+                tensors={str(k): dict(v) for k, v in doc["tensors"].items()},
+                version=int(doc["version"]), state_id=str(doc["state_id"]),
+                updates_since_recompute=int(doc.get("updates_since_recompute", 0)),
+                ops_since_recompute=int(doc.get("ops_since_recompute", 0)),
+                created=str(doc.get("created", "")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{where}: damaged PMA state metadata ({e!r}); start a new state") from e
+
+
+@dataclass(slots=True)
+class StateVersion:
+    """One readable state version: its metadata and its sums (a Zarr checkpoint of F64 arrays)."""
+
+    meta: StateMeta
+    url: str
+    sums: Checkpoint
+
+    def close(self) -> None:
+        self.sums.close()
+
+
+class StateStore:
+    """A PMA state location: read the current version, write the next one, switch atomically.
+
+    Example:
+        store = StateStore("s3://run42/pma/state")
+        cur = store.current()                     # None before the first update
+        w = store.begin(meta, arrays)             # a ZarrModelWriter for the next version
+        ... w.write_rows(array_name("S", t), r0, data) ...
+        store.commit(w, meta)                     # manifest, then pointer, then old version gone
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/") or url
+        self.storage_options = storage_options
+        try:
+            self.fs, root = storage.resolve(url, storage_options)
+        except Exception as e:  # bad protocol, missing driver, bad options
+            raise ConfigError(storage.redact(f"{url}: cannot use this state location ({e})", storage_options)) from e
+        self.local = storage.is_local(self.fs)
+        self.root = os.path.abspath(root) if self.local else root.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"StateStore({self.url!r})"
+
+    @property
+    def key(self) -> str:
+        """The location as one canonical URL (`file:///abs/state`, `s3://b/state`)."""
+        return str(self.fs.unstrip_protocol(self.root))
+
+    # -- locations -------------------------------------------------------------------------
+
+    def _path(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    def version_url(self, version: int) -> str:
+        return f"{self.url}/{_version_dir(version)}"
+
+    def _call(self, fn: Any, what: str, error: type[Exception] = CheckpointError) -> Any:
+        return storage.with_retries(fn, what=what, url=self.url, error=error)
+
+    def _entries(self) -> list[str]:
+        def ls() -> list[str]:
+            try:
+                return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+            except FileNotFoundError:
+                return []
+
+        return list(self._call(ls, "list the state location"))
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def pointer(self) -> dict[str, Any] | None:
+        """The pointer object, or None if the location holds no state yet."""
+        path = self._path(POINTER_NAME)
+        exists = self._call(lambda: self.fs.isfile(path), f"look up {POINTER_NAME}")
+        if not exists:
+            entries = [e for e in self._entries() if not _VERSION_DIR.match(e)]
+            if entries:
+                raise ConfigError(
+                    f"{self.url}: is not empty and holds no PMA state ({POINTER_NAME} is missing; "
+                    f"found e.g. {sorted(entries)[0]!r}); give a new or empty location for the state")
+            return None
+        raw = self._call(lambda: self.fs.cat_file(path), f"read {POINTER_NAME}")
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or not _VERSION_DIR.match(str(doc.get("path"))):
+                raise ValueError(f"no version path in {doc!r}")
+        except ValueError as e:
+            raise CheckpointError(f"{self.url}/{POINTER_NAME}: damaged state pointer ({e}); "
+                                  "start a new state (another STATE location)") from e
+        if doc.get("format") != STATE_FORMAT:
+            raise CheckpointError(
+                f"{self.url}/{POINTER_NAME}: PMA state format {doc.get('format')!r}, this moemerge "
+                f"reads format {STATE_FORMAT}; upgrade moemerge or start a new state")
+        return doc
+
+    def current(self) -> StateVersion | None:
+        """The version the pointer names (metadata read, sums opened lazily), or None."""
+        doc = self.pointer()
+        if doc is None:
+            return None
+        url = f"{self.url}/{doc['path']}"
+        try:
+            sums = Checkpoint.open(url, self.storage_options)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{self.url}: the state pointer names {doc['path']}, which cannot be read ({e}); the "
+                "state is damaged (deleted by hand?): start a new state") from e
+        try:
+            raw = sums.side_file(MANIFEST_NAME)
+            man = json.loads(raw) if raw is not None else None
+            meta = StateMeta.from_json((man or {}).get("pma_state"), where=f"{url}/{MANIFEST_NAME}")
+        except BaseException:
+            sums.close()
+            raise
+        return StateVersion(meta=meta, url=url, sums=sums)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Fail before work if the state location cannot take a new version."""
+        if self.local:
+            parent = self.root
+            while parent and not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if os.path.isfile(self.root):
+                raise OutputError(f"{self.url}: is a file; the PMA state must be a directory")
+            if not os.access(parent or ".", os.W_OK):
+                raise OutputError(f"{self.url}: cannot write the PMA state here ({parent} is not writable)")
+        elif self.root and self._call(lambda: self.fs.isfile(self.root), "look up the state location",
+                                      error=OutputError):
+            raise OutputError(f"{self.url}: is an object; the PMA state must be a prefix (directory)")
+
+    def clean_leftovers(self, keep: int | None) -> list[str]:
+        """Delete every version directory except `keep` (crash leftovers); return their names."""
+        gone = []
+        for name in self._entries():
+            m = _VERSION_DIR.match(name)
+            if m and int(m.group(1)) != keep:
+                self._call(lambda n=name: self.fs.rm(self._path(n), recursive=True),
+                           f"delete the unfinished state version {name}", error=OutputError)
+                gone.append(name)
+        return gone
+
+    def begin(self, arrays: list[ZarrArraySpec], meta: StateMeta) -> ZarrModelWriter:
+        """A prepared writer for version `meta.version` (an empty new directory)."""
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
+        writer = ZarrModelWriter(self.version_url(meta.version), arrays,
+                                 attributes={"pma_state": meta.to_json()}, overwrite=True,
+                                 storage_options=self.storage_options)
+        writer.prepare()
+        return writer
+
+    def commit(self, writer: ZarrModelWriter, meta: StateMeta, previous: int | None) -> None:
+        """Finish the new version, switch the pointer to it, then delete `previous`."""
+        writer.finish(side_files={}, index={}, manifest={"pma_state": meta.to_json(), "tensors": {}})
+        doc = {"format": STATE_FORMAT, "version": meta.version, "path": _version_dir(meta.version),
+               "state_id": meta.state_id}
+        data = json.dumps(doc, indent=1).encode()
+        path = self._path(POINTER_NAME)
+        if self.local:
+            _atomic_replace(path, data)
+        else:  # no rename on object storage: one PUT shows the whole new pointer or the old one
+            self._call(lambda: self.fs.pipe_file(path, data), f"write {POINTER_NAME}", error=OutputError)
+        if previous is not None and previous != meta.version:
+            try:
+                self.fs.rm(self._path(_version_dir(previous)), recursive=True)
+            except Exception:  # the new state is committed; the next update removes it
+                pass
+
+
+def new_meta(settings: StateSettings, steps: list[tuple[int, str]], *, skipped: list[int],
+             tensors: dict[str, dict[str, Any]], version: int, updates_since_recompute: int,
+             ops_since_recompute: int) -> StateMeta:
+    """A StateMeta for a version about to be written (fresh id and time)."""
+    return StateMeta(
+        settings=settings, steps=tuple(steps), skipped=tuple(skipped), tensors=tensors,
+        version=version, state_id=uuid.uuid4().hex, updates_since_recompute=updates_since_recompute,
+        ops_since_recompute=ops_since_recompute,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _version_dir(version: int) -> str:
+    return f"v{version:06d}"
+
+
+def _atomic_replace(path: str, data: bytes) -> None:
+    """Write `path` so that a reader sees the old bytes or the new ones, never a mix.
+
+    The directory is synced after the rename so that the switch survives a power cut too.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

@@ -48,8 +48,9 @@ def _pma_select_opts(p: argparse.ArgumentParser) -> None:
                    help="only snapshots before step S (PMA-init after a loss spike at S)")
     p.add_argument("--step-regex", default=None, metavar="RE",
                    help=r"regex with one group finding the step in a directory name, e.g. 'ckpt(\d+)'")
-    p.add_argument("--method", default="sma", choices=["sma", "wma", "ema"])
-    p.add_argument("--alpha", type=float, default=0.2, help="EMA weight of the newest snapshot (default 0.2)")
+    # defaults None so that `pma update` can tell a given setting from the state's (it applies sma / 0.2)
+    p.add_argument("--method", default=None, choices=["sma", "wma", "ema"], help="the average (default sma)")
+    p.add_argument("--alpha", type=float, default=None, help="EMA weight of the newest snapshot (default 0.2)")
     p.add_argument("--weights", default=None, help="explicit weights, comma-separated, oldest first (normalized)")
     p.add_argument("--out-dtype", default=None, help="output dtype (default: the inputs')")
     p.add_argument("--dcp-prefix", default=None, metavar="P",
@@ -83,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default=None, help="output directory")
     _pma_select_opts(p)
     p.add_argument("--dry-run", action="store_true", help="print the snapshots, weights and plan; write nothing")
+    p.add_argument("--recompute-every", type=int, default=None, metavar="K",
+                   help="pma update: recompute the state exactly from the window every K updates (SMA/WMA)")
     _common(p)
     _run_opts(p)
 
@@ -225,6 +228,8 @@ def _cmd_pma(args: argparse.Namespace) -> None:
         update(args)
         return
     _not_yet(args)
+    args.method = args.method or "sma"
+    args.alpha = 0.2 if args.alpha is None else args.alpha
     if not args.out and not args.dry_run:
         raise ConfigError("pma: give the output directory with -o OUT (or --dry-run)")
     weights = _pma_weights(args)
@@ -248,6 +253,46 @@ def _cmd_pma(args: argparse.Namespace) -> None:
               overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
               out_format=args.format, manifest_extra={"pma": record})
     _report(res)
+
+
+def _cmd_pma_update(args: argparse.Namespace) -> None:
+    """`moemerge pma update STATE PATTERN -o OUT [flags]` (flags left out come from the state)."""
+    from moemerge.errors import ConfigError
+    from moemerge.pma.discovery import interval_steps_from_tokens
+    from moemerge.pma.update import update
+
+    _not_yet(args)
+    if len(args.snapshots) != 3 or not args.out:
+        raise ConfigError("pma update: usage is `moemerge pma update STATE PATTERN -o OUT` (STATE: where the "
+                          "running state lives; PATTERN: a quoted glob or prefix of snapshot directories)")
+    for flag, given in (("--weights", args.weights), ("--dry-run", args.dry_run),
+                        ("--dcp-prefix/--rename", args.dcp_prefix or args.rename)):
+        if given:
+            raise ConfigError(f"pma update: {flag} is not supported; use `moemerge pma` for a one-off average")
+    interval = args.interval_steps
+    if args.interval_tokens is not None or args.tokens_per_step is not None:
+        if args.interval_tokens is None or args.tokens_per_step is None or interval is not None:
+            raise ConfigError("give --interval-tokens with --tokens-per-step, or --interval-steps alone")
+        interval = interval_steps_from_tokens(args.interval_tokens, args.tokens_per_step)
+    _, state, pattern = args.snapshots
+    res = update(state, pattern, args.out, method=args.method, last=args.last, alpha=args.alpha,
+                 interval_steps=interval, before_step=args.before_step, step_regex=args.step_regex,
+                 recompute_every=args.recompute_every, memory_budget=args.memory_budget,
+                 shard_size=args.shard_size, out_format=args.format, out_dtype=args.out_dtype,
+                 overwrite=args.overwrite, progress=not args.no_progress)
+    for n in res.notes:
+        _err.print(f"note: {n}", markup=False)
+    if res.action != "noop":
+        t = Table(title=f"{res.settings.method} over {len(res.steps)} snapshot(s), oldest first", box=None)
+        t.add_column("step", justify="right")
+        t.add_column("weight", justify="right")
+        for step, w in zip(res.steps, res.weights):
+            t.add_row(str(step), f"{w:.6f}")
+        _out.print(t)
+    from moemerge.sizes import format_size
+
+    _out.print(f"{res.message} (state version {res.version}); read {format_size(res.bytes_read)} of snapshots "
+               f"and {format_size(res.state_bytes_read)} of state in {res.seconds:.1f}s", markup=False)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:

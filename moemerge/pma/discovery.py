@@ -67,10 +67,10 @@ def _compile_step_regex(step_regex: str | re.Pattern[str]) -> re.Pattern[str]:
         try:
             pat = re.compile(step_regex)
         except re.error as e:
-            raise ConfigError(f"--step-regex {step_regex!r} is not a valid regular expression ({e})") from e
+            raise ConfigError(f"--step-regex '{step_regex}' is not a valid regular expression ({e})") from e
     if pat.groups != 1:
         raise ConfigError(
-            f"--step-regex {pat.pattern!r} has {pat.groups} groups; it needs exactly one, around "
+            f"--step-regex '{pat.pattern}' has {pat.groups} groups; it needs exactly one, around "
             r"the step digits, e.g. 'ckpt_(\d+)' (use (?:...) for other groups)"
         )
     return pat
@@ -145,7 +145,7 @@ def discover(pattern: str, *, storage_options: dict | None = None,
         name = posixpath.basename(p)
         step = parse_step(name, regex)
         if step is None:
-            how = f"--step-regex {regex.pattern!r}" if regex else f"the known styles ({STEP_STYLES})"
+            how = f"--step-regex '{regex.pattern}'" if regex else f"the known styles ({STEP_STYLES})"
             notes.append(f"skipped {to_url(p)}: no step number in the name {name!r} by {how}")
             continue
         named.append((step, to_url(p), p))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ def _open_all(cfg: MergeConfig) -> list[Checkpoint]:
     problems: list[str] = []
     for loc in cfg.model_locations():
         try:
-            opened.append(Checkpoint.open(loc, cfg.storage_options))
+            opened.append(Checkpoint.open(loc, cfg.storage_options, names=cfg.dcp))
         except CheckpointError as e:
             problems.append(str(e))
     if problems:
@@ -67,25 +68,27 @@ def _open_all(cfg: MergeConfig) -> list[Checkpoint]:
 
 def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int,
           shard_size: str | int, seed: int, chunk_rows: int | None = None,
-          out_format: str = "safetensors") -> Plan:
+          out_format: str = "safetensors", unit_size: str | int | None = None) -> Plan:
     budget = parse_size(memory_budget, what="--memory-budget", minimum=MIN_BUDGET)
     shard = parse_size(shard_size, what="--shard-size", minimum=1)
+    units = {} if unit_size is None else {"unit_bytes": parse_size(unit_size, what="--unit-size", minimum=1)}
     side = ckpts[0].config() or {}
     hint = side.get("num_hidden_layers") if isinstance(side.get("num_hidden_layers"), int) else None
     return build_plan(
         cfg, {c.url: c.tensors for c in ckpts}, memory_budget=budget, shard_size=shard,
-        seed=seed, n_layers_hint=hint, chunk_rows=chunk_rows, out_format=out_format,
+        seed=seed, n_layers_hint=hint, chunk_rows=chunk_rows, out_format=out_format, **units,
     )
 
 
 def plan(config: MergeConfig | dict[str, Any] | str, *, memory_budget: str | int = DEFAULT_BUDGET,
-         shard_size: str | int = DEFAULT_SHARD_SIZE, seed: int = 0, chunk_rows: int | None = None) -> Plan:
+         shard_size: str | int = DEFAULT_SHARD_SIZE, seed: int = 0, chunk_rows: int | None = None,
+         unit_size: str | int | None = None, out_format: str = "safetensors") -> Plan:
     """Validate a config against its checkpoints' headers and return the plan (no data read)."""
     cfg = _as_config(config)
     ckpts = _open_all(cfg)
     try:
         return _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
-                     chunk_rows=chunk_rows)
+                     chunk_rows=chunk_rows, unit_size=unit_size, out_format=out_format)
     finally:
         for c in ckpts:
             c.close()
@@ -93,11 +96,7 @@ def plan(config: MergeConfig | dict[str, Any] | str, *, memory_budget: str | int
 
 def placements(p: Plan) -> dict[str, TensorPlacement]:
     """Where each planned tensor goes in the output."""
-    return {
-        t.name: TensorPlacement(name=t.name, file=t.out_file, offset=t.out_offset, dtype=t.out_dtype,
-                                shape=t.shape, row_bytes=t.row_len * itemsize(t.out_dtype))
-        for t in p.tensors
-    }
+    return p.placements()
 
 
 def open_writer(out: str, p: Plan, *, overwrite: bool, storage_options: dict[str, Any] | None = None,
@@ -107,10 +106,9 @@ def open_writer(out: str, p: Plan, *, overwrite: bool, storage_options: dict[str
     `attributes` (JSON-able) are recorded in formats that keep metadata (Zarr root attributes).
     """
     if p.out_format == "zarr":
-        from moemerge.io.zarr_writer import ZarrArraySpec, ZarrModelWriter
+        from moemerge.io.zarr_writer import ZarrModelWriter
 
-        arrays = [ZarrArraySpec(name=t.name, shape=t.shape, dtype=t.out_dtype, rows_per_chunk=t.rows_per_chunk)
-                  for t in p.tensors]
+        arrays = p.zarr_arrays()
         attrs = {"moemerge_version": __version__, "method": p.method, "sources": list(p.sources),
                  "config_hash": p.config_hash, **(attributes or {})}
         return ZarrModelWriter(out, arrays, attributes=attrs, overwrite=overwrite,
@@ -146,15 +144,28 @@ def run(
     manifest_extra: dict[str, Any] | None = None,
     chunk_rows: int | None = None,
     out_format: str = "safetensors",
+    workers: int | None = None,
+    scheduler: str | None = None,
+    client: Any = None,
+    unit_size: str | int | None = None,
 ) -> RunResult:
     """Merge per `config` into the model directory `out`; returns when the output is committed.
 
     Everything is validated before the first output byte; on any error no index and no
     manifest are written, so the partial output never looks finished. `chunk_rows` caps rows
     per chunk (for tests and tuning; the output is the same for any value).
+
+    Runs in this process by default; on Dask with `workers` (a LocalCluster of that many
+    processes), `scheduler` (the address of a running cluster) or `client` (a
+    `distributed.Client`), with the same output. `unit_size` sets the input bytes per Dask task
+    (default about 256 MB).
     """
     t0 = time.monotonic()
     cfg = _as_config(config)
+    if workers is not None and scheduler:
+        raise ConfigError("give --workers (start a local Dask cluster) or --scheduler (join one), not both")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {workers}")
     if device != "cpu":
         import torch
 
@@ -170,7 +181,7 @@ def run(
     ckpts = _open_all(cfg)
     try:
         the_plan = _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
-                         chunk_rows=chunk_rows, out_format=out_format)
+                         chunk_rows=chunk_rows, out_format=out_format, unit_size=unit_size)
         side = read_side_files(the_plan.side_source or ckpts[0].url, cfg.storage_options, model=True, tokenizer=False)
         tok = read_side_files(the_plan.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
         source = {k: v for k, v in cfg.source.items() if k != "storage_options"}
@@ -179,7 +190,11 @@ def run(
         writer.prepare()
         try:
             prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())
-            digests = run_local(the_plan, ckpts, writer, progress=prog, device=device, in_cast=cfg.dtype)
+            if workers or scheduler or client is not None:
+                digests = _run_on_dask(the_plan, cfg, writer, out, workers=workers, scheduler=scheduler,
+                                       client=client, progress=prog, device=device)
+            else:
+                digests = run_local(the_plan, ckpts, writer, progress=prog, device=device, in_cast=cfg.dtype)
             main_dtype = _main_dtype(the_plan)
             if "config.json" in side:
                 side["config.json"] = retag_config_dtype(side["config.json"], main_dtype)
@@ -214,6 +229,34 @@ def run(
         for c in ckpts:
             c.close()
     return RunResult(out=out, plan=the_plan, seconds=time.monotonic() - t0, checksums=digests)
+
+
+def _run_on_dask(p: Plan, cfg: MergeConfig, writer: ModelWriter, out: str, *, workers: int | None,
+                 scheduler: str | None, client: Any, progress: Progress | NullProgress, device: str) -> dict[str, str]:
+    """Run the plan's tasks on Dask (a cluster of our own unless given one); checksums back."""
+    import functools
+
+    from moemerge.engine.cluster import OutputTarget, run_dask, start_client
+    from moemerge.io.storage import is_local, resolve
+
+    cluster = None
+    if client is None:
+        client, cluster = start_client(workers=workers, scheduler=scheduler, memory_budget=p.memory_budget)
+    try:
+        fs, path = resolve(out, cfg.storage_options)
+        local = is_local(fs)
+        kind = "zarr" if p.out_format == "zarr" else ("local" if local else "remote")
+        target = OutputTarget(kind=kind, url=os.path.abspath(path) if local else out, storage_options=cfg.storage_options or None,
+                              flush_each_task=cluster is None)  # others' workers may be other machines
+        digests = run_dask(p, client, opener=functools.partial(_open_all, cfg), target=target,
+                           progress=progress, device=device, in_cast=cfg.dtype)
+        if kind == "remote":
+            writer.adopt([s.file for s in p.shards])  # type: ignore[attr-defined]
+        return digests
+    finally:
+        if cluster is not None:
+            client.close()
+            cluster.close()
 
 
 def inspect(location: str, storage_options: dict[str, Any] | None = None) -> list[TensorInfo]:

@@ -21,6 +21,8 @@ class NullProgress:
 
     def stop(self) -> None: ...
 
+    def note(self, text: str) -> None: ...
+
 
 class Progress:
     """Counts bytes processed against a total; thread-safe `advance`."""
@@ -78,6 +80,10 @@ class Progress:
             f"  {format_size(rate)}/s  ETA {eta:,.0f}s",
             file=self.stream, flush=True,
         )
+
+    def note(self, text: str) -> None:
+        """One line for the user beside the bar (e.g. where the Dask dashboard is)."""
+        print(f"[moemerge] {text}", file=self.stream, flush=True)
 
     def stop(self) -> None:
         if self._bar is not None:

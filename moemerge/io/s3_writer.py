@@ -234,10 +234,11 @@ class RemoteModelWriter:
     def __init__(self, url: str, shards: tuple[ShardLayout, ...], placements: dict[str, TensorPlacement],
                  *, overwrite: bool, storage_options: dict[str, Any] | None = None,
                  part_size: int | None = None, retry: storage.RetryPolicy | None = None,
-                 upload_threads: int = 2) -> None:
+                 upload_threads: int = 2, check: bool = True) -> None:
         self.url = url.rstrip("/")
         self.storage_options = storage_options
-        check_output(url, overwrite=overwrite, storage_options=storage_options)
+        if check:  # not when attaching to an output another process checked and prepared
+            check_output(url, overwrite=overwrite, storage_options=storage_options)
         self.fs, root = storage.resolve(url, storage_options)
         self.root = root.rstrip("/")
         self.s3 = _is_s3(self.fs)
@@ -257,8 +258,36 @@ class RemoteModelWriter:
         self._sinks: dict[str, _ShardSink] = {}
         self._layouts = {s.file: s for s in shards}
         self._committed: list[str] = []  # objects this run made visible, removed if abandoned
+        self._elsewhere: set[str] = set()  # shards other processes wrote (Dask workers)
         self._finished = False
         self._lock = threading.Lock()
+
+    @classmethod
+    def attach(cls, url: str, shards: tuple[ShardLayout, ...], placements: dict[str, TensorPlacement],
+               *, storage_options: dict[str, Any] | None = None) -> RemoteModelWriter:
+        """A writer of whole shards into an output another process prepared (a Dask worker).
+
+        It streams the shards it is given and `complete`s each; `close` on failure aborts and
+        deletes only its own shards. The preparing process `adopt`s them and finishes.
+        """
+        return cls(url, shards, placements, overwrite=True, storage_options=storage_options, check=False)
+
+    def complete(self, file: str) -> None:
+        """Check that shard `file` was streamed whole (its upload is then complete)."""
+        with self._lock:
+            sink = self._sink(file)  # a shard of empty tensors is its header alone
+            if not sink.done:
+                raise OutputError(f"{sink.url}: only {sink.pos} of {sink.size} bytes were written; "
+                                  "the merge did not produce the whole shard (internal error)")
+            self._committed.append(file)
+            self._sinks.pop(file, None)
+            self._shutdown()
+
+    def adopt(self, files: list[str]) -> None:
+        """Shards that other processes wrote and completed: part of this output from now on."""
+        with self._lock:
+            self._elsewhere.update(files)
+            self._committed.extend(files)
 
     def __repr__(self) -> str:
         return f"RemoteModelWriter({self.url!r}, shards={len(self.shards)}, part_size={self.part_size})"
@@ -331,6 +360,8 @@ class RemoteModelWriter:
         """Complete header-only shards, then write side files, the index, the manifest (commit)."""
         with self._lock:
             for s in self.shards:
+                if s.file in self._elsewhere:
+                    continue
                 sink = self._sink(s.file)  # a shard of empty tensors is its header alone
                 if sink.done:
                     self._committed.append(s.file)

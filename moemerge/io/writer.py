@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from moemerge.errors import OutputError
@@ -228,8 +229,61 @@ class LocalModelWriter:
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def attach(cls, url: str, shards: tuple[ShardLayout, ...], placements: dict[str, TensorPlacement]) -> LocalModelWriter:
+        """A writer into shards another process laid out (`prepare`d): for Dask workers.
+
+        It only writes rows (and reads them back); the process that prepared the output
+        finishes it.
+        """
+        self = cls.__new__(cls)
+        self.url = url
+        self.path = os.path.abspath(storage.resolve(url)[1])
+        self.shards = shards
+        self.placements = placements
+        self._fds = {}
+        self._lock = threading.Lock()
+        return self
+
     def __repr__(self) -> str:
         return f"LocalModelWriter({self.url!r}, shards={len(self.shards)})"
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    path = os.path.join(self.path, file)
+                    try:
+                        fd = self._fds[file] = os.open(path, os.O_RDWR)
+                    except OSError as e:
+                        raise OutputError(
+                            f"{self.url}/{file}: cannot open the laid-out shard ({e.strerror}); every "
+                            "worker must see the output directory (a shared filesystem)") from e
+        return fd
+
+    def flush(self) -> None:
+        """Put what this writer wrote on disk (a worker's part, before another process commits)."""
+        for file, fd in list(self._fds.items()):
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise OutputError(f"{self.url}/{file}: cannot flush the shard ({e.strerror}); is the disk full?") from e
+
+    def read_back(self, name: str, block: int = 64 << 20) -> Iterator[memoryview]:
+        """The bytes written for tensor `name`, in order, `block` bytes at a time."""
+        p = self.placements[name]
+        fd = self._fd(p.file)
+        total = p.nbytes
+        buf = bytearray(min(block, max(1, total)))
+        pos = 0
+        while pos < total:
+            n = os.preadv(fd, [memoryview(buf)[:min(block, total - pos)]], p.offset + pos)
+            if n <= 0:
+                raise OutputError(f"{self.url}/{p.file}: tensor `{name}` ends early when read back")
+            yield memoryview(buf)[:n]
+            pos += n
 
     def prepare(self) -> None:
         """Mark the directory incomplete, drop any old commit files, lay out every shard."""
@@ -269,7 +323,7 @@ class LocalModelWriter:
 
     def write_rows(self, name: str, row_start: int, data: memoryview) -> None:
         p = self.placements[name]
-        fd = self._fds[p.file]
+        fd = self._fd(p.file)
         offset = p.offset + row_start * p.row_bytes
         self._pwrite(fd, data, offset, p.file)
         start_writeback(fd, offset, len(data))

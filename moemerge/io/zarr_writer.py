@@ -21,6 +21,7 @@ import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +85,27 @@ class ZarrModelWriter:
         self._templates: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def attach(cls, url: str, arrays: list[ZarrArraySpec], *,
+               storage_options: dict[str, Any] | None = None) -> ZarrModelWriter:
+        """A writer into a store another process `prepare`d: writes chunks, never finishes (Dask)."""
+        self = cls(url, arrays, attributes={}, overwrite=False, storage_options=storage_options)
+        self._store = open_store(url, storage_options, read_only=False)
+        return self
+
     def __repr__(self) -> str:
         return f"ZarrModelWriter({self.url!r}, arrays={len(self.arrays)})"
+
+    def read_back(self, name: str) -> Iterator[memoryview]:
+        """The logical bytes written for tensor `name`, in row order, one Zarr chunk at a time."""
+        a = self.arrays[name]
+        arr = self._array(name)
+        if not a.shape:
+            yield memoryview(np.ascontiguousarray(arr[()]).reshape(-1)).cast("B")
+            return
+        step = zarr_chunks(a.shape, a.rows_per_chunk)[0]
+        for d0 in range(0, a.shape[0], step):
+            yield memoryview(np.ascontiguousarray(arr[d0:d0 + step]).reshape(-1)).cast("B")
 
     def _path(self, name: str) -> str:
         return storage.join(self.root, name)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moemerge.io.dtypes import itemsize
 from moemerge.io.safetensors_format import ShardLayout
+from moemerge.io.writer import TensorPlacement
+from moemerge.io.zarr_writer import ZarrArraySpec
 from moemerge.methods.base import TensorParams
 
 __all__ = ["TensorPlan", "ShardLayout", "WorkUnit", "Plan"]
@@ -91,6 +94,19 @@ class Plan:
     out_format: str = "safetensors"
     """`safetensors` (sharded HF directory) or `zarr` (one array per tensor)."""
     extra: dict[str, object] = field(default_factory=dict)
+
+    def placements(self) -> dict[str, TensorPlacement]:
+        """Where each planned tensor goes in a safetensors output."""
+        return {
+            t.name: TensorPlacement(name=t.name, file=t.out_file, offset=t.out_offset, dtype=t.out_dtype,
+                                    shape=t.shape, row_bytes=t.row_len * itemsize(t.out_dtype))
+            for t in self.tensors
+        }
+
+    def zarr_arrays(self) -> list[ZarrArraySpec]:
+        """Each planned tensor as a Zarr array (one engine chunk per Zarr chunk)."""
+        return [ZarrArraySpec(name=t.name, shape=t.shape, dtype=t.out_dtype, rows_per_chunk=t.rows_per_chunk)
+                for t in self.tensors]
 
     def summary(self) -> dict[str, object]:
         """The plan as a small JSON-able dict (what `moemerge plan --json` prints)."""

@@ -1,0 +1,291 @@
+"""The Dask executor: the plan's tasks (`engine.graph`) on a LocalCluster or an existing cluster.
+
+The client plans, lays out the output and, once every task succeeded, writes the index and
+the manifest (the commit). Workers open the inputs and the output themselves and move tensor
+data only between storage and their own buffers; through the scheduler pass the plan (once,
+broadcast), row ranges, small statistics partials and checksums. A task on a worker that dies
+is recomputed elsewhere (Dask reschedules it; our writes are positional, so a repeat writes the
+same bytes); a task that fails with an error fails the run with that error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from moemerge.engine.graph import Task, build_graph
+from moemerge.engine.pipeline import fold_partial, run_jobs
+from moemerge.engine.progress import NullProgress, Progress
+from moemerge.errors import ConfigError, MergeRuntimeError, MoemergeError
+from moemerge.io.checkpoint import Checkpoint
+from moemerge.methods import get_method
+from moemerge.planner.plan import Plan
+
+__all__ = ["OutputTarget", "run_dask", "start_client", "worker_memory_limit"]
+
+_log = logging.getLogger(__name__)
+
+#: Room above the buffer budget for a worker's interpreter, torch and Dask itself.
+WORKER_OVERHEAD = 1 << 30
+#: Dask pauses a worker at 80% of its memory limit: our buffers must stay well below that.
+_PAUSE_FRACTION = 0.75
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTarget:
+    """How a worker opens the output: the client `prepare`d it; workers only write rows."""
+
+    kind: Literal["local", "zarr", "remote"]
+    url: str
+    storage_options: dict[str, Any] | None = None
+    flush_each_task: bool = False
+    """fsync a local output after each task: workers on other machines (a shared filesystem)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    run_id: str
+    opener: Callable[[], Sequence[Checkpoint]]
+    """Opens the plan's sources, in plan order (the same code the client used)."""
+    target: OutputTarget
+    device: str
+    in_cast: str | None
+
+
+def worker_memory_limit(memory_budget: int) -> int:
+    """Dask's per-worker memory limit for a buffer budget: the budget stays under the pause line."""
+    return int((memory_budget + WORKER_OVERHEAD) / _PAUSE_FRACTION)
+
+
+def start_client(*, workers: int | None, scheduler: str | None, memory_budget: int) -> tuple[Any, Any]:
+    """(client, cluster or None): joins `scheduler`, or starts a LocalCluster of `workers` processes."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="30s"), None
+        except (OSError, TimeoutError) as e:
+            raise ConfigError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({e}); "
+                              "check the address and that the scheduler is running") from e
+    n = int(workers or 1)
+    if n < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {n}")
+    threads = str(max(1, (os.cpu_count() or 1) // n))
+    cluster = LocalCluster(
+        n_workers=n, threads_per_worker=1, processes=True, memory_limit=worker_memory_limit(memory_budget),
+        silence_logs=logging.ERROR, dashboard_address=":0",
+        # math threads per worker: the cores shared out, not every worker taking them all
+        env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+    )
+    return Client(cluster), cluster
+
+
+# -- worker side ------------------------------------------------------------------------------
+
+_RUNS: dict[str, tuple[Sequence[Checkpoint], Any]] = {}
+_RUNS_LOCK = threading.Lock()
+
+
+def _open_target(target: OutputTarget, plan: Plan) -> Any:
+    if target.kind == "local":
+        from moemerge.io.writer import LocalModelWriter
+
+        return LocalModelWriter.attach(target.url, plan.shards, plan.placements())
+    if target.kind == "zarr":
+        from moemerge.io.zarr_writer import ZarrModelWriter
+
+        return ZarrModelWriter.attach(target.url, plan.zarr_arrays(), storage_options=target.storage_options)
+    return None  # object-storage shards: one writer per shard task
+
+
+def _opened(ctx: TaskContext, plan: Plan) -> tuple[Sequence[Checkpoint], Any]:
+    """This worker's open inputs and output for the run (opened by its first task)."""
+    with _RUNS_LOCK:
+        got = _RUNS.get(ctx.run_id)
+        if got is None:
+            ckpts = ctx.opener()
+            try:
+                got = _RUNS[ctx.run_id] = (ckpts, _open_target(ctx.target, plan))
+            except BaseException:
+                for c in ckpts:
+                    c.close()
+                raise
+        return got
+
+
+def _release(run_id: str) -> None:
+    """Close what a run opened on this worker (the client calls it on every worker at the end)."""
+    with _RUNS_LOCK:
+        got = _RUNS.pop(run_id, None)
+    if got is not None:
+        ckpts, writer = got
+        for c in ckpts:
+            c.close()
+        if writer is not None:
+            writer.close()
+
+
+def _device(device: str) -> str:
+    if device != "cuda":
+        return device
+    import torch
+
+    try:  # one GPU per worker: the worker's number picks it
+        from distributed import get_worker
+
+        name = get_worker().name
+        idx = int(name) if isinstance(name, int) or str(name).isdigit() else 0
+    except (ValueError, ImportError):
+        idx = 0
+    return f"cuda:{idx % max(1, torch.cuda.device_count())}"
+
+
+def _jobs(ctx: TaskContext, plan: Plan, writer: Any, pieces: Sequence[tuple[int, int, int]], **kw: Any) -> Any:
+    ckpts, _ = _opened(ctx, plan)
+    res = run_jobs(plan, ckpts, writer, pieces=pieces, device=_device(ctx.device), in_cast=ctx.in_cast, **kw)
+    if ctx.target.flush_each_task and writer is not None and hasattr(writer, "flush"):
+        writer.flush()  # another machine (the client) commits: our bytes must be on disk
+    return res
+
+
+def _t_full(ctx: TaskContext, plan: Plan, pieces: tuple[tuple[int, int, int], ...],
+            shard: str | None) -> dict[str, str]:
+    """A unit (or shard) of whole tensors, every pass and the apply: their checksums."""
+    if ctx.target.kind != "remote":
+        return _jobs(ctx, plan, _opened(ctx, plan)[1], pieces).digests
+    from moemerge.io.s3_writer import RemoteModelWriter
+
+    w = RemoteModelWriter.attach(ctx.target.url, plan.shards, plan.placements(),
+                                 storage_options=ctx.target.storage_options)
+    try:
+        digests = _jobs(ctx, plan, w, pieces).digests
+        assert shard is not None
+        w.complete(shard)
+        return digests
+    except BaseException:
+        w.close()  # aborts this shard's upload; the task's retry starts a fresh one
+        raise
+
+
+def _t_map(ctx: TaskContext, plan: Plan, pieces: tuple[tuple[int, int, int], ...], ti: int, k: int,
+           stats: dict[str, Any] | None) -> list[Any]:
+    res = _jobs(ctx, plan, None, pieces, stage=k, stats_in={ti: stats or {}}, reduce=False)
+    return res.partials.get((ti, k), [])
+
+
+def _t_reduce(plan: Plan, ti: int, k: int, stats: dict[str, Any] | None, parts: list[list[Any]]) -> dict[str, Any]:
+    """Fold the pieces' partials in row order, as the local executor folds its chunks'."""
+    method = get_method(plan.method)
+    t = plan.tensors[ti]
+    acc: list[Any] = []
+    for part in parts:
+        for p in part:
+            fold_partial(method, plan, ti, k, acc, p)
+    sp = method.passes(t.params, t.shape)[k]
+    return {**(stats or {}), sp.name: sp.reduce(acc)}
+
+
+def _t_apply(ctx: TaskContext, plan: Plan, pieces: tuple[tuple[int, int, int], ...], ti: int,
+             stats: dict[str, Any] | None) -> None:
+    _jobs(ctx, plan, _opened(ctx, plan)[1], pieces, stage="apply", stats_in={ti: stats or {}})
+
+
+def _t_hash(ctx: TaskContext, plan: Plan, ti: int, _written: list[None]) -> tuple[str, str]:
+    """sha256 of a split tensor, read back in order once every piece is written."""
+    name = plan.tensors[ti].name
+    h = hashlib.sha256()
+    for block in _opened(ctx, plan)[1].read_back(name):
+        h.update(block)
+    return name, h.hexdigest()
+
+
+# -- client side ------------------------------------------------------------------------------
+
+
+def _submit(client: Any, task: Task, ctx: TaskContext, plan_f: Any, futs: dict[str, Any]) -> Any:
+    dep = [futs[k] for k in task.deps]
+    if task.kind in ("unit", "shard"):
+        shard = task.key.rsplit("shard-", 1)[-1] if task.kind == "shard" else None
+        return client.submit(_t_full, ctx, plan_f, task.pieces, shard, key=task.key)
+    if task.kind == "map":
+        return client.submit(_t_map, ctx, plan_f, task.pieces, task.ti, task.k, dep[0] if dep else None, key=task.key)
+    if task.kind == "reduce":
+        has_prev = task.k > 0
+        return client.submit(_t_reduce, plan_f, task.ti, task.k, dep[0] if has_prev else None,
+                             dep[1:] if has_prev else dep, key=task.key)
+    if task.kind == "apply":
+        return client.submit(_t_apply, ctx, plan_f, task.pieces, task.ti, dep[0] if dep else None, key=task.key)
+    return client.submit(_t_hash, ctx, plan_f, task.ti, dep, key=task.key)
+
+
+def _failure(task: Task, exc: BaseException) -> BaseException:
+    """The error a failed task raises to the user: ours as is, Dask's explained."""
+    if isinstance(exc, MoemergeError):
+        return exc
+    try:
+        from distributed import KilledWorker
+    except ImportError:  # pragma: no cover
+        KilledWorker = ()  # type: ignore[assignment,misc]
+    if isinstance(exc, KilledWorker):
+        return MergeRuntimeError(
+            f"Dask task {task.key} ({task.kind}) was running on workers that died repeatedly; "
+            "check the workers' memory limits and logs (--memory-budget is per worker)")
+    return MergeRuntimeError(f"Dask task {task.key} ({task.kind}) failed: {type(exc).__name__}: {exc}")
+
+
+def run_dask(
+    plan: Plan,
+    client: Any,
+    *,
+    opener: Callable[[], Sequence[Checkpoint]],
+    target: OutputTarget,
+    progress: Progress | NullProgress | None = None,
+    device: str = "cpu",
+    in_cast: str | None = None,
+) -> dict[str, str]:
+    """Run `plan` on the cluster behind `client`; return each tensor's sha256.
+
+    The output must already be prepared; the caller finishes it (index, manifest) after this
+    returns, or abandons it if this raises.
+    """
+    from distributed import as_completed
+
+    progress = progress or NullProgress()
+    run_id = uuid.uuid4().hex[:12]
+    ctx = TaskContext(run_id=run_id, opener=opener, target=target, device=device, in_cast=in_cast)
+    tasks = build_graph(plan, by_shard=target.kind == "remote", prefix=f"moemerge-{run_id}")
+    link = getattr(client, "dashboard_link", None)
+    if link:
+        progress.note(f"Dask dashboard: {link}")
+    plan_f = client.scatter(plan, broadcast=True, hash=False)
+    futs: dict[str, Any] = {}
+    by_key = {t.key: t for t in tasks}
+    digests: dict[str, str] = {}
+    progress.start(sum(t.in_bytes for t in tasks), f"{plan.method} on Dask -> {len(plan.shards)} shard(s)")
+    try:
+        for task in tasks:
+            futs[task.key] = _submit(client, task, ctx, plan_f, futs)
+        for fut in as_completed(list(futs.values())):
+            task = by_key[fut.key]
+            if fut.status == "error":
+                raise _failure(task, fut.exception()) from None
+            if task.kind in ("unit", "shard"):
+                digests.update(fut.result())
+            elif task.kind == "hash":
+                name, digest = fut.result()
+                digests[name] = digest
+            progress.advance(task.in_bytes)
+        return digests
+    finally:
+        progress.stop()
+        client.cancel(list(futs.values()) + [plan_f])
+        try:
+            client.run(_release, run_id)
+        except Exception as e:  # a worker that died has nothing left open
+            _log.debug("releasing run %s on the workers: %s", run_id, e)

@@ -1,0 +1,104 @@
+"""A plan as a graph of distributable tasks (pure: no cluster needed to build or test it).
+
+- `unit`: a work unit of whole tensors: every pass and the apply, in one task, as the local
+  executor does them (small tensors are grouped into one unit).
+- A tensor split over several units (bigger than a unit) becomes, per statistics pass, one
+  `map` task per piece and one `reduce` task (which folds the pieces' partials in row order),
+  then one `apply` task per piece given the reduced statistics, and a `hash` task that takes the
+  sha256 of the tensor's written bytes once every piece is written.
+- `shard` (object-storage safetensors output): every tensor of one output shard in one task,
+  because a shard is one multipart upload streamed in file order by one process.
+
+Only keys, row ranges and small statistics flow along the edges; tensor data never does.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal
+
+from moemerge.engine.jobs import n_passes
+from moemerge.io.dtypes import itemsize
+from moemerge.methods import get_method
+from moemerge.planner.plan import Plan
+
+__all__ = ["Task", "build_graph", "graph_summary"]
+
+TaskKind = Literal["unit", "map", "reduce", "apply", "hash", "shard"]
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    key: str
+    kind: TaskKind
+    pieces: tuple[tuple[int, int, int], ...] = ()
+    """Row ranges `(tensor index, r0, r1)` the task reads."""
+    deps: tuple[str, ...] = ()
+    """Keys whose results this task takes, in order."""
+    ti: int = -1
+    k: int = -1
+    """Statistics pass of `map` / `reduce` tasks."""
+    in_bytes: int = 0
+    """Input bytes the task reads (progress)."""
+
+
+def _piece_bytes(plan: Plan, piece: tuple[int, int, int]) -> int:
+    t = plan.tensors[piece[0]]
+    return (piece[2] - piece[1]) * t.row_len * sum(itemsize(d) for d in t.in_dtypes)
+
+
+def _full_bytes(plan: Plan, pieces: tuple[tuple[int, int, int], ...]) -> int:
+    """Bytes a `unit`/`shard` task reads: a multi-chunk tensor is read once per pass, then applied."""
+    method = get_method(plan.method)
+    total = 0
+    for p in pieces:
+        t = plan.tensors[p[0]]
+        reads = 1 + n_passes(t, method) if len(t.chunks) > 1 else 1
+        total += reads * _piece_bytes(plan, p)
+    return total
+
+
+def build_graph(plan: Plan, *, by_shard: bool = False, prefix: str = "moemerge") -> list[Task]:
+    """The tasks of `plan`, dependencies first. `prefix` makes keys unique per run."""
+    method = get_method(plan.method)
+    tasks: list[Task] = []
+    if by_shard:
+        by_file: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+        for ti, t in sorted(enumerate(plan.tensors), key=lambda it: (it[1].out_file, it[1].out_offset)):
+            by_file[t.out_file].append((ti, 0, t.rows))
+        for s in plan.shards:
+            pieces = tuple(by_file.get(s.file, ()))
+            tasks.append(Task(f"{prefix}-shard-{s.file}", "shard", pieces, in_bytes=_full_bytes(plan, pieces)))
+        return tasks
+    split: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    for u, unit in enumerate(plan.units):
+        whole = all(r0 == 0 and r1 == plan.tensors[ti].rows for ti, r0, r1 in unit.pieces)
+        if whole:
+            tasks.append(Task(f"{prefix}-unit-{u}", "unit", unit.pieces, in_bytes=_full_bytes(plan, unit.pieces)))
+        else:
+            (piece,) = unit.pieces  # the planner gives a split tensor's pieces units of their own
+            split[piece[0]].append(piece)
+    for ti, pieces in split.items():
+        t = plan.tensors[ti]
+        stats_key: tuple[str, ...] = ()
+        for k in range(n_passes(t, method)):
+            maps = [Task(f"{prefix}-map-{ti}-{k}-{p[1]}", "map", (p,), stats_key, ti, k, _piece_bytes(plan, p))
+                    for p in pieces]
+            tasks.extend(maps)
+            reduce = Task(f"{prefix}-reduce-{ti}-{k}", "reduce", (), stats_key + tuple(m.key for m in maps), ti, k)
+            tasks.append(reduce)
+            stats_key = (reduce.key,)
+        applies = [Task(f"{prefix}-apply-{ti}-{p[1]}", "apply", (p,), stats_key, ti, in_bytes=_piece_bytes(plan, p))
+                   for p in pieces]
+        tasks.extend(applies)
+        tasks.append(Task(f"{prefix}-hash-{ti}", "hash", (), tuple(a.key for a in applies), ti))
+    return tasks
+
+
+def graph_summary(tasks: list[Task]) -> dict[str, int]:
+    """Task counts by kind, and the total: what `moemerge plan --workers N` reports."""
+    out: dict[str, int] = defaultdict(int)
+    for t in tasks:
+        out[t.kind] += 1
+    return {"tasks": len(tasks), **dict(sorted(out.items()))}

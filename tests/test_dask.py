@@ -1,0 +1,168 @@
+"""The Dask executor on a real `distributed.LocalCluster`: byte-identical to the local executor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import moemerge
+from moemerge.engine.graph import build_graph, graph_summary
+from moemerge.errors import MergeRuntimeError, MoemergeError
+from tests.conftest import write_checkpoint
+
+distributed = pytest.importorskip("distributed")
+
+BIG = "model.layers.0.mlp.experts.gate_up_proj"
+
+
+@pytest.fixture(scope="module")
+def client():
+    """Two worker processes, one thread each (what `--workers 2` starts)."""
+    from moemerge.engine.cluster import start_client
+
+    c, cluster = start_client(workers=2, scheduler=None, memory_budget=256 << 20)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def _model(seed: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    return {
+        BIG: r(4, 96, 160),  # split into several units below
+        "model.embed_tokens.weight": r(300, 64),
+        "model.layers.0.input_layernorm.weight": r(64),
+        "model.layers.0.self_attn.q_proj.weight": r(64, 64),
+        "model.layers.1.self_attn.k_proj.weight": r(48, 64),
+        "model.norm.weight": r(64),
+        "model.position_ids": torch.arange(37, dtype=torch.int64),
+    }
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("dask-inputs")
+    base_seed = int.from_bytes(os.urandom(4), "little")
+    print(f"input seed {base_seed}")
+    return [write_checkpoint(root / f"m{i}", _model(base_seed + i), shards=2) for i in range(3)]
+
+
+def _config(method: str, inputs: list[Path]) -> dict:
+    base, *rest = [str(p) for p in inputs]
+    if method in ("linear", "sma"):
+        return {"merge_method": method, "models": [{"model": p, "parameters": {"weight": 1.0 + i}}
+                                                 for i, p in enumerate([base, *rest])]} \
+            if method == "linear" else {"merge_method": "sma", "models": [{"model": p} for p in [base, *rest]]}
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": base, "models": [{"model": rest[0]}],
+                "parameters": {"t": 0.3}}
+    if method == "model_stock":
+        return {"merge_method": "model_stock", "base_model": base, "models": [{"model": p} for p in rest]}
+    params = {"weight": 0.7, "density": 0.4}
+    return {"merge_method": method, "base_model": base,
+            "models": [{"model": p, "parameters": params} for p in rest]}
+
+
+def _tensor_bytes(out: Path) -> dict[str, str]:
+    return {k: v["sha256"] for k, v in json.loads((out / "moemerge-manifest.json").read_text())["tensors"].items()}
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+# one method per family: elementwise, one-pass statistics, order statistics, random, per-row
+@pytest.mark.parametrize("method", ["linear", "slerp", "ties", "dare_ties", "model_stock"])
+def test_dask_output_is_byte_identical_to_local(method: str, inputs: list[Path], client, tmp_path: Path) -> None:
+    cfg = _config(method, inputs)
+    kw = dict(memory_budget="2MB", chunk_rows=40, unit_size="150KB", seed=11)
+    local = moemerge.run(cfg, str(tmp_path / "local"), **kw)
+    dask = moemerge.run(cfg, str(tmp_path / "dask"), client=client, **kw)
+    tasks = build_graph(dask.plan)
+    kinds = graph_summary(tasks)
+    assert kinds.get("apply", 0) >= 2 and kinds.get("hash") == 1, kinds  # the big tensor was split
+    if method != "linear":
+        assert kinds.get("map", 0) >= 2 and kinds.get("reduce", 0) >= 1, kinds
+    assert _files(tmp_path / "dask") == _files(tmp_path / "local")
+    assert dask.checksums == local.checksums == _tensor_bytes(tmp_path / "dask")
+    assert not (tmp_path / "dask" / ".moemerge-incomplete").exists()
+
+
+def test_dask_zarr_output_matches_local_zarr(inputs: list[Path], client, tmp_path: Path) -> None:
+    cfg = _config("ties", inputs)
+    kw = dict(memory_budget="2MB", chunk_rows=40, unit_size="150KB", out_format="zarr")
+    local = moemerge.run(cfg, str(tmp_path / "local.zarr"), **kw)
+    dask = moemerge.run(cfg, str(tmp_path / "dask.zarr"), client=client, **kw)
+    assert dask.checksums == local.checksums
+    from moemerge.io.checkpoint import Checkpoint
+
+    a, b = Checkpoint.open(str(tmp_path / "local.zarr")), Checkpoint.open(str(tmp_path / "dask.zarr"))
+    for name, info in a.tensors.items():
+        x, y = bytearray(info.nbytes), bytearray(info.nbytes)
+        a.read_rows(name, 0, info.rows, memoryview(x))
+        b.read_rows(name, 0, info.rows, memoryview(y))
+        assert x == y, name
+
+
+def test_dask_error_in_a_task_fails_the_run_with_that_error(inputs: list[Path], client, tmp_path: Path) -> None:
+    # an integer tensor that differs between inputs is only seen while reading data
+    bad = write_checkpoint(tmp_path / "bad", {**_model(5), "model.position_ids": torch.arange(37) * 2}, shards=2)
+    cfg = {"merge_method": "linear", "models": [{"model": str(inputs[0]), "parameters": {"weight": 1}},
+                                                {"model": str(bad), "parameters": {"weight": 1}}]}
+    with pytest.raises(MergeRuntimeError, match="position_ids.*differs"):
+        moemerge.run(cfg, str(tmp_path / "out"), client=client, memory_budget="2MB", unit_size="150KB")
+    assert not (tmp_path / "out" / "moemerge-manifest.json").exists()
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_dask_survives_a_killed_worker(inputs: list[Path], tmp_path: Path) -> None:
+    from moemerge.engine.cluster import start_client
+
+    cfg = _config("ties", inputs)
+    kw = dict(memory_budget="1MB", chunk_rows=8, unit_size="40KB")
+    local = moemerge.run(cfg, str(tmp_path / "local"), **kw)
+    c, cluster = start_client(workers=2, scheduler=None, memory_budget=1 << 20)
+    try:
+        pids = list(c.run(os.getpid).values())
+        done = threading.Event()
+        killed: list[int] = []
+
+        def killer() -> None:
+            # once tasks have started finishing, kill one worker process outright
+            while not done.is_set():
+                if any(k.startswith("moemerge-") for k in c.who_has()):
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+                time.sleep(0.005)
+
+        th = threading.Thread(target=killer, daemon=True)
+        th.start()
+        try:
+            res = moemerge.run(cfg, str(tmp_path / "dask"), client=c, **kw)
+        finally:
+            done.set()
+            th.join()
+        assert killed, "the run finished before a worker could be killed"
+        assert pids[0] not in c.run(os.getpid).values()  # the nanny started a new process
+    finally:
+        c.close()
+        cluster.close()
+    assert _files(tmp_path / "dask") == _files(tmp_path / "local")
+    assert res.checksums == local.checksums
+
+
+def test_workers_and_scheduler_together_are_refused(inputs: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(MoemergeError, match="not both"):
+        moemerge.run(_config("linear", inputs), str(tmp_path / "o"), workers=2, scheduler="tcp://127.0.0.1:1")

@@ -29,9 +29,17 @@ def _run_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a finished output")
     p.add_argument("--device", default="cpu", help="where the math runs: cpu (default) or cuda")
     p.add_argument("--format", default="safetensors", choices=["safetensors", "zarr"])
-    p.add_argument("--workers", type=int, default=None, help="run on a local Dask cluster of N workers")
-    p.add_argument("--scheduler", default=None, help="run on an existing Dask cluster")
+    _dask_opts(p)
+    p.add_argument("--scheduler", default=None,
+                   help="run on an existing Dask cluster (its address, e.g. tcp://10.0.0.5:8786)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
+
+
+def _dask_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help="run on a local Dask cluster of N worker processes (--memory-budget is per worker)")
+    p.add_argument("--unit-size", default=None,
+                   help="input bytes per Dask task (default about 256MB); the output does not depend on it")
 
 
 def _pma_select_opts(p: argparse.ArgumentParser) -> None:
@@ -72,8 +80,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="dry run: what will be read and written, how much memory")
     p.add_argument("config")
+    p.add_argument("out", nargs="?", default=None, help="the output location (how Dask splits work depends on it)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "zarr"])
     _common(p)
+    _dask_opts(p)
 
     p = sub.add_parser("pma", help="average training snapshots (SMA / WMA / EMA)",
                        description="Average the snapshots of one training run. Give the snapshot "
@@ -138,13 +149,16 @@ def _not_yet(args: argparse.Namespace) -> None:
         raise ConfigError("--workers/--scheduler (Dask) are not supported yet; the local executor runs by default")
 
 
+def _dask_kw(args: argparse.Namespace) -> dict[str, Any]:
+    return {"workers": args.workers, "scheduler": args.scheduler, "unit_size": args.unit_size}
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from moemerge.api import run
 
-    _not_yet(args)
     res = run(args.config, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size,
               seed=args.seed, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-              out_format=args.format)
+              out_format=args.format, **_dask_kw(args))
     _report(res)
 
 
@@ -163,11 +177,41 @@ def _report(res: Any) -> None:
 def _cmd_plan(args: argparse.Namespace) -> None:
     from moemerge.api import plan
 
-    p = plan(args.config, memory_budget=args.memory_budget, shard_size=args.shard_size, seed=args.seed)
+    p = plan(args.config, memory_budget=args.memory_budget, shard_size=args.shard_size, seed=args.seed,
+             unit_size=args.unit_size, out_format=args.format)
+    dask = _dask_split(p, args.workers, remote=_is_remote(args.out)) if args.workers else None
     if args.json:
-        _out.print_json(json.dumps(p.summary()))
-    else:
-        _print_plan(p, f"plan for {args.config}")
+        _out.print_json(json.dumps({**p.summary(), **({"dask": dask} if dask else {})}))
+        return
+    _print_plan(p, f"plan for {args.config}")
+    if dask:
+        t = Table(title=f"on Dask, {args.workers} worker(s)", show_header=False, box=None)
+        for k, v in dask.items():
+            t.add_row(k.replace("_", " "), str(v))
+        _out.print(t)
+
+
+def _is_remote(out: str | None) -> bool:
+    return bool(out) and "://" in str(out) and not str(out).startswith("file://")
+
+
+def _dask_split(p: Any, workers: int, *, remote: bool) -> dict[str, Any]:
+    """How `p` splits into Dask tasks and what each of `workers` workers holds."""
+    from moemerge.engine.cluster import worker_memory_limit
+    from moemerge.engine.graph import build_graph, graph_summary
+    from moemerge.sizes import format_size
+
+    tasks = build_graph(p, by_shard=remote and p.out_format == "safetensors")
+    kinds = graph_summary(tasks)
+    work = sum(t.in_bytes for t in tasks)
+    return {
+        "tasks": kinds.pop("tasks"),
+        "by_kind": ", ".join(f"{k} {v:,}" for k, v in kinds.items()),
+        "bytes_per_task": format_size(work // max(1, len(tasks))),
+        "tasks_per_worker": f"~{-(-len(tasks) // workers):,}",
+        "worker_buffers": f"{format_size(p.peak_bytes)} (budget {format_size(p.memory_budget)} per worker)",
+        "worker_memory_limit": format_size(worker_memory_limit(p.memory_budget)),
+    }
 
 
 def _pma_weights(args: argparse.Namespace) -> list[float] | None:
@@ -227,18 +271,18 @@ def _cmd_pma(args: argparse.Namespace) -> None:
                               "run `moemerge pma PATTERN -o OUT` to average the window from scratch")
         update(args)
         return
-    _not_yet(args)
     args.method = args.method or "sma"
     args.alpha = 0.2 if args.alpha is None else args.alpha
     if not args.out and not args.dry_run:
         raise ConfigError("pma: give the output directory with -o OUT (or --dry-run)")
     weights = _pma_weights(args)
+    dcp = _pma_dcp(args)
     chosen = choose(args.snapshots, _pma_window(args), min_last=len(weights) if weights else None)
     for n in chosen.notes:
         _err.print(f"note: {n}", markup=False)
     snaps = list(chosen.urls)
     doc, eff = pma_config(snaps, method=args.method, alpha=args.alpha, weights=weights, dtype=args.out_dtype,
-                          dcp=_pma_dcp(args))
+                          dcp=dcp)
     cfg = parse_config(doc, where="pma")
     _print_snapshots(chosen, eff, f"{'weights' if weights else args.method} over {len(snaps)} snapshot(s), "
                                   "oldest first")
@@ -251,7 +295,7 @@ def _cmd_pma(args: argparse.Namespace) -> None:
               "pattern": chosen.pattern, "selection": chosen.selection}
     res = run(cfg, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size, seed=args.seed,
               overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-              out_format=args.format, manifest_extra={"pma": record})
+              out_format=args.format, manifest_extra={"pma": record}, **_dask_kw(args))
     _report(res)
 
 

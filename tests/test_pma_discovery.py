@@ -248,6 +248,10 @@ def test_choose_pattern_list_and_single_snapshot(tmp_path: Path) -> None:
     _snap(tmp_path, "final", 1)
     with pytest.raises(ConfigError, match="final: no step number"):
         choose([str(tmp_path / "step-10"), str(tmp_path / "final")], Window(last=1))
+    with pytest.raises(ConfigError, match="no finished snapshot directories match; check the pattern"):
+        choose([str(tmp_path / "iter_*")], Window(last=1))
+    with pytest.raises(ConfigError, match=r"match; skipped .*final: no step number"):
+        choose([str(tmp_path / "f*")], Window(last=1))
     with pytest.raises(ConfigError, match="go together"):
         choose([str(tmp_path)], Window(interval_tokens=80e9))
     with pytest.raises(ConfigError, match="not both"):

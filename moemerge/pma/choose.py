@@ -108,6 +108,10 @@ def choose(locations: Sequence[str], window: Window, *,
     if len(locations) == 1 and _is_pattern(locations[0], storage_options):
         pattern = locations[0]
         found, notes = discover(pattern, storage_options=storage_options, step_regex=window.step_regex)
+        if not found:
+            why = ("; " + "; ".join(notes[:5]) + (" ..." if len(notes) > 5 else "")) if notes else ""
+            raise ConfigError(f"{pattern}: no finished snapshot directories match{why}; check the "
+                              "pattern, and quote it so that the shell does not expand it")
         last = window.last if window.last is not None else (min_last or DEFAULT_LAST)
         try:
             snaps = select(found, last=last, interval_steps=interval, before_step=window.before_step)

@@ -209,10 +209,12 @@ def update(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     progress: bool | Progress | NullProgress = False,
+    chunk_rows: int | None = None,
 ) -> UpdateResult:
     """Apply the snapshots matching `pattern` that are newer than the state at `state_url`,
     then write the average to `out`. Settings left None come from the state (or defaults:
-    sma, last 10, alpha 0.2); settings that differ from the state's are refused.
+    sma, last 10, alpha 0.2); settings that differ from the state's are refused. `chunk_rows`
+    caps rows per chunk below what the budget allows (tests; results do not depend on it).
 
     Example:
         update("s3://run42/pma/state", "s3://run42/ckpt/step-*", "s3://run42/pma/latest")
@@ -248,7 +250,8 @@ def update(
         decision = decide(settings, cur.meta if cur else None, found, recompute_every=recompute_every)
         job = _Job(store=store, cur=cur, settings=settings, decision=decision, out=out, budget=budget,
                    shard=shard, out_format=out_format, out_dtype=out_dt, overwrite=overwrite,
-                   storage_options=storage_options, notes=list(notes), progress=progress)
+                   storage_options=storage_options, notes=list(notes), progress=progress,
+                   chunk_rows=chunk_rows)
         return job.run(t0)
     finally:
         if cur is not None:
@@ -261,11 +264,13 @@ class _Job:
     def __init__(self, *, store: StateStore, cur: StateVersion | None, settings: StateSettings,
                  decision: Decision, out: str, budget: int, shard: int, out_format: str,
                  out_dtype: str | None, overwrite: bool, storage_options: dict[str, Any] | None,
-                 notes: list[str], progress: bool | Progress | NullProgress) -> None:
+                 notes: list[str], progress: bool | Progress | NullProgress,
+                 chunk_rows: int | None = None) -> None:
         self.store, self.cur, self.settings, self.d = store, cur, settings, decision
         self.out, self.budget, self.shard, self.out_format = out, budget, shard, out_format
         self.out_dtype, self.overwrite, self.so = out_dtype, overwrite, storage_options
         self.notes = notes
+        self.chunk_rows = chunk_rows
         self.prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())
         self.opened: dict[str, Checkpoint] = {}
         self.bytes_read = 0
@@ -370,6 +375,8 @@ class _Job:
             gran = math.prod(t.shape[1:-1]) if self.out_format == "zarr" and len(t.shape) >= 3 else 1
             gran = max(1, gran)
             rows = (cap // max(1, t.row_len)) // gran * gran
+            if self.chunk_rows:
+                rows = min(rows, max(gran, self.chunk_rows // gran * gran))
             tensors.append(replace(t, rows_per_chunk=max(gran, min(rows, t.rows) if rows else gran)))
         return replace(p, tensors=tuple(tensors))
 

@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from moemerge.errors import ConfigError
+from moemerge.io.dcp_names import DcpNames, parse_dcp_names
 from moemerge.io.dtypes import parse_dtype_name
 
 __all__ = [
@@ -97,6 +98,9 @@ class MergeConfig:
     """`base` (default), or a model location whose tokenizer files are copied."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for every location (e.g. an S3 endpoint); never printed."""
+    dcp: DcpNames | None = None
+    """Which keys of PyTorch DCP inputs are read and how they are renamed (YAML `dcp:` with
+    `prefix:` and `rename:`); None: the `model.` keys, prefix stripped. Other inputs ignore it."""
     non_float: Literal["equal", "last"] | None = None
     """Non-float (and `*_extra_state`) tensors: `equal` copies them and requires them equal in
     every input (MergeKit's rule, the default of its methods); `last` copies them from the last
@@ -122,7 +126,7 @@ class MergeConfig:
 _TOP_KEYS = {
     "merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "storage_options", "slices", "tokenizer", "chat_template",
-    "name", "modules", "non_float",
+    "name", "modules", "non_float", "dcp",
 }
 _UNSUPPORTED = {
     "slices": "`slices:` is not supported yet; list whole models under `models:`",
@@ -289,6 +293,7 @@ def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
         tokenizer_source=tok,
         non_float=_parse_non_float(doc.get("non_float"), where),
         storage_options=dict(storage_options),
+        dcp=None if doc.get("dcp") is None else parse_dcp_names(doc["dcp"], where="dcp"),
         source=dict(doc),
     )
     method.validate_config(cfg)

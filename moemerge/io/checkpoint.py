@@ -11,12 +11,15 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moemerge.errors import CheckpointError
 from moemerge.io import storage
 from moemerge.io.dtypes import itemsize
 from moemerge.io.safetensors_format import parse_header, parse_header_length
+
+if TYPE_CHECKING:
+    from moemerge.io.dcp_names import DcpNames
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorInfo", "Checkpoint", "row_geometry"]
 
@@ -91,8 +94,13 @@ class Checkpoint:
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:
-        """Read and validate the index and every shard header of the checkpoint at `url`."""
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None, *,
+             names: DcpNames | None = None) -> Checkpoint:
+        """Read and validate the index and every shard header of the checkpoint at `url`.
+
+        A directory with a `.metadata` file is a PyTorch DCP checkpoint; `names` picks and
+        renames its model keys (None: the `model.` keys, see `moemerge.io.dcp_names`).
+        """
         try:
             fs, root = storage.resolve(url, storage_options)
         except Exception as e:  # bad protocol, missing driver, bad options
@@ -117,9 +125,13 @@ class Checkpoint:
             return ckpt._loaded(lambda: ckpt._read_index(index_path))
         if _isfile(fs, url, single_path):
             return ckpt._loaded(lambda: {SINGLE_NAME: None})
+        if _isfile(fs, url, storage.join(root, ".metadata")):  # PyTorch DCP / Megatron torch_dist
+            from moemerge.io.dcp import DcpCheckpoint
+
+            return DcpCheckpoint.open_dir(url, fs, root, names)
         raise CheckpointError(
-            f"{url}: no {INDEX_NAME} or {SINGLE_NAME} here; point at a Hugging Face model "
-            "directory with safetensors weights"
+            f"{url}: no {INDEX_NAME}, {SINGLE_NAME} or DCP .metadata here; point at a Hugging Face "
+            "model directory with safetensors weights or a PyTorch DCP checkpoint directory"
         )
 
     def _loaded(self, files: Callable[[], dict[str, list[str] | None]]) -> Checkpoint:

@@ -1,0 +1,246 @@
+"""Where a DCP chunk's raw tensor bytes are inside its data file, found with small range reads.
+
+The default DCP writer stores each chunk as a complete `torch.save` zip archive at (offset,
+length) of a `.distcp` file; the tensor's storage is the archive entry `<name>/data/<key>`,
+stored uncompressed. Its central directory (at the archive's end) and `data.pkl` (at its
+start) are a few hundred bytes each, so a chunk is located with two reads. The safetensors
+writer (`SerializationFormat.SAFETENSORS`) instead ends the file with one safetensors blob
+holding every tensor of the file by key; the chunk's recorded offset is where that blob starts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from moemerge.errors import CheckpointError
+from moemerge.io import storage
+from moemerge.io.dcp_pickle import ChunkMeta, StorageEntry, load_stored_tensor
+from moemerge.io.dtypes import from_torch, itemsize
+from moemerge.io.safetensors_format import ShardHeader, parse_header, parse_header_length
+
+__all__ = ["st_dtype", "locate_chunk", "check_coverage", "RangeFile"]
+
+# The central directory of a one-tensor archive is ~600 bytes and data.pkl ~200: these
+# windows hold both in the common case, so locating a chunk costs two reads.
+_HEAD = 4096
+_TAIL = 16384
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def st_dtype(torch_name: str) -> str | None:
+    """torch dtype name ('bfloat16') -> safetensors name ('BF16'); None if moemerge has none."""
+    dt = getattr(torch, torch_name, None)
+    if not isinstance(dt, torch.dtype):
+        return None
+    try:
+        return from_torch(dt)
+    except KeyError:
+        return None
+
+
+class RangeFile(io.RawIOBase):
+    """Bytes [base, base + length) of a ByteSource as a seekable read-only file.
+
+    The first `_HEAD` and last `_TAIL` bytes are fetched once, up front, and reads inside
+    them are served from memory; any other read is one exact range read.
+    """
+
+    def __init__(self, src: storage.ByteSource, base: int, length: int) -> None:
+        super().__init__()
+        self._src = src
+        self._base = base
+        self._len = length
+        self._pos = 0
+        self._windows: list[tuple[int, bytes]] = []
+        if length <= _HEAD + _TAIL:
+            self._windows.append((0, storage.read_bytes(src, base, length)))
+        else:
+            self._windows.append((0, storage.read_bytes(src, base, _HEAD)))
+            self._windows.append((length - _TAIL, storage.read_bytes(src, base + length - _TAIL, _TAIL)))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._len}[whence]
+        if base + offset < 0:
+            raise OSError(f"seek to {base + offset} before the start of the chunk")
+        self._pos = base + offset
+        return self._pos
+
+    def pread(self, pos: int, n: int) -> bytes:
+        """Up to `n` bytes at `pos` (fewer at the end of the range)."""
+        n = max(0, min(n, self._len - pos))
+        for start, data in self._windows:
+            if start <= pos and pos + n <= start + len(data):
+                return data[pos - start:pos - start + n]
+        return storage.read_bytes(self._src, self._base + pos, n)
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.pread(self._pos, len(b))
+        memoryview(b)[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChunkPlace:
+    """A located chunk: the absolute byte offset of its row-major data in its file."""
+
+    start: int
+    nbytes: int
+
+
+def _row_major(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    if len(size) != len(stride):
+        return False
+    want = 1
+    for d, s in zip(reversed(size), reversed(stride)):
+        if d != 1 and s != want:
+            return False
+        want *= d
+    return True
+
+
+def _locate_zip(rf: RangeFile, entry: StorageEntry, chunk: ChunkMeta, dtype: str, where: str) -> ChunkPlace:
+    try:
+        zf = zipfile.ZipFile(rf)  # reads only the end record and the central directory
+        names = zf.namelist()
+        pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+        if len(pkl) != 1:
+            raise CheckpointError(f"{where}: the chunk archive has {len(pkl)} data.pkl entries, expected 1 (corrupt file)")
+        prefix = pkl[0][: -len("data.pkl")]
+        stored = load_stored_tensor(zf.read(pkl[0]), where=where)
+        if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder").strip() != b"little":
+            raise CheckpointError(f"{where}: the chunk was saved on a big-endian machine; only little-endian "
+                                  "checkpoints can be read")
+        try:
+            info = zf.getinfo(f"{prefix}data/{stored.key}")
+        except KeyError:
+            raise CheckpointError(f"{where}: the chunk archive has no entry `data/{stored.key}` for its storage "
+                                  "(corrupt file)") from None
+        header = rf.pread(info.header_offset, 30)
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error) as e:
+        raise CheckpointError(
+            f"{where}: bytes {entry.offset}..{entry.offset + entry.length} are not a readable torch.save "
+            f"archive ({e}); the file is corrupt or truncated (re-copy it)"
+        ) from e
+    if stored.dtype != dtype:
+        raise CheckpointError(f"{where}: the chunk is stored as {stored.dtype} but .metadata says {dtype} (corrupt checkpoint)")
+    if stored.size != chunk.sizes:
+        raise CheckpointError(f"{where}: the chunk is stored with shape {list(stored.size)} but .metadata says "
+                              f"{list(chunk.sizes)} (corrupt checkpoint)")
+    if not _row_major(stored.size, stored.stride):
+        raise CheckpointError(f"{where}: the chunk is stored with strides {list(stored.stride)}, not row-major; "
+                              "such chunks cannot be read by row ranges (save contiguous tensors)")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f"{where}: the chunk's data is compressed in its archive; only stored "
+                              "(uncompressed) torch.save archives can be read by byte ranges")
+    if len(header) < 30 or header[:4] != _ZIP_MAGIC:
+        raise CheckpointError(f"{where}: no zip local header at the chunk data entry (corrupt file)")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    data_at = info.header_offset + 30 + name_len + extra_len
+    isz = itemsize(st_dtype(dtype) or "U8")
+    nbytes = math.prod(chunk.sizes) * isz
+    if stored.storage_offset * isz + nbytes > info.file_size or data_at + info.file_size > entry.length:
+        raise CheckpointError(f"{where}: the chunk's data entry is shorter than its shape needs (corrupt or "
+                              "truncated file)")
+    return ChunkPlace(start=entry.offset + data_at + stored.storage_offset * isz, nbytes=nbytes)
+
+
+def _locate_safetensors(header: ShardHeader, key: str, entry: StorageEntry, chunk: ChunkMeta, dtype: str,
+                        where: str) -> ChunkPlace:
+    t = header.tensors.get(key)
+    if t is None:
+        raise CheckpointError(f"{where}: neither a torch.save archive nor a safetensors entry named `{key}` "
+                              f"at byte {entry.offset} (corrupt file, or a storage layout this reader does not know)")
+    if t.dtype != st_dtype(dtype) or t.shape != chunk.sizes:
+        raise CheckpointError(f"{where}: stored as {t.dtype}{list(t.shape)} but .metadata says {dtype}"
+                              f"{list(chunk.sizes)} (corrupt checkpoint)")
+    info = header.metadata.get("DCP_SHARDING_INFO")
+    try:
+        saved = json.loads(info)[key]["saved_offsets"] if info else None
+    except (ValueError, KeyError, TypeError):
+        saved = None
+    if saved is not None and tuple(saved) != chunk.offsets:
+        # the safetensors writer keys tensors by name, so a file holds one chunk per key
+        raise CheckpointError(f"{where}: this file holds the chunk at offsets {saved}, not {list(chunk.offsets)}; "
+                              "two chunks of one key were written to one safetensors file (unreadable)")
+    return ChunkPlace(start=entry.offset + t.start, nbytes=t.nbytes)
+
+
+def read_safetensors_header(src: storage.ByteSource, offset: int, where: str) -> ShardHeader:
+    """The safetensors header of a blob starting at `offset` and running to the end of the file."""
+    size = src.size - offset
+    n = parse_header_length(storage.read_bytes(src, offset, 8) if size >= 8 else b"", file_size=size, where=where)
+    return parse_header(storage.read_bytes(src, offset + 8, n), file_size=size, where=where)
+
+
+def locate_chunk(src: storage.ByteSource, key: str, entry: StorageEntry, chunk: ChunkMeta, dtype: str, *,
+                 where: str, st_headers: dict[int, ShardHeader]) -> ChunkPlace:
+    """Find where the row-major bytes of chunk `chunk` of tensor `key` start in `src`.
+
+    `st_headers` caches parsed safetensors headers of this file by blob offset.
+    """
+    if entry.length >= 4:
+        rf = RangeFile(src, entry.offset, entry.length)
+        if rf.pread(0, 4) == _ZIP_MAGIC:
+            return _locate_zip(rf, entry, chunk, dtype, where)
+    header = st_headers.get(entry.offset)
+    if header is None:
+        try:
+            header = read_safetensors_header(src, entry.offset, where)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{where}: bytes at {entry.offset} are neither a torch.save archive nor a safetensors "
+                f"blob ({e.message}); the file is corrupt, or written by a DCP storage layout this "
+                "reader does not know"
+            ) from None
+        st_headers[entry.offset] = header
+    return _locate_safetensors(header, key, entry, chunk, dtype, where)
+
+
+def check_coverage(size: tuple[int, ...], chunks: tuple[ChunkMeta, ...], *, where: str) -> None:
+    """Chunks must tile the global shape exactly: inside it, no overlap, volumes adding up."""
+    total = math.prod(size)
+    vol = 0
+    for c in chunks:
+        if len(c.offsets) != len(size) or len(c.sizes) != len(size) or any(
+                o + s > d for o, s, d in zip(c.offsets, c.sizes, size)):
+            raise CheckpointError(f"{where}: chunk at offsets {list(c.offsets)} of sizes {list(c.sizes)} lies "
+                                  f"outside the tensor's shape {list(size)} (corrupt .metadata)")
+        vol += math.prod(c.sizes)
+    boxes = [c for c in chunks if math.prod(c.sizes)]
+    if size:
+        # sweep along the largest dim; only boxes whose ranges there intersect can overlap
+        dim = max(range(len(size)), key=lambda d: size[d])
+        boxes.sort(key=lambda c: (c.offsets[dim], c.offsets))
+        active: list[ChunkMeta] = []
+        for c in boxes:
+            active = [a for a in active if a.offsets[dim] + a.sizes[dim] > c.offsets[dim]]
+            for a in active:
+                if all(max(ao, co) < min(ao + asz, co + csz)
+                       for ao, asz, co, csz in zip(a.offsets, a.sizes, c.offsets, c.sizes)):
+                    raise CheckpointError(f"{where}: chunks at offsets {list(a.offsets)} and {list(c.offsets)} "
+                                          "overlap (corrupt .metadata)")
+            active.append(c)
+    elif len(boxes) > 1:
+        raise CheckpointError(f"{where}: a scalar stored {len(boxes)} times (corrupt .metadata)")
+    if vol != total:
+        raise CheckpointError(f"{where}: its chunks hold {vol} of its {total} elements (shape {list(size)}); "
+                              "part of the tensor is missing from .metadata (incomplete or corrupt checkpoint)")

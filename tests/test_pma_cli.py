@@ -269,6 +269,7 @@ def _peaks(root: Path, shape: tuple[int, int], dtype: str, budget: str, counts: 
 
 def _assert_flat(peaks: dict[int, int], tensor_bytes: int) -> None:
     lo, hi = min(peaks.values()), max(peaks.values())
+    print("peak RSS by snapshot count:", {n: f"{p / 2**20:.0f} MiB" for n, p in peaks.items()})
     assert hi <= 1.10 * lo, {n: f"{p / 2**20:.0f} MiB" for n, p in peaks.items()}
     # and far from holding one tensor per snapshot
     assert hi - lo < 2 * tensor_bytes

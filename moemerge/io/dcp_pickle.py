@@ -96,6 +96,9 @@ _META_NAMES: dict[tuple[str, str], Any] = {
     (_DCP, "MetadataIndex"): _MetadataIndex,
     (_DCP, "_MEM_FORMAT_ENCODING"): _identity,  # an enum, rebuilt from its int value
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    # torch < 2.2 pickled the sharded-tensor TensorProperties in DCP metadata
+    ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"): _TensorProperties,
+    ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"): _identity,
     ("torch", "Size"): _size,
     ("torch.serialization", "_get_layout"): _identity,  # layout by name: "torch.strided"
     ("collections", "OrderedDict"): OrderedDict,

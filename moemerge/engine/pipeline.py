@@ -28,9 +28,10 @@ from moemerge.engine.compute import ALIGN, ChunkView, apply_into, copy_equal, sc
 from moemerge.engine.jobs import Job, Stage, plan_jobs
 from moemerge.engine.progress import NullProgress, Progress
 from moemerge.io.checkpoint import Checkpoint
-from moemerge.io.dtypes import to_torch
+from moemerge.io.dtypes import itemsize, to_torch
 from moemerge.methods import get_method
 from moemerge.methods.base import Method
+from moemerge.planner.build import BLOCK_ELEMS
 from moemerge.planner.plan import Plan
 
 __all__ = ["run_jobs", "JobsResult", "EMPTY_SHA256"]
@@ -58,6 +59,25 @@ def fold_partial(method: Method, plan: Plan, ti: int, k: int, acc: list[Any], pa
         acc[0] = combine(acc[0], part)
     else:
         acc.append(part)
+
+
+def _buffer_needs(plan: Plan, method: Method, pieces: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """(read, write, compute elements) buffer sizes for these pieces: the plan's at most.
+
+    A Dask task of small tensors needs far less than the plan's largest chunk; allocating (and
+    touching) only that keeps per-task overhead proportional to the task.
+    """
+    need_in = need_out = need_elems = 0
+    for ti, r0, r1 in pieces:
+        t = plan.tensors[ti]
+        rows = min(t.rows_per_chunk, r1 - r0) if len(t.chunks) > 1 else t.rows
+        need_in = max(need_in, sum(n for _, n in segments(t, 0, rows)))
+        need_out = max(need_out, rows * t.row_len * itemsize(t.out_dtype))
+        need_elems = max(need_elems, rows * t.row_len if t.method != "copy" else 0)
+    if method.elementwise:
+        need_elems = min(need_elems, BLOCK_ELEMS)
+    return (min(need_in, plan.chunk_in_bytes), min(need_out, plan.chunk_out_bytes),
+            min(need_elems, plan.chunk_elems))
 
 
 def run_jobs(
@@ -90,11 +110,12 @@ def run_jobs(
             if (t.rows == 0 or t.numel == 0) and r0 == 0:
                 result.digests[t.name] = EMPTY_SHA256
     n_src = len(plan.sources)
-    in_pool = BufferPool(2, plan.chunk_in_bytes + ALIGN * n_src, "read")
-    out_pool = BufferPool(2, plan.chunk_out_bytes, "write")
+    need_in, need_out, need_elems = _buffer_needs(plan, method, piece_list)
+    in_pool = BufferPool(2, need_in + ALIGN * n_src, "read")
+    out_pool = BufferPool(2, need_out, "write")
     comp_bytes = 8 if any(t.compute_dtype == "F64" for t in plan.tensors) else 4
     slabs = [
-        torch.zeros(plan.chunk_elems * comp_bytes + 8, dtype=torch.uint8, device=device)
+        torch.zeros(need_elems * comp_bytes + 8, dtype=torch.uint8, device=device)
         for _ in range(plan.working_copies)
     ]
     stop = threading.Event()

@@ -194,6 +194,9 @@ def build_plan(
         fixed = 0
         per_elem = _IN_FLIGHT * in_elem + (working + temps) * comp_elem + _IN_FLIGHT * out_elem
     chunk_cap = max(1, (memory_budget - fixed) // per_elem) if memory_budget > fixed else 1
+    # a chunk is read whole by one task: no bigger than a work unit, so units stay bounded
+    # (and a unit's worth of input is already far past where bigger reads go faster)
+    chunk_cap = min(chunk_cap, max(1, unit_bytes // in_elem))
 
     tensors: list[TensorPlan] = []
     shards, where = lay_out_shards([(p["name"], p["out_dtype"], p["infos"][0].shape) for p in planned], shard_size)

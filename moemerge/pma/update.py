@@ -14,6 +14,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -276,6 +277,12 @@ class _Job:
         self.bytes_read = 0
         self.state_read = 0
         self.state_written = 0
+        self._count_lock = threading.Lock()  # counters are bumped from the read threads
+
+    def _count(self, attr: str, n: int) -> None:
+        with self._count_lock:
+            setattr(self, attr, getattr(self, attr) + n)
+        self.prog.advance(n)
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -470,6 +477,10 @@ class _Job:
         out_buf = bytearray(elems * 8)
         digests: dict[str, str] = {}
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="moemerge-pma")
+        # elementwise fp64 math is memory-bound: a second torch thread only competes with the
+        # read and write threads (and spin-waits on a busy machine: 30x slower measured here)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(1)
         try:
             for t in plan.tensors:
                 h = hashlib.sha256()
@@ -479,7 +490,7 @@ class _Job:
                         info = newest.tensors[t.name]
                         view = memoryview(out_buf)[:m * itemsize(info.dtype)]
                         newest.read_rows(t.name, r0, r1, view)
-                        self.bytes_read += len(view)
+                        self._count("bytes_read", len(view))
                     else:
                         sums = {k: v[:m] for k, v in sums_buf.items()}
                         self._fold(t.name, r0, r1, sums, scratch[:m], tmp[:m], extra[:m], raw, pool, n)
@@ -500,6 +511,7 @@ class _Job:
                 digests[t.name] = h.hexdigest()
         finally:
             pool.shutdown(wait=True)
+            torch.set_num_threads(threads_before)
         return digests
 
     def _fold(self, name: str, r0: int, r1: int, sums: dict[str, torch.Tensor], m_buf: torch.Tensor,
@@ -514,8 +526,7 @@ class _Job:
             info = ck.tensors[name]
             view = memoryview(buf)[:m * itemsize(info.dtype)]
             ck.read_rows(name, r0, r1, view)
-            self.bytes_read += len(view)
-            self.prog.advance(len(view))
+            self._count("bytes_read", len(view))
             return torch.frombuffer(buf, dtype=to_torch(info.dtype), count=m)
 
         if d.action == "build":
@@ -546,8 +557,7 @@ class _Job:
     def _read_state(self, kind: str, name: str, r0: int, r1: int, dst: torch.Tensor) -> None:
         assert self.cur is not None
         self.cur.sums.read_rows(array_name(kind, name), r0, r1, memoryview(dst.numpy()).cast("B"))
-        self.state_read += dst.numel() * 8
-        self.prog.advance(dst.numel() * 8)
+        self._count("state_read", dst.numel() * 8)
 
     # -- commit documents ------------------------------------------------------------------------
 

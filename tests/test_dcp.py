@@ -596,3 +596,60 @@ def test_reads_a_four_rank_dtensor_checkpoint(tmp_path: Path) -> None:
                 assert read_all(ck, name, step) == as_bytes(src), (name, step)
     finally:
         ck.close()
+
+
+class _BytesSource:
+    """An in-memory ByteSource."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.name, self.size, self._raw = "mem", len(raw), raw
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        out[:] = self._raw[offset:offset + len(out)]
+
+    def close(self) -> None:
+        pass
+
+
+def _zipfile_entries(raw: bytes) -> dict:
+    import zipfile
+
+    from moemerge.io.dcp_layout import ZipEntry
+
+    return {i.filename: ZipEntry(i.header_offset, i.compress_type, i.compress_size, i.CRC)
+            for i in zipfile.ZipFile(io.BytesIO(raw)).infolist()}
+
+
+@pytest.mark.parametrize("kind", ["torch.save", "zip64-fields", "comment"])
+def test_archive_directory_parse_agrees_with_zipfile(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """The direct central-directory parse (zip64 records included) gives zipfile's answer, or
+    steps aside (None) for archives it does not handle."""
+    import zipfile
+
+    from moemerge.io.dcp_layout import RangeFile, zip_entries, zip_entries_fast
+
+    buf = io.BytesIO()
+    if kind == "torch.save":
+        torch.save(torch.randn(40, 30), buf)  # torch writes zip64 end records even when small
+    else:
+        members = {"archive/data.pkl": os.urandom(300), "archive/data/0": os.urandom(5000)}
+        if kind == "zip64-fields":
+            # sizes and offsets above this limit are written as zip64 extra fields, as torch
+            # does for members and archives above 4 GiB
+            monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 100)
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, data in members.items():
+                with zf.open(name, "w", force_zip64=True) as f:
+                    f.write(data)
+            if kind == "comment":
+                zf.comment = b"not what torch writes"
+        monkeypatch.setattr(zipfile, "ZIP64_LIMIT", (1 << 31) - 1)
+    raw = buf.getvalue()
+    rf = RangeFile(_BytesSource(raw), 0, len(raw))
+    want = _zipfile_entries(raw)
+    fast = zip_entries_fast(rf)
+    if kind == "comment":
+        assert fast is None
+    else:
+        assert fast == want
+    assert zip_entries(rf) == want

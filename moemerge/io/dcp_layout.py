@@ -15,6 +15,7 @@ import json
 import math
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,8 @@ from moemerge.io.dcp_pickle import ChunkMeta, StorageEntry, load_stored_tensor
 from moemerge.io.dtypes import from_torch, itemsize
 from moemerge.io.safetensors_format import ShardHeader, parse_header, parse_header_length
 
-__all__ = ["st_dtype", "locate_chunk", "check_coverage", "RangeFile"]
+__all__ = ["st_dtype", "locate_chunk", "check_coverage", "RangeFile", "ZipEntry", "zip_entries",
+           "zip_entries_fast"]
 
 # The central directory of a one-tensor archive is ~600 bytes and data.pkl ~200: these
 # windows hold both in the common case, so locating a chunk costs two reads.
@@ -115,24 +117,133 @@ def _row_major(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class ZipEntry:
+    """One archive member, from the central directory."""
+
+    header_offset: int
+    method: int  # 0: stored
+    size: int  # compressed size; equal to the data size when stored
+    crc: int
+
+
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record, 22 bytes
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")  # zip64 end of central directory record, 56 bytes
+_LOC64 = struct.Struct("<4sLQL")  # zip64 end of central directory locator, 20 bytes
+_CDIR = struct.Struct("<4s6H3L5H2L")  # central directory file header, 46 bytes
+_U32, _U16 = 0xFFFFFFFF, 0xFFFF
+
+
+def _zip64_extra(extra: bytes, wanted: int) -> list[int] | None:
+    """The 8-byte values of a zip64 extra field (id 1): size, compressed size, offset, in
+    that order, only for the fields the fixed header saturated."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, n = struct.unpack_from("<HH", extra, pos)
+        if tag == 1:
+            if n < 8 * wanted:
+                return None
+            return list(struct.unpack_from(f"<{wanted}Q", extra, pos + 4))
+        pos += 4 + n
+    return None
+
+
+def zip_entries_fast(rf: RangeFile) -> dict[str, ZipEntry] | None:
+    """The central directory of a comment-free single-disk archive (what torch.save writes,
+    zip64 records included), or None when it is anything else.
+
+    Parsed directly because zipfile's parse costs more than the reads when a checkpoint has
+    10^5 chunks; None sends the caller to zipfile.
+    """
+    n = rf.seek(0, 2)
+    end = rf.pread(n - _EOCD.size, _EOCD.size) if n >= _EOCD.size else b""
+    if len(end) != _EOCD.size:
+        return None
+    sig, disk, cd_disk, count, total, cd_size, cd_at, comment = _EOCD.unpack(end)
+    if sig != b"PK\x05\x06" or comment or disk or cd_disk or count != total:
+        return None
+    cd_end = n - _EOCD.size
+    loc_at = cd_end - _LOC64.size
+    loc = rf.pread(loc_at, _LOC64.size) if loc_at >= 0 else b""
+    if len(loc) == _LOC64.size and loc[:4] == b"PK\x06\x07":
+        _, _, rec_at, _ = _LOC64.unpack(loc)
+        rec = rf.pread(rec_at, _EOCD64.size)
+        if len(rec) != _EOCD64.size or rec[:4] != b"PK\x06\x06":
+            return None
+        f64 = _EOCD64.unpack(rec)
+        count, cd_size, cd_at, cd_end = f64[7], f64[8], f64[9], rec_at
+    elif _U16 in (count, total) or _U32 in (cd_size, cd_at):
+        return None
+    if cd_at + cd_size != cd_end:
+        return None
+    raw = rf.pread(cd_at, cd_size)
+    out: dict[str, ZipEntry] = {}
+    pos = 0
+    for _ in range(count):
+        if pos + _CDIR.size > len(raw):
+            return None
+        f = _CDIR.unpack_from(raw, pos)
+        if f[0] != b"PK\x01\x02":
+            return None
+        method, crc, csize, usize, nlen, xlen, clen, at = f[4], f[7], f[8], f[9], f[10], f[11], f[12], f[16]
+        name = raw[pos + _CDIR.size:pos + _CDIR.size + nlen].decode("utf-8", "replace")
+        big = [v == _U32 for v in (usize, csize, at)]
+        if any(big):
+            vals = _zip64_extra(raw[pos + _CDIR.size + nlen:pos + _CDIR.size + nlen + xlen], sum(big))
+            if vals is None:
+                return None
+            it = iter(vals)
+            usize, csize, at = (next(it) if b else v for b, v in zip(big, (usize, csize, at)))
+        out[name] = ZipEntry(at, method, csize, crc)
+        pos += _CDIR.size + nlen + xlen + clen
+    return out
+
+
+def zip_entries(rf: RangeFile) -> dict[str, ZipEntry]:
+    """The archive's members: the direct parse, else zipfile's (zip64, comments)."""
+    fast = zip_entries_fast(rf)
+    if fast is not None:
+        return fast
+    zf = zipfile.ZipFile(rf)  # reads only the end records and the central directory
+    return {i.filename: ZipEntry(i.header_offset, i.compress_type, i.compress_size, i.CRC) for i in zf.infolist()}
+
+
+def _data_at(rf: RangeFile, e: ZipEntry) -> int:
+    """Offset of a member's data in the archive, from its local header."""
+    header = rf.pread(e.header_offset, 30)
+    if len(header) < 30 or header[:4] != _ZIP_MAGIC:
+        raise zipfile.BadZipFile(f"no local file header at byte {e.header_offset}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return e.header_offset + 30 + name_len + extra_len
+
+
+def _member(rf: RangeFile, e: ZipEntry) -> bytes:
+    """A small stored member's bytes, CRC-checked."""
+    if e.method != zipfile.ZIP_STORED:
+        raise zipfile.BadZipFile("a compressed member")
+    data = rf.pread(_data_at(rf, e), e.size)
+    if len(data) != e.size or zlib.crc32(data) != e.crc:
+        raise zipfile.BadZipFile("a member fails its CRC check")
+    return data
+
+
 def _locate_zip(rf: RangeFile, entry: StorageEntry, chunk: ChunkMeta, dtype: str, where: str) -> ChunkPlace:
     try:
-        zf = zipfile.ZipFile(rf)  # reads only the end record and the central directory
-        names = zf.namelist()
-        pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+        members = zip_entries(rf)
+        pkl = [n for n in members if n == "data.pkl" or n.endswith("/data.pkl")]
         if len(pkl) != 1:
             raise CheckpointError(f"{where}: the chunk archive has {len(pkl)} data.pkl entries, expected 1 (corrupt file)")
         prefix = pkl[0][: -len("data.pkl")]
-        stored = load_stored_tensor(zf.read(pkl[0]), where=where)
-        if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder").strip() != b"little":
+        stored = load_stored_tensor(_member(rf, members[pkl[0]]), where=where)
+        order = members.get(f"{prefix}byteorder")
+        if order is not None and _member(rf, order).strip() != b"little":
             raise CheckpointError(f"{where}: the chunk was saved on a big-endian machine; only little-endian "
                                   "checkpoints can be read")
-        try:
-            info = zf.getinfo(f"{prefix}data/{stored.key}")
-        except KeyError:
+        info = members.get(f"{prefix}data/{stored.key}")
+        if info is None:
             raise CheckpointError(f"{where}: the chunk archive has no entry `data/{stored.key}` for its storage "
-                                  "(corrupt file)") from None
-        header = rf.pread(info.header_offset, 30)
+                                  "(corrupt file)")
+        data_at = _data_at(rf, info)
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error) as e:
@@ -148,16 +259,12 @@ def _locate_zip(rf: RangeFile, entry: StorageEntry, chunk: ChunkMeta, dtype: str
     if not _row_major(stored.size, stored.stride):
         raise CheckpointError(f"{where}: the chunk is stored with strides {list(stored.stride)}, not row-major; "
                               "such chunks cannot be read by row ranges (save contiguous tensors)")
-    if info.compress_type != zipfile.ZIP_STORED:
+    if info.method != zipfile.ZIP_STORED:
         raise CheckpointError(f"{where}: the chunk's data is compressed in its archive; only stored "
                               "(uncompressed) torch.save archives can be read by byte ranges")
-    if len(header) < 30 or header[:4] != _ZIP_MAGIC:
-        raise CheckpointError(f"{where}: no zip local header at the chunk data entry (corrupt file)")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    data_at = info.header_offset + 30 + name_len + extra_len
     isz = itemsize(st_dtype(dtype) or "U8")
     nbytes = math.prod(chunk.sizes) * isz
-    if stored.storage_offset * isz + nbytes > info.file_size or data_at + info.file_size > entry.length:
+    if stored.storage_offset * isz + nbytes > info.size or data_at + info.size > entry.length:
         raise CheckpointError(f"{where}: the chunk's data entry is shorter than its shape needs (corrupt or "
                               "truncated file)")
     return ChunkPlace(start=entry.offset + data_at + stored.storage_offset * isz, nbytes=nbytes)

@@ -164,9 +164,11 @@ class StateStore:
         store.commit(w, meta)                     # manifest, then pointer, then old version gone
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
+                 compress: bool = True) -> None:
         self.url = url.rstrip("/") or url
         self.storage_options = storage_options
+        self.compress = compress
         try:
             self.fs, root = storage.resolve(url, storage_options)
         except Exception as e:  # bad protocol, missing driver, bad options
@@ -283,7 +285,8 @@ class StateStore:
             os.makedirs(self.root, exist_ok=True)
         writer = ZarrModelWriter(self.version_url(meta.version), arrays,
                                  attributes={"pma_state": meta.to_json()}, overwrite=True,
-                                 storage_options=self.storage_options)
+                                 storage_options=self.storage_options,
+                                 compressors=_compressors() if self.compress else None)
         writer.prepare()
         return writer
 
@@ -315,6 +318,15 @@ def new_meta(settings: StateSettings, steps: list[tuple[int, str]], *, skipped: 
         ops_since_recompute=ops_since_recompute,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _compressors() -> Any:
+    """lz4 with byte shuffle: sums of a few bf16/fp16/fp32 values leave most of a float64's low
+    mantissa bytes zero, so the state shrinks about 3x (measured on sums of 10 bf16 snapshots)
+    for a few hundred MB/s of CPU per core."""
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=8)]
 
 
 def _version_dir(version: int) -> str:

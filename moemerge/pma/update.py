@@ -211,11 +211,13 @@ def update(
     storage_options: dict[str, Any] | None = None,
     progress: bool | Progress | NullProgress = False,
     chunk_rows: int | None = None,
+    compress_state: bool = True,
 ) -> UpdateResult:
     """Apply the snapshots matching `pattern` that are newer than the state at `state_url`,
     then write the average to `out`. Settings left None come from the state (or defaults:
     sma, last 10, alpha 0.2); settings that differ from the state's are refused. `chunk_rows`
     caps rows per chunk below what the budget allows (tests; results do not depend on it).
+    `compress_state` stores the new state version lz4-compressed (lossless; about 3x smaller).
 
     Example:
         update("s3://run42/pma/state", "s3://run42/ckpt/step-*", "s3://run42/pma/latest")
@@ -232,7 +234,7 @@ def update(
         out_dt = parse_dtype_name(out_dtype)
         if out_dt is None:
             raise ConfigError(f"--out-dtype: {out_dtype!r} is not a float dtype; use bfloat16, float16 or float32")
-    store = StateStore(state_url, storage_options)
+    store = StateStore(state_url, storage_options, compress=compress_state)
     store.check_writable()
     cur = store.current()
     try:

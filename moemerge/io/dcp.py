@@ -29,7 +29,7 @@ from moemerge.io.dcp_pickle import ChunkMeta, DcpMetadata, StorageEntry, TensorM
 from moemerge.io.dtypes import itemsize
 from moemerge.io.safetensors_format import ShardHeader
 
-__all__ = ["METADATA_NAME", "EXTRA_STATE", "DcpCheckpoint", "is_dcp_dir"]
+__all__ = ["METADATA_NAME", "EXTRA_STATE", "DcpCheckpoint"]
 
 METADATA_NAME = ".metadata"
 #: Suffix of TransformerEngine's opaque per-module state: exposed as bytes, copied, never averaged.
@@ -41,11 +41,6 @@ MAX_METADATA_BYTES = 2**30
 SCRATCH_BYTES = 8 << 20
 #: Data files kept open per checkpoint (a large run has thousands of .distcp files).
 MAX_OPEN_FILES = 64
-
-
-def is_dcp_dir(fs: Any, root: str) -> bool:
-    """Whether `root` holds a DCP `.metadata` file."""
-    return bool(fs.isfile(storage.join(root, METADATA_NAME)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +164,7 @@ class DcpCheckpoint(Checkpoint):
                 start = starts[(key, chunk.offsets if tm is not None else None)]
                 offs, szs = _piece_box(shape, chunk)
                 pieces.append(_Piece(entry.path, start, offs, szs))
-            first = min(pieces, key=lambda p: (p.file, p.start))
+            first = min(pieces, key=lambda p: (p.file, p.start), default=_Piece("", 0, (), ()))  # empty: no chunks
             tensors[name] = TensorInfo(name=name, dtype=dtype, shape=shape, file=first.file, start=first.start,
                                        nbytes=math.prod(shape) * itemsize(dtype))
             layouts[name] = _Layout(lead=lead, cols=cols, pieces=tuple(pieces))

@@ -653,3 +653,16 @@ def test_archive_directory_parse_agrees_with_zipfile(monkeypatch: pytest.MonkeyP
     else:
         assert fast == want
     assert zip_entries(rf) == want
+
+
+def test_locating_a_chunk_costs_two_small_reads(tmp_path: Path, gen: torch.Generator,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    model = {"w": torch.randn(64, 96, generator=gen), "v": torch.randn(3, 128, 40, generator=gen).to(torch.bfloat16)}
+    path = save_dcp(tmp_path / "ck", {"model": model, "optimizer": optimizer_state(model, gen)}, splits=(2, 2))
+    chunks = stored_ranges(path, "model.")
+    assert min(e - s for _, s, e in chunks) > 3 * 1024  # bigger than both windows together
+    rec = Recorder(monkeypatch)
+    Checkpoint.open(str(path)).close()
+    data_reads = [r for r in rec.reads if r[0].endswith(".distcp")]
+    assert len(data_reads) == 2 * len(chunks)
+    assert sum(b - a for _, a, b in data_reads) <= 3 * 1024 * len(chunks)

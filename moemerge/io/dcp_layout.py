@@ -29,10 +29,11 @@ from moemerge.io.safetensors_format import ShardHeader, parse_header, parse_head
 __all__ = ["st_dtype", "locate_chunk", "check_coverage", "RangeFile", "ZipEntry", "zip_entries",
            "zip_entries_fast"]
 
-# The central directory of a one-tensor archive is ~600 bytes and data.pkl ~200: these
-# windows hold both in the common case, so locating a chunk costs two reads.
-_HEAD = 4096
-_TAIL = 16384
+# torch.save puts data.pkl (~200 bytes), byteorder and the local header of data/0 in the first
+# ~640 bytes, and the central directory with its end records in the last ~800: these windows
+# hold them, so locating a chunk costs two small reads (a miss costs one more exact read).
+_HEAD = 1024
+_TAIL = 2048
 _ZIP_MAGIC = b"PK\x03\x04"
 
 

@@ -666,3 +666,13 @@ def test_locating_a_chunk_costs_two_small_reads(tmp_path: Path, gen: torch.Gener
     data_reads = [r for r in rec.reads if r[0].endswith(".distcp")]
     assert len(data_reads) == 2 * len(chunks)
     assert sum(b - a for _, a, b in data_reads) <= 3 * 1024 * len(chunks)
+
+
+def test_chunks_stored_through_extensions_are_refused(tmp_path: Path, gen: torch.Generator) -> None:
+    path = save_dcp(tmp_path / "ck", {"model": model_tensors(gen)})
+    md = torch_metadata(path)
+    idx = next(i for i in md.storage_data if i.fqn == "model.embed.weight")
+    md.storage_data[idx] = dataclasses.replace(md.storage_data[idx], transform_descriptors=["stream.zstd"])
+    (path / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError, match=r"tensor `model.embed.weight`: stored through DCP extensions \['stream.zstd'\]"):
+        Checkpoint.open(str(path))

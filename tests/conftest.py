@@ -47,6 +47,27 @@ def write_checkpoint(
     return path
 
 
+#: The memory tests' inputs: one bf16 tensor of 512 MiB per checkpoint.
+BIG_SHAPE = (16384, 16384)
+BIG_NAME = "weight"
+
+
+@pytest.fixture(scope="session")
+def big_inputs(tmp_path_factory: pytest.TempPathFactory):
+    """Three single-tensor checkpoints of 512 MiB each, streamed to disk (the generator holds
+    ~16 MB); made once per session for every memory test."""
+    import shutil
+
+    from moemerge.synthetic import make_single_tensor_checkpoint
+
+    root = tmp_path_factory.mktemp("memory")
+    try:
+        yield [make_single_tensor_checkpoint(root / f"in{i}", BIG_NAME, BIG_SHAPE, "BF16", seed=10 + i)
+               for i in range(3)]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def ckpt_factory(tmp_path: Path) -> Callable[..., Path]:
     """`ckpt_factory(name, tensors, **kw)` writes a checkpoint under tmp_path and returns it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -245,3 +246,34 @@ def test_graph_of_a_100b_moe_layout_is_in_the_thousands() -> None:
         for ti, r0, r1 in t.pieces:
             covered[ti] = covered.get(ti, 0) + (r1 - r0)
     assert covered == {ti: t.rows for ti, t in enumerate(plan.tensors)}  # every row exactly once
+
+
+def _worker_peak() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) * 1024
+
+
+@pytest.mark.parametrize("method", ["linear", pytest.param("ties", marks=pytest.mark.slow)])
+def test_dask_worker_memory_stays_under_1gib(method: str, big_inputs: list[Path], tmp_path: Path) -> None:
+    """Two workers, `--memory-budget 128MB` each, three inputs of one 512 MiB tensor."""
+    from moemerge.engine.cluster import start_client
+    from moemerge.verify import verify
+
+    ins = big_inputs
+    if method == "linear":
+        cfg = {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1}} for p in ins]}
+    else:
+        cfg = {"merge_method": "ties", "base_model": str(ins[0]),
+               "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.3}} for p in ins[1:]]}
+    c, cluster = start_client(workers=2, scheduler=None, memory_budget=128 << 20)
+    try:
+        res = moemerge.run(cfg, str(tmp_path / "out"), client=c, memory_budget="128MB")
+        peaks = c.run(_worker_peak)
+        tasks = graph_summary(build_graph(res.plan))
+    finally:
+        c.close()
+        cluster.close()
+    assert tasks["tasks"] >= 6, tasks  # the 1.5 GB of input really was spread over many tasks
+    assert len(peaks) == 2 and all(p < 1 << 30 for p in peaks.values()), peaks
+    verify(str(tmp_path / "out"))
+    shutil.rmtree(tmp_path / "out")

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,9 @@ import torch
 from safetensors import safe_open
 
 import moemerge
-from moemerge.synthetic import make_single_tensor_checkpoint
-from conftest import write_yaml
+from conftest import BIG_NAME, BIG_SHAPE, write_yaml
 
-SHAPE = (16384, 16384)  # bf16: 512 MiB per input
-NAME = "weight"
+SHAPE, NAME = BIG_SHAPE, BIG_NAME  # bf16: 512 MiB per input
 BUDGET = "128MB"
 RSS_LIMIT = 1 << 30  # 1 GiB: the budget plus the interpreter with torch (~250 MB) and slack
 
@@ -43,17 +40,6 @@ _CHILD = textwrap.dedent("""
     print(f"MOEMERGE_PEAK_RSS={kib * 1024}")
     sys.exit(code)
 """)
-
-
-@pytest.fixture(scope="module")
-def big_inputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Path]]:
-    """Three single-tensor checkpoints, streamed to disk (the generator holds ~16 MB)."""
-    root = tmp_path_factory.mktemp("memory")
-    try:
-        yield [make_single_tensor_checkpoint(root / f"in{i}", NAME, SHAPE, "BF16", seed=10 + i)
-               for i in range(3)]
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _run_child(*args: str | Path) -> int:

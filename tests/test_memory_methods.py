@@ -16,7 +16,7 @@ import torch
 
 import moemerge
 from conftest import write_yaml
-from test_memory import BUDGET, NAME, RSS_LIMIT, SHAPE, _rows, _run_child, big_inputs  # noqa: F401
+from test_memory import BUDGET, NAME, RSS_LIMIT, SHAPE, _rows, _run_child
 
 CONFIGS = {
     "ties": {"merge_method": "ties", "parameters": {"density": 0.3, "lambda": 1.0},

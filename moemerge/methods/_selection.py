@@ -4,10 +4,14 @@
 per input and threshold). Three passes: high-bits histograms, low-bits histograms inside
 the chosen bin, then (only where the threshold value is tied) per-row counts of tied values
 so that each chunk knows how many tied values came before it.
+
+Integer temporaries (shifted bit patterns, comparison masks) go into a scratch buffer the
+method lends (`work`), so a pass allocates nothing chunk-sized.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +23,7 @@ from moemerge.methods.base import Chunk, StatPass, TensorParams
 from moemerge.methods.stats import (Threshold, high_histogram, low_histogram,
                                     pick_high_bin, pick_threshold)
 
-__all__ = ["Target", "Selection", "selection_passes", "top_mask"]
+__all__ = ["Target", "Selection", "selection_passes", "top_mask", "bool_view"]
 
 #: values(chunk, stats, source) -> non-negative float32 values of that source for the chunk
 Values = Callable[[Chunk, Mapping[str, Any], int], torch.Tensor]
@@ -46,8 +50,23 @@ def _bits(values: torch.Tensor) -> torch.Tensor:
     return values.view(torch.int32)
 
 
-def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: int) -> Selection:
-    """The passes selecting each target's q largest values among the n of a tensor."""
+def bool_view(buf: torch.Tensor, shape: Sequence[int], k: int = 0) -> torch.Tensor:
+    """The k-th bool tensor of `shape` inside a (float32 or wider) scratch buffer."""
+    n = math.prod(shape)
+    flat = buf.reshape(-1).view(torch.uint8)
+    if (k + 1) * n > flat.numel():
+        raise ValueError(f"scratch buffer of {flat.numel()} bytes cannot hold bool mask {k} of {n}")
+    return flat[k * n:(k + 1) * n].view(torch.bool).view(tuple(shape))
+
+
+def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: int, *,
+                     work: Callable[[Chunk], torch.Tensor], count_zeros: bool = False) -> Selection:
+    """The passes selecting each target's q largest values among the n of a tensor.
+
+    `work(chunk)` is a chunk-shaped float32 scratch buffer the passes may overwrite (it must
+    not hold the values). `count_zeros`: also count each source's zeros in pass 1 (stored
+    under key -1 - source of the high histograms; `Target.q` may use them).
+    """
     sources = sorted({t.source for t in targets})
     hi_key, lo_key, tie_key = f"{prefix}:high", f"{prefix}:low", f"{prefix}:ties"
 
@@ -55,9 +74,9 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
         out = {}
         for s in sources:
             bits = _bits(values(chunk, stats, s))
-            out[s] = high_histogram(bits)
-            # zeros, for count_nonzero (count_nonzero is ~8x faster than summing a bool mask)
-            out[-1 - s] = torch.tensor([bits.numel() - int(torch.count_nonzero(bits))])
+            out[s] = high_histogram(bits, out=work(chunk).view(torch.int32))
+            if count_zeros:  # count_nonzero is ~8x faster than summing a bool mask
+                out[-1 - s] = torch.tensor([bits.numel() - int(torch.count_nonzero(bits))])
         return out
 
     # memos hold the object they were computed from, so a recycled id() can never match
@@ -88,10 +107,10 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
             if b < 0:
                 out[t.name] = torch.zeros(1, dtype=torch.int64)
                 continue
-            if t.source not in cache:  # values live in a shared scratch buffer: keep only one
+            if t.source not in cache:  # values may live in a shared scratch buffer: keep only one
                 cache.clear()
                 cache[t.source] = _bits(values(chunk, stats, t.source))
-            out[t.name] = low_histogram(cache[t.source], b)
+            out[t.name] = low_histogram(cache[t.source], b, out=work(chunk).view(torch.int32))
         return out
 
     def reduce_low(parts: Sequence[Any]) -> dict[str, Threshold]:
@@ -123,8 +142,8 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
                 out[t.name] = None
                 continue
             bits = _bits(values(chunk, stats, t.source))
-            eq = (bits == thr.bits).reshape(bits.shape[0], -1)
-            out[t.name] = torch.count_nonzero(eq, dim=1).numpy().astype(np.int64)
+            eq = torch.eq(bits, thr.bits, out=bool_view(work(chunk), bits.shape))
+            out[t.name] = torch.count_nonzero(eq.reshape(bits.shape[0], -1), dim=1).numpy().astype(np.int64)
         return out
 
     def reduce_ties(parts: Sequence[Any]) -> dict[str, Any]:
@@ -153,26 +172,37 @@ class Selection:
     thresholds: Callable[[Mapping[str, Any]], dict[str, Threshold]]
     tie_key: str
 
-    def mask(self, stats: Mapping[str, Any], name: str, bits: torch.Tensor, row_start: int) -> torch.Tensor:
-        return top_mask(bits, self.thresholds(stats)[name], stats[self.tie_key][name], row_start)
+    def mask(self, stats: Mapping[str, Any], name: str, bits: torch.Tensor, row_start: int,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        return top_mask(bits, self.thresholds(stats)[name], stats[self.tie_key][name], row_start, out=out)
 
 
-def top_mask(bits: torch.Tensor, thr: Threshold, ties: np.ndarray | None, row_start: int) -> torch.Tensor:
-    """Boolean mask of the chunk's elements among the selected q (same shape as `bits`)."""
+def top_mask(bits: torch.Tensor, thr: Threshold, ties: np.ndarray | None, row_start: int,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the chunk's elements among the selected q (same shape as `bits`).
+
+    `bits` is [rows, ...] starting at tensor row `row_start`; `ties[r]` counts the values equal
+    to the threshold in the tensor's rows before r. Rows before the one where the q-th tied
+    value falls keep all their tied values, that row keeps its first few, later rows none.
+    """
+    mask = torch.empty(bits.shape, dtype=torch.bool) if out is None else out
     if thr.q == 0:
-        return torch.zeros_like(bits, dtype=torch.bool)
-    mask = bits > thr.bits
+        return mask.fill_(False)
     if thr.take_equal <= 0:
-        return mask
-    eq = bits == thr.bits
+        return torch.gt(bits, thr.bits, out=mask)
     if thr.take_equal >= thr.equal:
-        return mask | eq
+        return torch.ge(bits, thr.bits, out=mask)
     assert ties is not None
-    before = int(ties[row_start])
-    need = thr.take_equal - before
-    if need <= 0:
-        return mask
-    flat = eq.reshape(-1)
-    rank = torch.cumsum(flat.to(torch.int32), dim=0)  # 1-based rank of each tied value here
-    keep = flat & (rank <= need)
-    return mask | keep.reshape(bits.shape)
+    b2 = bits.reshape(bits.shape[0], -1)
+    m2 = mask.view(b2.shape)
+    cut = int(np.searchsorted(ties, thr.take_equal, side="left")) - 1  # ties[cut] < take <= ties[cut+1]
+    local = cut - row_start
+    full = min(max(local, 0), b2.shape[0])
+    if full:
+        torch.ge(b2[:full], thr.bits, out=m2[:full])
+    if full < b2.shape[0]:
+        torch.gt(b2[full:], thr.bits, out=m2[full:])
+    if 0 <= local < b2.shape[0]:
+        tied = torch.nonzero(b2[local] == thr.bits).reshape(-1)  # one row's tied positions
+        m2[local].index_fill_(0, tied[:thr.take_equal - int(ties[cut])], True)
+    return mask

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from moemerge.methods.stats import exact_row_sum, exact_value
+from moemerge.methods.stats import dot_rows, exact_dot, exact_value
 
 __all__ = ["exact_dots", "reduce_dots", "row_dots"]
 
 
 def exact_dots(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
     """Exact-sum partials of <a, b> for each pair (float32 products are exact in float64)."""
-    return [exact_row_sum(a.to(torch.float64) * b.to(torch.float64)) for a, b in pairs]
+    return [exact_dot(a, b) for a, b in pairs]
 
 
 def reduce_dots(parts: Sequence[list[int]]) -> list[float]:
@@ -24,6 +24,4 @@ def reduce_dots(parts: Sequence[list[int]]) -> list[float]:
 
 def row_dots(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """Per-row <a_r, b_r> in float64 (numpy: the same for a row wherever it sits)."""
-    x = a.to(torch.float64).numpy()
-    y = b.to(torch.float64).numpy()
-    return (x * y).reshape(x.shape[0], -1).sum(axis=1)
+    return dot_rows(a, b)

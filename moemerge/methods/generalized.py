@@ -20,9 +20,10 @@ from typing import Any, Literal
 
 import torch
 
-from moemerge.methods._selection import Selection, Target, selection_passes
+from moemerge.methods._memo import ScratchMemo
+from moemerge.methods._selection import Selection, Target, bool_view, selection_passes
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams, check_range
-from moemerge.methods.stats import abs_bits, exact_row_sum, exact_value, stream_key, uniform
+from moemerge.methods.stats import exact_abs_sums, exact_value, random_keep, stream_key, uniform
 
 __all__ = ["FAMILY", "make_generalized"]
 
@@ -89,6 +90,9 @@ def make_generalized(
     def sparse_inputs(p: TensorParams) -> list[int]:
         return [i for i in range(len(p.per_input)) if sparsify != "none" and density(p, i) < 1]
 
+    # |d_i| left in scratch 4 + i by one selection pass, reused by the next on the same chunk
+    memo = ScratchMemo()
+
     def selection(p: TensorParams, shape: tuple[int, ...]) -> Selection | None:
         if sparsify not in ("magnitude", "outliers"):
             return None
@@ -107,28 +111,41 @@ def make_generalized(
                 targets.append(Target(f"{i}:lo", i, lambda s, q=n - bottom - keep: q))
 
         def values(chunk: Chunk, stats: Mapping[str, Any], i: int) -> torch.Tensor:
-            _load_base(chunk)
-            return _delta(chunk, i, chunk.scratch(1)).abs_()
+            buf = chunk.scratch(4 + i)
+            if not memo.has(chunk, f"abs{i}"):
+                if not memo.has(chunk, "base"):
+                    _load_base(chunk)
+                    memo.add(chunk, "base")
+                _delta(chunk, i, buf).abs_()
+                memo.add(chunk, f"abs{i}")
+            return buf
 
-        return selection_passes("sel", values, targets, n) if targets else None
+        return selection_passes("sel", values, targets, n, work=lambda c: c.scratch(2)) if targets else None
 
     def keep_mask(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams, i: int, d: torch.Tensor,
-                  sel: Selection | None = None) -> torch.Tensor | None:
-        """Boolean keep-mask of input i's task vector in this chunk, None to keep all."""
+                  sel: Selection | None = None, *, tmp: torch.Tensor) -> torch.Tensor | None:
+        """Boolean keep-mask of input i's task vector in this chunk, None to keep all.
+
+        `tmp`: a free float32 scratch buffer of the chunk's shape (bit patterns, masks).
+        """
         if i not in sparse_inputs(p):
             return None
         dens = density(p, i)
         if sparsify in ("magnitude", "outliers"):
             assert sel is not None
-            bits = abs_bits(d)
+            # |d|'s patterns fill tmp; the masks go to scratch 3's bytes
+            bits = torch.abs(d, out=tmp).view(torch.int32)
+            masks = chunk.scratch(3)
             if sparsify == "magnitude":
-                return sel.mask(stats, f"{i}:top", bits, chunk.row_start)
-            hi = sel.mask(stats, f"{i}:hi", bits, chunk.row_start)
-            return hi & ~sel.mask(stats, f"{i}:lo", bits, chunk.row_start)
+                return sel.mask(stats, f"{i}:top", bits, chunk.row_start, out=bool_view(masks, d.shape, 0))
+            hi = sel.mask(stats, f"{i}:hi", bits, chunk.row_start, out=bool_view(masks, d.shape, 0))
+            lo = sel.mask(stats, f"{i}:lo", bits, chunk.row_start, out=bool_view(masks, d.shape, 1))
+            return hi.logical_and_(lo.logical_not_())
         start = chunk.row_start * chunk.row_len
-        u = uniform(stream_key(p.seed, chunk.name, i), start, d.numel()).reshape(d.shape)
+        key = stream_key(p.seed, chunk.name, i)
         if sparsify == "random":
-            return u < dens
+            return random_keep(key, start, d.numel(), dens, out=bool_view(tmp, d.shape)).view(d.shape)
+        u = uniform(key, start, d.numel()).reshape(d.shape)
         if dens <= 0:
             return torch.zeros(d.shape, dtype=torch.bool)
         eps = float(p.per_input[i].get("epsilon", 0.15))
@@ -138,13 +155,14 @@ def make_generalized(
         return bool(p.glob.get("rescale", False)) and sparsify in ("random", "magprune") and bool(sparse_inputs(p))
 
     def map_l1(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> dict[int, tuple[int, int]]:
+        memo.clear()
         _load_base(chunk)
         out = {}
         for i in sparse_inputs(p):
             d = _delta(chunk, i, chunk.scratch(1))
-            mask = keep_mask(chunk, stats, p, i, d)
-            a = d.abs().to(torch.float64)
-            out[i] = (exact_row_sum(a), exact_row_sum(a * mask))
+            mask = keep_mask(chunk, stats, p, i, d, tmp=chunk.scratch(2))
+            assert mask is not None
+            out[i] = exact_abs_sums(d, mask)
         return out
 
     def reduce_l1(parts: Sequence[dict[int, tuple[int, int]]]) -> dict[int, float]:
@@ -165,6 +183,7 @@ def make_generalized(
         return out
 
     def apply(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> torch.Tensor:
+        memo.clear()  # the scratch buffers are rewritten below
         sel = selection(p, chunk.shape)
         w = p.column("weight")
         n = len(w)
@@ -174,7 +193,7 @@ def make_generalized(
         deltas = []
         for i in range(n):
             d = _delta(chunk, i, chunk.scratch(4 + i))
-            mask = keep_mask(chunk, stats, p, i, d, sel)
+            mask = keep_mask(chunk, stats, p, i, d, sel, tmp=chunk.scratch(2))
             if mask is not None:
                 d.mul_(mask)
             f = factors.get(i, 1.0)
@@ -183,27 +202,34 @@ def make_generalized(
             d.mul_(w[i])  # D_i = w_i d'_i
             deltas.append(d)
         mixed = chunk.scratch(1)
-        mixed.copy_(deltas[0])
-        for d in deltas[1:]:
+        if n == 1:
+            mixed.copy_(deltas[0])
+        else:
+            torch.add(deltas[0], deltas[1], out=mixed)
+        for d in deltas[2:]:
             mixed.add_(d)
         div: torch.Tensor | float
         if consensus:
-            # s = sign(sum D_i), 0 counted as +; keep D_i whose sign equals s (0 never matches)
-            positive = mixed >= 0
+            # s = sign(sum D_i), 0 counted as +; keep D_i whose sign equals s (0 never matches):
+            # D_i agrees when s * D_i > 0 (exact: a sign flip; NaN never agrees, as before)
+            sgn = chunk.scratch(2)
+            torch.ge(mixed, 0, out=bool_view(chunk.scratch(3), mixed.shape))
+            torch.mul(bool_view(chunk.scratch(3), mixed.shape), 2.0, out=sgn)
+            sgn.sub_(1.0)
             mixed.zero_()
-            div_t = chunk.scratch(2)
+            div_t = chunk.scratch(3)  # the sign mask above is no longer needed
             div_t.zero_()
-            tmp = chunk.scratch(3)
+            agree = torch.empty(mixed.shape, dtype=torch.bool)
             for wi, d in zip(w, deltas):
-                agree = torch.where(positive, d > 0, d < 0)
-                tmp.copy_(d)
-                tmp.mul_(agree)
-                mixed.add_(tmp)
-                tmp.copy_(agree)
-                tmp.mul_(wi)
-                div_t.add_(tmp)
+                torch.mul(d, sgn, out=base)  # base's buffer as the temporary; reloaded below
+                torch.gt(base, 0, out=agree)
+                torch.mul(d, agree, out=base)
+                mixed.add_(base)
+                torch.mul(agree, wi, out=base)
+                div_t.add_(base)
             div_t.masked_fill_(div_t == 0, 1.0)
             div = div_t
+            _load_base(chunk)
         else:
             total = math.fsum(w)
             div = 1.0 if abs(total) < 1e-8 else total

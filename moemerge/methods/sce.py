@@ -13,38 +13,57 @@ from typing import Any
 
 import torch
 
-from moemerge.methods._selection import Selection, Target, selection_passes
+from moemerge.methods._memo import ScratchMemo
+from moemerge.methods._selection import Selection, Target, bool_view, selection_passes
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams, check_range
-from moemerge.methods.stats import exact_row_sum, exact_value
+from moemerge.methods.stats import exact_dot, exact_value
 
 __all__ = ["SCE"]
 
 
+#: Values left in the scratch buffers for the next pass over the same chunk: "deltas" (task
+#: vectors in scratch 3 + i), "masked" (the same, multiplied by the selection mask), "var"
+#: (their variance in scratch 1).
+_memo = ScratchMemo()
+
+
 def _deltas(chunk: Chunk) -> list[torch.Tensor]:
+    out = [chunk.scratch(3 + i) for i in range(chunk.n_inputs)]
+    if _memo.has(chunk, "deltas"):
+        return out
     base = chunk.base(out=chunk.scratch(0))
-    out = []
-    for i in range(chunk.n_inputs):
-        d = chunk.input(i, out=chunk.scratch(3 + i))
+    for i, d in enumerate(out):
+        chunk.input(i, out=d)
         d.sub_(base)
-        out.append(d)
+    _memo.set(chunk, "deltas")
     return out
 
 
-def _variance(deltas: list[torch.Tensor], out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """Population variance over inputs, elementwise: mean((d_i - mean)^2)."""
+def _variance(deltas: list[torch.Tensor], out: torch.Tensor, mean: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """Population variance over inputs, elementwise: mean((d_i - mean)^2) (into `out`)."""
     n = len(deltas)
-    mean = tmp
     mean.copy_(deltas[0])
     for d in deltas[1:]:
         mean.add_(d)
     mean.div_(n)
-    out.zero_()
-    for d in deltas:
-        diff = d - mean
-        diff.mul_(diff)
-        out.add_(diff)
+    torch.sub(deltas[0], mean, out=out)
+    out.mul_(out)  # the first square as is: 0 + x^2 == x^2 (squares are never -0)
+    for d in deltas[1:]:
+        torch.sub(d, mean, out=tmp)
+        tmp.mul_(tmp)
+        out.add_(tmp)
     out.div_(n)
     return out
+
+
+def _chunk_variance(chunk: Chunk) -> torch.Tensor:
+    """The variance of the chunk's task vectors in scratch 1 (scratch 0 and 2 are overwritten)."""
+    if _memo.has(chunk, "var"):
+        return chunk.scratch(1)
+    deltas = _deltas(chunk)
+    _variance(deltas, chunk.scratch(1), chunk.scratch(2), chunk.scratch(0))
+    _memo.add(chunk, "var")
+    return chunk.scratch(1)
 
 
 def _selection(p: TensorParams, shape: tuple[int, ...]) -> Selection | None:
@@ -59,28 +78,33 @@ def _selection(p: TensorParams, shape: tuple[int, ...]) -> Selection | None:
         return math.floor(topk * nonzero) if topk > 0 else 0
 
     def values(chunk: Chunk, stats: Mapping[str, Any], source: int) -> torch.Tensor:
-        return _variance(_deltas(chunk), chunk.scratch(1), chunk.scratch(2))
+        return _chunk_variance(chunk)
 
-    return selection_passes("sce", values, [Target("var", 0, q)], n)
+    return selection_passes("sce", values, [Target("var", 0, q)], n, work=lambda c: c.scratch(2),
+                            count_zeros=True)
 
 
 def _masked(chunk: Chunk, stats: Mapping[str, Any], sel: Selection | None) -> list[torch.Tensor]:
-    deltas = _deltas(chunk)
-    if sel is not None:
-        var = _variance(deltas, chunk.scratch(1), chunk.scratch(2))
-        from moemerge.methods.stats import abs_bits
-
-        mask = sel.mask(stats, "var", abs_bits(var), chunk.row_start)
-        for d in deltas:
-            d.mul_(mask)
-    return deltas
+    if sel is None:
+        return _deltas(chunk)
+    out = [chunk.scratch(3 + i) for i in range(chunk.n_inputs)]
+    if _memo.has(chunk, "masked"):
+        return out
+    var = _chunk_variance(chunk)
+    # variances are >= +0 (or NaN), so their patterns already order like |var|'s
+    mask = sel.mask(stats, "var", var.view(torch.int32), chunk.row_start,
+                    out=bool_view(chunk.scratch(2), var.shape))
+    for d in out:
+        d.mul_(mask)
+    _memo.set(chunk, "masked", "var")
+    return out
 
 
 def _passes(p: TensorParams, shape: tuple[int, ...]) -> tuple[StatPass, ...]:
     sel = _selection(p, shape)
 
     def map_energy(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> list[int]:
-        return [exact_row_sum(d.to(torch.float64) ** 2) for d in _masked(chunk, stats, sel)]
+        return [exact_dot(d, d) for d in _masked(chunk, stats, sel)]
 
     def reduce_energy(parts: Sequence[list[int]]) -> list[float]:
         n = math.prod(shape)
@@ -92,21 +116,31 @@ def _passes(p: TensorParams, shape: tuple[int, ...]) -> tuple[StatPass, ...]:
 def _apply(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> torch.Tensor:
     sel = _selection(p, chunk.shape)
     deltas = _masked(chunk, stats, sel)
+    _memo.clear()  # the scratch buffers are rewritten below
     energy = stats["energy"]
     total = math.fsum(energy)
     eta = [1.0 / len(energy)] * len(energy) if abs(total) < 1e-6 else [e / total for e in energy]
     mixed = chunk.scratch(1)
-    mixed.copy_(deltas[0])
-    for d in deltas[1:]:
+    if len(deltas) == 1:
+        mixed.copy_(deltas[0])
+    else:
+        torch.add(deltas[0], deltas[1], out=mixed)
+    for d in deltas[2:]:
         mixed.add_(d)
-    positive = mixed >= 0  # sign consensus, 0 counted as +; a zero never matches
+    # sign consensus, 0 counted as +; a zero never matches: d agrees when sgn * d > 0 (exact)
+    agree = torch.empty(mixed.shape, dtype=torch.bool)
+    torch.ge(mixed, 0, out=agree)
+    sgn = chunk.scratch(0)  # the base is reloaded at the end
+    torch.mul(agree, 2.0, out=sgn)
+    sgn.sub_(1.0)
     mixed.zero_()
     div = chunk.scratch(2)
     div.zero_()
+    w = torch.empty_like(mixed)
     for e, d in zip(eta, deltas):
-        agree = torch.where(positive, d > 0, d < 0)
-        w = agree.to(d.dtype)
-        w.mul_(e)
+        torch.mul(d, sgn, out=w)
+        torch.gt(w, 0, out=agree)
+        torch.mul(agree, e, out=w)
         div.add_(w)
         d.mul_(w)
         mixed.add_(d)

@@ -11,18 +11,28 @@
   no sampling; histograms are small integers and add exactly.
 - Counter-based randomness: uniform numbers from a hash of (seed, tensor, input, flat
   position), so a mask never depends on chunking.
+
+The float64 and uint64 kernels work in cache-sized blocks of `BLOCK` elements into small
+reused buffers: no chunk-sized float64 or uint64 temporaries, and every value is the same
+as the whole-array formula's (products of float32 values are exact in float64; rows are
+summed by numpy one row at a time wherever they are cut).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 __all__ = [
+    "BLOCK",
     "exact_row_sum",
+    "exact_dot",
+    "dot_rows",
+    "exact_abs_sums",
     "exact_value",
     "Threshold",
     "high_histogram",
@@ -31,8 +41,12 @@ __all__ = [
     "pick_threshold",
     "abs_bits",
     "uniform",
+    "random_keep",
     "stream_key",
 ]
+
+#: Elements per block of the float64/uint64 kernels (512 KiB of float64: stays in L2).
+BLOCK = 1 << 16
 
 _SCALE_BITS = 1074 + 53  # 2^-1074 is the smallest subnormal; mantissas are 53-bit integers
 _GROUP = 512  # int64 mantissas (< 2^53) summed 512 at a time stay below 2^62
@@ -74,6 +88,88 @@ def exact_row_sum(x: torch.Tensor) -> int:
     return _exact_int(a.reshape(a.shape[0], -1).sum(axis=1))
 
 
+def _rows(x: torch.Tensor) -> np.ndarray:
+    """A [rows, row_len] numpy view of a CPU tensor (a copy only if it is not contiguous)."""
+    a = x.detach()
+    if a.device.type != "cpu":
+        a = a.cpu()
+    a = a.contiguous().numpy()
+    if a.ndim <= 1:
+        return a
+    return a.reshape(a.shape[0], math.prod(a.shape[1:]))
+
+
+def _row_step(row_len: int) -> int:
+    return max(1, BLOCK // max(1, row_len))
+
+
+def dot_rows(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Per-row sums of a.double() * b.double() ([rows, ...] tensors; a 1-D tensor is rows of one),
+    each row summed by numpy, in row blocks (no float64 copy of the chunk). `b` may be `a`."""
+    x = _rows(a if a.ndim > 1 else a.reshape(-1, 1))
+    y = x if b is a else _rows(b if b.ndim > 1 else b.reshape(-1, 1))
+    if x.shape != y.shape:
+        raise ValueError(f"dot_rows: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    rows, row_len = x.shape
+    sums = np.empty(rows, np.float64)
+    step = _row_step(row_len)
+    buf = np.empty(min(step, rows) * row_len, np.float64)
+    for r in range(0, rows, step):
+        k = min(step, rows - r)
+        p = buf[:k * row_len].reshape(k, row_len)
+        np.multiply(x[r:r + k], y[r:r + k], out=p, dtype=np.float64)  # exact: 24 + 24 bits < 53
+        p.sum(axis=1, out=sums[r:r + k])
+    return sums
+
+
+def exact_dot(a: torch.Tensor, b: torch.Tensor) -> int:
+    """`exact_row_sum(a.double() * b.double())`, in row blocks (no float64 copy of the chunk).
+
+    `b` may be `a` (a squared norm).
+    """
+    if a.ndim > 1:
+        return _exact_int(dot_rows(a, b))
+    x = _rows(a)  # a 1-D tensor: every element is one addend, as in exact_row_sum
+    y = x if b is a else _rows(b)
+    if x.shape != y.shape:
+        raise ValueError(f"exact_dot: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    total = 0
+    buf = np.empty(min(BLOCK, x.size), np.float64)
+    for s in range(0, x.size, BLOCK):
+        e = min(x.size, s + BLOCK)
+        p = buf[:e - s]
+        np.multiply(x[s:e], y[s:e], out=p, dtype=np.float64)
+        total += _exact_int(p)
+    return total
+
+
+def exact_abs_sums(d: torch.Tensor, keep: torch.Tensor) -> tuple[int, int]:
+    """Exact-sum partials of |d| and of |d| where `keep` (bool, d's shape), in row blocks.
+
+    The same as `exact_row_sum(d.abs().double())` and `exact_row_sum(d.abs().double() * keep)`.
+    """
+    x = _rows(d)
+    m = _rows(keep)
+    if x.ndim == 1:
+        a = np.abs(x).astype(np.float64)
+        return _exact_int(a), _exact_int(a * m)
+    rows, row_len = x.shape
+    if rows == 0:
+        return 0, 0
+    step = _row_step(row_len)
+    buf = np.empty(min(step, rows) * row_len, np.float64)
+    full = np.empty(rows, np.float64)
+    kept = np.empty(rows, np.float64)
+    for r in range(0, rows, step):
+        k = min(step, rows - r)
+        p = buf[:k * row_len].reshape(k, row_len)
+        np.abs(x[r:r + k], out=p, casting="same_kind")
+        p.sum(axis=1, out=full[r:r + k])
+        np.multiply(p, m[r:r + k], out=p)
+        p.sum(axis=1, out=kept[r:r + k])
+    return _exact_int(full), _exact_int(kept)
+
+
 def exact_value(partial: int) -> float:
     """The correctly rounded float of a sum of `exact_row_sum` partials."""
     return partial / (1 << _SCALE_BITS)  # int / int is correctly rounded in Python
@@ -84,16 +180,32 @@ def abs_bits(x: torch.Tensor) -> torch.Tensor:
     return x.abs().view(torch.int32)
 
 
-def high_histogram(bits: torch.Tensor) -> torch.Tensor:
-    """Counts of the high 16 bits of non-negative float32 patterns (32,768 bins, int64)."""
-    return torch.bincount((bits >> 16).reshape(-1), minlength=1 << 15)
+def high_histogram(bits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Counts of the high 16 bits of non-negative float32 patterns (32,768 bins, int64).
+
+    `out`: an int32 buffer of bits' size for the shifted patterns (else one is allocated).
+    """
+    tmp = out.reshape(-1)[:bits.numel()] if out is not None else None
+    shifted = torch.bitwise_right_shift(bits.reshape(-1), 16, out=tmp) if tmp is not None else bits.reshape(-1) >> 16
+    return torch.bincount(shifted, minlength=1 << 15)
 
 
-def low_histogram(bits: torch.Tensor, high: int) -> torch.Tensor:
-    """Counts of the low 16 bits of the patterns whose high 16 bits equal `high`."""
-    sel = bits.reshape(-1)
-    sel = sel[(sel >> 16) == high]
-    return torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+def low_histogram(bits: torch.Tensor, high: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Counts of the low 16 bits of the patterns whose high 16 bits equal `high`.
+
+    Patterns are clamped to the bin's edges and shifted to 1..65,536 (below the bin -> 0,
+    above -> 65,537), so one bincount over the chunk needs no boolean selection. `out`: an
+    int32 buffer of bits' size for the clamped patterns.
+    """
+    lo = (high << 16) - 1
+    hi = min((high << 16) + (1 << 16), (1 << 31) - 1)  # nothing lies above 0x7FFFFFFF
+    flat = bits.reshape(-1)
+    if out is not None:
+        idx = torch.clamp(flat, lo, hi, out=out.reshape(-1)[:flat.numel()])
+    else:
+        idx = torch.clamp(flat, lo, hi)
+    idx.sub_(lo)
+    return torch.bincount(idx, minlength=(1 << 16) + 2)[1:(1 << 16) + 1]
 
 
 def pick_high_bin(hist: torch.Tensor, q: int) -> tuple[int, int]:
@@ -144,22 +256,68 @@ def stream_key(seed: int, tensor: str, input_index: int) -> int:
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+_S30, _S27, _S31, _S11 = (np.uint64(k) for k in (30, 27, 31, 11))
+#: position * golden (mod 2^64) for the positions of one block, computed once
+_STEPS = np.arange(BLOCK, dtype=np.uint64) * np.uint64(_GOLDEN)
+
+
+def _splitmix_blocks(key: int, start: int, count: int):  # noqa: ANN202 (a generator of arrays)
+    """Yield (offset, z) with z = splitmix64(key + (start + offset + j) * golden), block by block.
+
+    z is a reused buffer: use it before asking for the next block.
+    """
+    z = np.empty(min(BLOCK, max(count, 1)), np.uint64)
+    t = np.empty_like(z)
+    with np.errstate(over="ignore"):
+        for s in range(0, count, BLOCK):
+            k = min(BLOCK, count - s)
+            zz, tt = z[:k], t[:k]
+            # (key + p * golden) mod 2^64, with p = start + s + j: a block constant plus j * golden
+            np.add(_STEPS[:k], np.uint64((key + (start + s) * _GOLDEN) & _MASK64), out=zz)
+            np.right_shift(zz, _S30, out=tt)
+            zz ^= tt
+            zz *= _M1
+            np.right_shift(zz, _S27, out=tt)
+            zz ^= tt
+            zz *= _M2
+            np.right_shift(zz, _S31, out=tt)
+            zz ^= tt
+            yield s, zz
 
 
 def uniform(key: int, start: int, count: int) -> torch.Tensor:
     """Uniform floats in [0, 1) (float64) for flat positions start..start+count of a stream.
 
     splitmix64 of (key + position * golden): a counter-based generator, so the draw for a
-    position is the same however the tensor is chunked.
+    position is the same however the tensor is chunked. The float is (z >> 11) * 2^-53.
     """
-    with np.errstate(over="ignore"):
-        z = np.arange(start, start + count, dtype=np.uint64)
-        z *= _GOLDEN
-        z += np.uint64(key)
-        z ^= z >> np.uint64(30)
-        z *= _M1
-        z ^= z >> np.uint64(27)
-        z *= _M2
-        z ^= z >> np.uint64(31)
-    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)))
+    out = np.empty(count, np.float64)
+    for s, z in _splitmix_blocks(key, start, count):
+        np.right_shift(z, _S11, out=z)
+        np.multiply(z, 1.0 / (1 << 53), out=out[s:s + z.size], casting="unsafe")
+    return torch.from_numpy(out)
+
+
+def random_keep(key: int, start: int, count: int, p: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`uniform(key, start, count) < p` as a bool tensor (into `out` if given), without floats.
+
+    u = m * 2^-53 with m = z >> 11 an integer, so u < p exactly when m < ceil(p * 2^53),
+    i.e. when z < ceil(p * 2^53) * 2^11 (p * 2^53 is exact: a power-of-two scale).
+    """
+    res = torch.empty(count, dtype=torch.bool) if out is None else out.reshape(-1)
+    if res.numel() != count or res.dtype != torch.bool:
+        raise ValueError(f"random_keep: out must be a bool tensor of {count} elements")
+    limit = math.ceil(p * 2.0**53) if p > 0 else 0
+    if limit <= 0 or count == 0:
+        res.fill_(False)
+        return res
+    if limit >= 1 << 53:  # every draw is below 1 <= p
+        res.fill_(True)
+        return res
+    bound = np.uint64(limit << 11)
+    r = res.numpy()
+    for s, z in _splitmix_blocks(key, start, count):
+        np.less(z, bound, out=r[s:s + z.size])
+    return res

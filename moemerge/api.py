@@ -179,9 +179,14 @@ def run(
             raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
     check_output(out, overwrite=overwrite, inputs=cfg.model_locations(), storage_options=cfg.storage_options)
     ckpts = _open_all(cfg)
+    cluster = None
     try:
         the_plan = _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
                          chunk_rows=chunk_rows, out_format=out_format, unit_size=unit_size)
+        if client is None and (workers or scheduler):  # reach the cluster before any output exists
+            from moemerge.engine.cluster import start_client
+
+            client, cluster = start_client(workers=workers, scheduler=scheduler, memory_budget=the_plan.memory_budget)
         side = read_side_files(the_plan.side_source or ckpts[0].url, cfg.storage_options, model=True, tokenizer=False)
         tok = read_side_files(the_plan.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
         source = {k: v for k, v in cfg.source.items() if k != "storage_options"}
@@ -190,9 +195,9 @@ def run(
         writer.prepare()
         try:
             prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())
-            if workers or scheduler or client is not None:
-                digests = _run_on_dask(the_plan, cfg, writer, out, workers=workers, scheduler=scheduler,
-                                       client=client, progress=prog, device=device)
+            if client is not None:
+                digests = _run_on_dask(the_plan, cfg, writer, out, client=client, own_cluster=cluster is not None,
+                                       progress=prog, device=device)
             else:
                 digests = run_local(the_plan, ckpts, writer, progress=prog, device=device, in_cast=cfg.dtype)
             main_dtype = _main_dtype(the_plan)
@@ -228,35 +233,31 @@ def run(
     finally:
         for c in ckpts:
             c.close()
+        if cluster is not None:  # the LocalCluster we started for `workers`
+            client.close()
+            cluster.close()
     return RunResult(out=out, plan=the_plan, seconds=time.monotonic() - t0, checksums=digests)
 
 
-def _run_on_dask(p: Plan, cfg: MergeConfig, writer: ModelWriter, out: str, *, workers: int | None,
-                 scheduler: str | None, client: Any, progress: Progress | NullProgress, device: str) -> dict[str, str]:
-    """Run the plan's tasks on Dask (a cluster of our own unless given one); checksums back."""
+def _run_on_dask(p: Plan, cfg: MergeConfig, writer: ModelWriter, out: str, *, client: Any, own_cluster: bool,
+                 progress: Progress | NullProgress, device: str) -> dict[str, str]:
+    """Run the plan's tasks on the Dask cluster behind `client`; checksums back."""
     import functools
 
-    from moemerge.engine.cluster import OutputTarget, run_dask, start_client
+    from moemerge.engine.cluster import OutputTarget, run_dask
     from moemerge.io.storage import is_local, resolve
 
-    cluster = None
-    if client is None:
-        client, cluster = start_client(workers=workers, scheduler=scheduler, memory_budget=p.memory_budget)
-    try:
-        fs, path = resolve(out, cfg.storage_options)
-        local = is_local(fs)
-        kind = "zarr" if p.out_format == "zarr" else ("local" if local else "remote")
-        target = OutputTarget(kind=kind, url=os.path.abspath(path) if local else out, storage_options=cfg.storage_options or None,
-                              flush_each_task=cluster is None)  # others' workers may be other machines
-        digests = run_dask(p, client, opener=functools.partial(_open_all, cfg), target=target,
-                           progress=progress, device=device, in_cast=cfg.dtype)
-        if kind == "remote":
-            writer.adopt([s.file for s in p.shards])  # type: ignore[attr-defined]
-        return digests
-    finally:
-        if cluster is not None:
-            client.close()
-            cluster.close()
+    fs, path = resolve(out, cfg.storage_options)
+    local = is_local(fs)
+    kind = "zarr" if p.out_format == "zarr" else ("local" if local else "remote")
+    target = OutputTarget(kind=kind, url=os.path.abspath(path) if local else out,
+                          storage_options=cfg.storage_options or None,
+                          flush_each_task=not own_cluster)  # others' workers may be other machines
+    digests = run_dask(p, client, opener=functools.partial(_open_all, cfg), target=target,
+                       progress=progress, device=device, in_cast=cfg.dtype)
+    if kind == "remote":
+        writer.adopt([s.file for s in p.shards])  # type: ignore[attr-defined]
+    return digests
 
 
 def inspect(location: str, storage_options: dict[str, Any] | None = None) -> list[TensorInfo]:

@@ -277,3 +277,16 @@ def test_dask_worker_memory_stays_under_1gib(method: str, big_inputs: list[Path]
     assert len(peaks) == 2 and all(p < 1 << 30 for p in peaks.values()), peaks
     verify(str(tmp_path / "out"))
     shutil.rmtree(tmp_path / "out")
+
+
+def test_unreachable_scheduler_fails_before_any_output(inputs: list[Path], tmp_path: Path, run_cli) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(json.dumps(_config("linear", inputs)))
+    code, _, err = run_cli("run", cfg, tmp_path / "out", "--scheduler", f"tcp://127.0.0.1:{port}", "--no-progress")
+    assert code != 0 and "cannot reach the Dask scheduler" in err and f"127.0.0.1:{port}" in err
+    assert not (tmp_path / "out").exists()

@@ -69,7 +69,7 @@ def start_client(*, workers: int | None, scheduler: str | None, memory_budget: i
 
     if scheduler:
         try:
-            return Client(scheduler, timeout="30s"), None
+            return Client(scheduler, timeout="10s"), None
         except (OSError, TimeoutError) as e:
             raise ConfigError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({e}); "
                               "check the address and that the scheduler is running") from e

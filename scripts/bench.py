@@ -9,9 +9,19 @@ as root (`echo 3 > /proc/sys/vm/drop_caches`); the table says whether it was (co
 
 Targets (issue): wall <= 1.3 x floor; peak RSS < budget + 400 MB.
 
+Statistics methods (ties, dare_ties, slerp, model_stock, sce, ...) get the first input as
+base_model and, unless `--params` says otherwise, density 0.5, select_topk 0.5 and t 0.5; each
+is also reported as time per GB of input as a multiple of linear's. Where MergeKit is installed
+(`--mergekit`, default: /tmp/mkvenv/bin/mergekit-yaml if present) every `run` method is also
+merged by `mergekit-yaml` on the same inputs and YAML in the same run, and a side-by-side table
+prints both wall times and both peak RSS. MergeKit 0.1.5 knows the dense Llama layout
+(`--family dense`), not this package's per-expert Mixtral names.
+
 Example:
     python scripts/bench.py                                  # 4 inputs x 2 GB bf16, budget 2GB
     python scripts/bench.py --inputs 3 --size-per-input 256MB --budget 256MB --methods linear,sma,ema
+    python scripts/bench.py --inputs 3 --size-per-input 1GB --budget 1GB --family dense --layers 8 \
+        --methods linear,ties,dare_ties,slerp,model_stock,sce      # + MergeKit side by side
 """
 
 from __future__ import annotations
@@ -45,6 +55,12 @@ IO_BLOCK = 64 << 20
 PMA_METHODS = ("sma", "wma", "ema")
 #: The spec file that lets `--keep` + a later run reuse the inputs it made.
 SPEC_FILE = "bench-inputs.json"
+#: Parameters of the statistics methods unless `--params` sets them (each method takes its own).
+DEFAULT_PARAMS: dict[str, Any] = {"density": 0.5, "select_topk": 0.5, "t": 0.5}
+#: Where the MergeKit venv of scripts/mergekit_golden.py puts `mergekit-yaml`.
+MERGEKIT_DEFAULT = Path("/tmp/mkvenv/bin/mergekit-yaml")
+#: MergeKit's flags: CPU, its lazy loader, no progress bars, tokenizer or model card (not merge work), seeded.
+MERGEKIT_FLAGS = ("--lazy-unpickle", "--quiet", "--no-copy-tokenizer", "--no-write-model-card", "--random-seed", "0")
 _DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "f16": "F16", "fp16": "F16", "float16": "F16",
            "f32": "F32", "fp32": "F32", "float32": "F32"}
 
@@ -67,6 +83,10 @@ class Row:
     """CPU seconds of the merge process (user + system)."""
     other_cpu: float | None = None
     """CPU seconds other processes used meanwhile: the machine was shared when this is large."""
+    method: str | None = None
+    """The merge method of a merge row (None for floor rows)."""
+    tool: str = "moemerge"
+    """Which program merged: moemerge or mergekit."""
 
 
 # -- cache -----------------------------------------------------------------------------------
@@ -81,11 +101,6 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
-
-
-def _warm_interpreter() -> None:
-    """Re-read Python, torch and moemerge after a cache drop: cases time the merge, not imports."""
-    subprocess.run([sys.executable, "-c", "import torch, moemerge.cli, moemerge.api"], check=True)
 
 
 # -- a shared machine -----------------------------------------------------------------------
@@ -211,6 +226,8 @@ def _config(method: str, paths: list[Path], params: dict[str, Any]) -> dict[str,
     from moemerge.methods import get_method
 
     m = get_method(method)
+    if m.max_inputs is not None:  # e.g. slerp: the base and one other model
+        paths = paths[:m.max_inputs + (1 if m.base != "none" else 0)]
     weight = {"weight": 1.0 / len(paths)} if m.spec("weight") else {}
     models: list[dict[str, Any]] = [{"model": str(p), **({"parameters": dict(weight)} if weight else {})}
                                     for p in paths]
@@ -242,11 +259,30 @@ def _command(method: str, paths: list[Path], out: Path, work: Path, budget: str,
     return [*_MOEMERGE, "run", str(cfg), str(out), *common], doc
 
 
+def find_mergekit(arg: str | None) -> Path | None:
+    """`mergekit-yaml` from --mergekit (a path, or 'none'), else the default venv's if present."""
+    if arg is not None and arg.lower() == "none":
+        return None
+    path = Path(arg) if arg else MERGEKIT_DEFAULT
+    if not path.is_file():
+        if arg:
+            raise SystemExit(f"bench: --mergekit {arg}: no such file (give the venv's bin/mergekit-yaml, or 'none')")
+        return None
+    return path
+
+
+def _mergekit_command(mergekit: Path, cfg: Path, out: Path) -> list[str]:
+    """`mergekit-yaml CFG OUT` run by the venv's Python under the peak-RSS wrapper."""
+    python = mergekit.parent / "python"
+    return [str(python), "-c", _MERGEKIT_WRAPPER, str(cfg), str(out), *MERGEKIT_FLAGS]
+
+
 #: `moemerge ARGS`, then the process's own peak RSS. Not ru_maxrss: after fork/vfork + exec
 #: Linux carries the parent's high-water mark into the child's (this script's ~400 MB would
 #: show up as the merge's); VmHWM is the child's own address space's.
-_WRAPPER = """
+_WRAPPER = f"""
 import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})  # this checkout's moemerge
 from moemerge.cli import main
 code = main(sys.argv[1:])
 with open("/proc/self/status") as f:
@@ -254,6 +290,18 @@ with open("/proc/self/status") as f:
 sys.exit(code)
 """
 _MOEMERGE = [sys.executable, "-c", _WRAPPER]
+#: MergeKit's `mergekit-yaml` entry point, then the process's own peak RSS (at exit: click exits
+#: through SystemExit).
+_MERGEKIT_WRAPPER = """
+import atexit, sys
+def _peak():
+    with open("/proc/self/status") as f:
+        print("MOEMERGE_PEAK_RSS=" + next(ln.split()[1] for ln in f if ln.startswith("VmHWM:")), flush=True)
+atexit.register(_peak)
+from mergekit.scripts.run_yaml import main
+sys.argv = ["mergekit-yaml", *sys.argv[1:]]
+main()
+"""
 
 
 def run_case(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str, float | None, float, float]:
@@ -274,7 +322,7 @@ def run_case(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, 
     reader.join()
     text = "".join(out)
     if proc.returncode != 0:
-        raise SystemExit(f"bench: moemerge {' '.join(cmd[3:])} failed ({proc.returncode}):\n{text}")
+        raise SystemExit(f"bench: {' '.join(cmd[3:])} failed ({proc.returncode}):\n{text}")
     m = re.search(r" in ([0-9.]+)s", text)
     peak = re.search(r"^MOEMERGE_PEAK_RSS=(\d+)$", text, re.M)
     if peak is None:
@@ -313,6 +361,50 @@ def _table(rows: list[Row], floor: float) -> str:
     return "\n".join([fmt(lines[0]), sep, *map(fmt, lines[1:])])
 
 
+def _per_gb(r: Row) -> float | None:
+    """Seconds per GB read: the merge's own time when it reported one, else wall time."""
+    secs = r.inner if r.inner is not None else r.wall
+    return secs / r.gb_read if r.gb_read else None
+
+
+def _side_by_side(rows: list[Row]) -> str:
+    """method | moemerge s | x linear | peak RSS | mergekit s | x linear | mergekit peak RSS.
+
+    x linear: time per GB of input as a multiple of linear's (same tool, same run). moemerge s
+    is the merge as moemerge reports it (wall in brackets: + interpreter start and imports);
+    mergekit s is wall time (it reports no merge time of its own).
+    """
+    merges = [r for r in rows if r.method is not None and r.method not in PMA_METHODS]
+    if not any(r.tool == "mergekit" for r in merges) and not any(r.method == "linear" for r in merges):
+        return ""
+    by = {(r.tool, r.method): r for r in merges}
+
+    def ratio(r: Row | None) -> str:
+        lin = by.get((r.tool, "linear")) if r is not None else None
+        a, b = (_per_gb(r), _per_gb(lin)) if r is not None and lin is not None else (None, None)
+        return f"{a / b:.1f}x" if a and b else "-"
+
+    head = ("method", "GB read", "moemerge s", "x linear", "peak RSS", "mergekit s", "x linear", "mergekit peak RSS",
+            "mergekit/moemerge wall")
+    lines = [head]
+    for method in dict.fromkeys(r.method for r in merges):
+        ours, mk = by.get(("moemerge", method)), by.get(("mergekit", method))
+        lines.append((
+            method + (" (shared)" if ours is not None and ours.case.endswith("(shared)") else ""),
+            f"{(ours or mk).gb_read:.2f}",  # type: ignore[union-attr]
+            f"{ours.inner if ours.inner is not None else ours.wall:.1f} ({ours.wall:.1f})" if ours else "-",
+            ratio(ours),
+            format_size(ours.peak_rss) if ours and ours.peak_rss is not None else "-",
+            f"{mk.wall:.1f}" if mk else "-", ratio(mk),
+            format_size(mk.peak_rss) if mk and mk.peak_rss is not None else "-",
+            f"{mk.wall / ours.wall:.1f}x" if mk and ours else "-",
+        ))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    fmt = lambda line: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(line, widths)))
+    return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inputs", type=int, default=4, help="number of input checkpoints (default 4)")
@@ -341,6 +433,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep the inputs (a later run with the same --dir and sizes reuses them)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the merge processes, e.g. OMP_NUM_THREADS=1 (repeatable)")
+    p.add_argument("--mergekit", default=None, metavar="PATH",
+                   help="MergeKit's mergekit-yaml (in its own venv) to run on the same inputs side by side; "
+                        f"'none' to skip (default: {MERGEKIT_DEFAULT} if it exists)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--wait-quiet", type=float, default=300,
                    help="before each measurement wait up to this many seconds for other processes to "
@@ -373,7 +468,8 @@ def _main(argv: list[str] | None) -> int:
     size = parse_size(args.size_per_input, what="--size-per-input")
     budget = parse_size(args.budget, what="--budget")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    params = _params(args.params)
+    params = {**DEFAULT_PARAMS, **_params(args.params)}
+    mergekit = find_mergekit(args.mergekit)
     child_env = dict(kv.split("=", 1) for kv in args.env)
     made_dir = args.dir is None
     work = Path(args.dir or tempfile.mkdtemp(prefix="moemerge-bench-", dir="/tmp")).resolve()
@@ -397,6 +493,8 @@ def _main(argv: list[str] | None) -> int:
             p = plan(doc, memory_budget=budget)
             cases.append((method, cmd, out, p.bytes_read, p.bytes_written))
         write_bytes = max(c[4] for c in cases)
+        if mergekit is not None:
+            print(f"mergekit: {mergekit} (same YAML and inputs, {' '.join(MERGEKIT_FLAGS)})", flush=True)
 
         rows: list[Row] = []
         cores = os.cpu_count() or 1
@@ -452,17 +550,26 @@ def _main(argv: list[str] | None) -> int:
             label = f"{method} ({'pma' if method in PMA_METHODS else 'run'})" + (
                 f" [{' '.join(args.env)}]" if args.env else "")
 
-            def attempt() -> Row:
+            def attempt(cmd: list[str] = cmd, out: Path = out, label: str = label, tool: str = "moemerge",
+                        warm: list[str] = [sys.executable, "-c", "import torch, moemerge.cli, moemerge.api"],
+                        b_read: int = b_read, b_written: int = b_written, method: str = method) -> Row:
                 shutil.rmtree(out, ignore_errors=True)
                 cold = drop_caches()
-                _warm_interpreter()
+                subprocess.run(warm, check=True)  # imports come from the page cache, inputs do not
                 wall, rss, _, inner, cpu, other = run_case(cmd, child_env)
                 shutil.rmtree(out, ignore_errors=True)
                 return Row(case=label, cache="cold" if cold else "warm", gb_read=b_read / 1e9,
                            gb_written=b_written / 1e9, wall=wall, floor=floor, peak_rss=rss, budget=budget,
-                           inner=inner, cpu=cpu, other_cpu=other)
+                           inner=inner if tool == "moemerge" else None, cpu=cpu, other_cpu=other,
+                           method=method, tool=tool)
 
             rows.append(best_of(label, attempt))
+            if mergekit is not None and method not in PMA_METHODS:
+                mk_out = work / f"mk-out-{method}"
+                mk_label = f"{method} (mergekit)"
+                rows.append(best_of(mk_label, lambda: attempt(
+                    cmd=_mergekit_command(mergekit, work / f"{method}.yml", mk_out), out=mk_out, label=mk_label,
+                    tool="mergekit", warm=[str(mergekit.parent / "python"), "-c", "import mergekit.merge"])))
 
         print()
         print(_table(rows, floor))
@@ -471,8 +578,11 @@ def _main(argv: list[str] | None) -> int:
               "CPU time other processes used meanwhile (a shared machine skews the numbers; "
               "'(shared)' marks a case that stayed above --max-other-cpu in every attempt). "
               "Targets: x floor <= 1.3, RSS-budget < 400 MB.")
+        side = _side_by_side(rows)
+        if side:
+            print("\n" + side)
         for r in rows:
-            if r.peak_rss is None:
+            if r.peak_rss is None or r.tool != "moemerge":
                 continue
             missed = ([f"{r.wall / floor:.2f}x floor > 1.3"] if r.wall / floor > 1.3 else []) + (
                 [f"RSS-budget {format_size(r.peak_rss - budget)} > 400 MB"] if r.peak_rss - budget > 400e6 else [])
@@ -482,7 +592,7 @@ def _main(argv: list[str] | None) -> int:
             Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
         return 0
     finally:
-        for c in (work / f"out-{m}" for m in methods):
+        for c in (work / f"{pre}out-{m}" for m in methods for pre in ("", "mk-")):
             shutil.rmtree(c, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(inputs_root, ignore_errors=True)

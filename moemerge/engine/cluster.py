@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from moemerge.engine.buffers import PoolCache
 from moemerge.engine.graph import Task, build_graph
 from moemerge.engine.pipeline import fold_partial, run_jobs
 from moemerge.engine.progress import NullProgress, Progress
@@ -90,6 +91,8 @@ def start_client(*, workers: int | None, scheduler: str | None, memory_budget: i
 
 _RUNS: dict[str, tuple[Sequence[Checkpoint], Any]] = {}
 _RUNS_LOCK = threading.Lock()
+#: A worker's buffers, kept from task to task of a run (released with the run).
+_POOLS = PoolCache()
 
 
 def _open_target(target: OutputTarget, plan: Plan) -> Any:
@@ -123,6 +126,7 @@ def _release(run_id: str) -> None:
     """Close what a run opened on this worker (the client calls it on every worker at the end)."""
     with _RUNS_LOCK:
         got = _RUNS.pop(run_id, None)
+    _POOLS.clear()
     if got is not None:
         ckpts, writer = got
         for c in ckpts:
@@ -148,7 +152,8 @@ def _device(device: str) -> str:
 
 def _jobs(ctx: TaskContext, plan: Plan, writer: Any, pieces: Sequence[tuple[int, int, int]], **kw: Any) -> Any:
     ckpts, _ = _opened(ctx, plan)
-    res = run_jobs(plan, ckpts, writer, pieces=pieces, device=_device(ctx.device), in_cast=ctx.in_cast, **kw)
+    res = run_jobs(plan, ckpts, writer, pieces=pieces, device=_device(ctx.device), in_cast=ctx.in_cast,
+                   pools=_POOLS, **kw)
     if ctx.target.flush_each_task and writer is not None and hasattr(writer, "flush"):
         writer.flush()  # another machine (the client) commits: our bytes must be on disk
     return res

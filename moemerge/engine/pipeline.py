@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from moemerge.engine.buffers import BufferPool, Cancelled
+from moemerge.engine.buffers import BufferPool, Cancelled, PoolCache
 from moemerge.engine.compute import ALIGN, ChunkView, apply_into, copy_equal, scratch_2d, segments, typed_views
 from moemerge.engine.jobs import Job, Stage, plan_jobs
 from moemerge.engine.progress import NullProgress, Progress
@@ -93,11 +93,13 @@ def run_jobs(
     device: str = "cpu",
     in_cast: str | None = None,
     io_threads: int = 8,
+    pools: PoolCache | None = None,
 ) -> JobsResult:
     """Run the jobs of `pieces` (all tensors by default) for `stage`; see `JobsResult`.
 
     `stats_in` gives tensors' statistics computed elsewhere (apply-only stages). With
     `reduce=False`, a pass's partials are returned instead of reduced at the tensor's end.
+    `pools` keeps the buffers for the next run in this process (Dask workers).
     """
     method = get_method(plan.method)
     progress = progress or NullProgress()
@@ -111,13 +113,16 @@ def run_jobs(
                 result.digests[t.name] = EMPTY_SHA256
     n_src = len(plan.sources)
     need_in, need_out, need_elems = _buffer_needs(plan, method, piece_list)
-    in_pool = BufferPool(2, need_in + ALIGN * n_src, "read")
-    out_pool = BufferPool(2, need_out, "write")
+    def take(name: str, count: int, nbytes: int, device: str = "cpu") -> BufferPool:
+        if pools is not None:
+            return pools.take(name, count, nbytes, device)
+        return BufferPool(count, nbytes, name, device=device)
+
+    in_pool = take("read", 2, need_in + ALIGN * n_src)
+    out_pool = take("write", 2, need_out)
     comp_bytes = 8 if any(t.compute_dtype == "F64" for t in plan.tensors) else 4
-    slabs = [
-        torch.zeros(need_elems * comp_bytes + 8, dtype=torch.uint8, device=device)
-        for _ in range(plan.working_copies)
-    ]
+    slab_pool = take("compute", plan.working_copies, need_elems * comp_bytes + 8, device=device)
+    slabs = [slab_pool.acquire() for _ in range(plan.working_copies)]
     stop = threading.Event()
     ready: queue.Queue[Any] = queue.Queue(maxsize=2)
     writes: queue.Queue[Any] = queue.Queue(maxsize=2)
@@ -267,6 +272,11 @@ def run_jobs(
         writer_thread.join()
         if errors:
             raise errors[0]
+        if pools is not None:  # every buffer is back: the next run may take them
+            for sl in slabs:
+                slab_pool.release(sl)
+            for pool in (in_pool, out_pool, slab_pool):
+                pools.give(pool)
         return result
     except BaseException as e:
         stop.set()

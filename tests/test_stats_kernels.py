@@ -142,29 +142,46 @@ def test_top_mask_keeps_the_q_largest_lowest_index_first_for_any_chunking(q: int
 
 
 class _Chunk:
-    """A stand-in chunk object (the memo only looks at identity)."""
+    """A stand-in chunk: the memo looks at identity, tensor, rows and scratch buffers only."""
+
+    n_inputs = 2
+
+    def __init__(self, slabs: list[torch.Tensor], name: str = "w", rows: tuple[int, int] = (0, 4)) -> None:
+        self.name = name
+        self.row_start, self.row_stop = rows
+        self._slabs = slabs
+
+    def scratch(self, k: int) -> torch.Tensor:
+        return self._slabs[k]
 
 
-def test_scratch_memo_matches_only_the_same_live_object_on_the_same_thread() -> None:
-    memo = ScratchMemo()
-    a, b = _Chunk(), _Chunk()
+def test_scratch_memo_matches_the_same_read_only_while_it_is_alive() -> None:
+    memo = ScratchMemo(lambda n: n + 1)
+    slabs = [torch.empty(4, 8) for _ in range(3)]
+    a = _Chunk(slabs)
     memo.set(a, "deltas")
     memo.add(a, "var")
-    assert memo.has(a, "deltas") and memo.has(a, "var")
-    assert not memo.has(b, "deltas") and not memo.has(a, "masked")
+    assert memo.has(a, "deltas") and memo.has(a, "var") and not memo.has(a, "masked")
+    # apply's own view of the same read (same tensor, rows, buffers) while a is alive: a match
+    sibling = _Chunk([s[:] for s in slabs])
+    assert memo.has(sibling, "var")
+    for other in (_Chunk(slabs, name="v"), _Chunk(slabs, rows=(4, 8)), _Chunk([torch.empty(4, 8) for _ in range(3)])):
+        assert not memo.has(other, "var")
     seen: list[bool] = []
     t = threading.Thread(target=lambda: seen.append(memo.has(a, "deltas")))
     t.start()
     t.join()
     assert seen == [False], "another thread has its own chunks and scratch buffers"
-    memo.add(b, "var")  # another chunk: a's tags are gone
+    memo.drop(sibling, "var")
+    assert memo.has(a, "deltas") and not memo.has(a, "var")
+    b = _Chunk(slabs, rows=(4, 8))
+    memo.add(b, "var")  # another read: a's tags are gone
     assert memo.has(b, "var") and not memo.has(a, "deltas") and not memo.has(b, "deltas")
     del b
     gc.collect()
-    c = _Chunk()  # may reuse b's address: must not inherit its tags
-    assert not memo.has(c, "var")
+    # the recorded read is gone: even an identical-looking chunk must not inherit its tags
+    assert not memo.has(_Chunk(slabs, rows=(4, 8)), "var")
+    c = _Chunk(slabs)
     memo.set(c, "x")
     memo.clear()
     assert not memo.has(c, "x")
-    memo.set(1, "x")  # objects without weak references are never memoized
-    assert not memo.has(1, "x")

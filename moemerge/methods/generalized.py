@@ -90,8 +90,10 @@ def make_generalized(
     def sparse_inputs(p: TensorParams) -> list[int]:
         return [i for i in range(len(p.per_input)) if sparsify != "none" and density(p, i) < 1]
 
-    # |d_i| left in scratch 4 + i by one selection pass, reused by the next on the same chunk
-    memo = ScratchMemo()
+    # what the passes left in the scratch buffers for the next pass or apply on the same read:
+    # "base" (scratch 0), "abs{i}" (|d_i| in scratch 4 + i, selection), "delta{i}" (d_i there)
+    # and "keep{i}" (input i's random keep-mask in `_mask_slot`, rescale pass)
+    memo = ScratchMemo(lambda n: n + 4)
 
     def selection(p: TensorParams, shape: tuple[int, ...]) -> Selection | None:
         if sparsify not in ("magnitude", "outliers"):
@@ -126,7 +128,8 @@ def make_generalized(
                   sel: Selection | None = None, *, tmp: torch.Tensor) -> torch.Tensor | None:
         """Boolean keep-mask of input i's task vector in this chunk, None to keep all.
 
-        `tmp`: a free float32 scratch buffer of the chunk's shape (bit patterns, masks).
+        `tmp`: a free float32 scratch buffer of the chunk's shape (bit patterns); random masks
+        go to `_mask_slot(chunk, i)`.
         """
         if i not in sparse_inputs(p):
             return None
@@ -143,13 +146,16 @@ def make_generalized(
             return hi.logical_and_(lo.logical_not_())
         start = chunk.row_start * chunk.row_len
         key = stream_key(p.seed, chunk.name, i)
+        out = _mask_slot(chunk, i, d.shape)
         if sparsify == "random":
-            return random_keep(key, start, d.numel(), dens, out=bool_view(tmp, d.shape)).view(d.shape)
-        u = uniform(key, start, d.numel()).reshape(d.shape)
+            mask = random_keep(key, start, d.numel(), dens, out=out.reshape(-1) if out is not None else None)
+            return mask.view(d.shape)
         if dens <= 0:
-            return torch.zeros(d.shape, dtype=torch.bool)
+            return out.fill_(False) if out is not None else torch.zeros(d.shape, dtype=torch.bool)
+        u = uniform(key, start, d.numel()).reshape(d.shape)
         eps = float(p.per_input[i].get("epsilon", 0.15))
-        return u < _magprune_probs(d, chunk.shape, dens, eps)
+        probs = _magprune_probs(d, chunk.shape, dens, eps)
+        return torch.lt(u, probs, out=out) if out is not None else u < probs
 
     def needs_rescale(p: TensorParams) -> bool:
         return bool(p.glob.get("rescale", False)) and sparsify in ("random", "magprune") and bool(sparse_inputs(p))
@@ -157,12 +163,15 @@ def make_generalized(
     def map_l1(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> dict[int, tuple[int, int]]:
         memo.clear()
         _load_base(chunk)
+        memo.set(chunk, "base")
         out = {}
         for i in sparse_inputs(p):
-            d = _delta(chunk, i, chunk.scratch(1))
-            mask = keep_mask(chunk, stats, p, i, d, tmp=chunk.scratch(2))
+            d = _delta(chunk, i, chunk.scratch(4 + i))
+            mask = keep_mask(chunk, stats, p, i, d, tmp=chunk.scratch(1))
             assert mask is not None
             out[i] = exact_abs_sums(d, mask)
+            # apply on this read takes d_i and the mask as they are (kept masks: first 8 inputs)
+            memo.add(chunk, f"delta{i}", *([f"keep{i}"] if _mask_slot(chunk, i, d.shape) is not None else []))
         return out
 
     def reduce_l1(parts: Sequence[dict[int, tuple[int, int]]]) -> dict[int, float]:
@@ -183,17 +192,23 @@ def make_generalized(
         return out
 
     def apply(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> torch.Tensor:
-        memo.clear()  # the scratch buffers are rewritten below
         sel = selection(p, chunk.shape)
         w = p.column("weight")
         n = len(w)
-        _load_base(chunk)
+        # what the rescale pass left on this read (d_i, masks), then the buffers are ours
+        held = {t for t in ["base"] + [f"{k}{i}" for i in range(n) for k in ("delta", "keep")] if memo.has(chunk, t)}
+        memo.clear()
+        if "base" not in held:
+            _load_base(chunk)
         base = chunk.scratch(0)
         factors = stats.get("l1", {})
         deltas = []
         for i in range(n):
-            d = _delta(chunk, i, chunk.scratch(4 + i))
-            mask = keep_mask(chunk, stats, p, i, d, sel, tmp=chunk.scratch(2))
+            d = chunk.scratch(4 + i) if f"delta{i}" in held else _delta(chunk, i, chunk.scratch(4 + i))
+            if f"keep{i}" in held:
+                mask = _mask_slot(chunk, i, d.shape)
+            else:
+                mask = keep_mask(chunk, stats, p, i, d, sel, tmp=chunk.scratch(2))
             if mask is not None:
                 d.mul_(mask)
             f = factors.get(i, 1.0)
@@ -263,6 +278,16 @@ def make_generalized(
         temporaries=lambda n: 3 + _EXTRA[sparsify],
         row_granularity=_granularity if sparsify == "magprune" else (lambda s, p: 1),
     )
+
+
+def _mask_slot(chunk: Chunk, i: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Where input i's random keep-mask lives: a quarter of scratch 2 (inputs 0-3) or 3 (4-7).
+
+    Both are free until the sign election; None (allocate) beyond 8 inputs.
+    """
+    if i >= 8:
+        return None
+    return bool_view(chunk.scratch(2 + i // 4), shape, i % 4)
 
 
 def _granularity(shape: tuple[int, ...], params: TensorParams) -> int:

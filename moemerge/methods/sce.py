@@ -24,7 +24,7 @@ __all__ = ["SCE"]
 #: Values left in the scratch buffers for the next pass over the same chunk: "deltas" (task
 #: vectors in scratch 3 + i), "masked" (the same, multiplied by the selection mask), "var"
 #: (their variance in scratch 1).
-_memo = ScratchMemo()
+_memo = ScratchMemo(lambda n: n + 3)
 
 
 def _deltas(chunk: Chunk) -> list[torch.Tensor]:

@@ -32,6 +32,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import drop_caches  # noqa: E402
 
 from moemerge.sizes import format_size, parse_size  # noqa: E402
 
@@ -53,17 +56,6 @@ with open("/proc/self/status") as f:
     print("BENCH_PEAK_RSS=" + next(ln.split()[1] for ln in f if ln.startswith("VmHWM:")), flush=True)
 sys.exit(code)
 """
-
-
-def drop_caches() -> bool:
-    """sync, then drop the page cache; False when not allowed (not root, or a container)."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def _make(path: str, seed: int, size: int, dtype: str) -> str:

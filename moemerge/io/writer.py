@@ -201,13 +201,22 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes) -> None:
+    """Write `path` so that a reader sees the old bytes or the new ones, never a mix.
+
+    The directory is synced after the rename so that the switch survives a power cut too.
+    """
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class LocalModelWriter:
@@ -335,9 +344,9 @@ class LocalModelWriter:
                 os.fsync(fd)
             self.close()
             for name, data in side_files.items():
-                _atomic_write(os.path.join(self.path, name), data)
-            _atomic_write(os.path.join(self.path, INDEX_NAME), json.dumps(index, indent=2).encode())
-            _atomic_write(os.path.join(self.path, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
+                atomic_write(os.path.join(self.path, name), data)
+            atomic_write(os.path.join(self.path, INDEX_NAME), json.dumps(index, indent=2).encode())
+            atomic_write(os.path.join(self.path, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
             os.remove(os.path.join(self.path, MARKER_NAME))
         except OSError as e:
             raise OutputError(f"{self.url}: cannot finish the output ({e.strerror or e})") from e

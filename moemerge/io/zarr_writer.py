@@ -29,7 +29,7 @@ import numpy as np
 
 from moemerge.errors import OutputError
 from moemerge.io import storage
-from moemerge.io.writer import MANIFEST_NAME, MARKER_NAME, _atomic_write
+from moemerge.io.writer import MANIFEST_NAME, MARKER_NAME, atomic_write
 from moemerge.io.zarr_store import ATTR, FORMAT_VERSION, array_path, open_store, storage_dtype
 
 __all__ = ["ZarrArraySpec", "ZarrModelWriter", "zarr_chunks"]
@@ -112,7 +112,7 @@ class ZarrModelWriter:
 
     def _put(self, name: str, data: bytes) -> None:
         if storage.is_local(self.fs):
-            _atomic_write(self._path(name), data)
+            atomic_write(self._path(name), data)
         else:  # one PUT: an object store shows the whole object or nothing
             self.fs.pipe_file(self._path(name), data)
 

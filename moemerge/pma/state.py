@@ -31,7 +31,7 @@ from moemerge import __version__
 from moemerge.errors import CheckpointError, ConfigError, OutputError
 from moemerge.io import storage
 from moemerge.io.checkpoint import Checkpoint
-from moemerge.io.writer import MANIFEST_NAME
+from moemerge.io.writer import MANIFEST_NAME, atomic_write
 from moemerge.io.zarr_writer import ZarrArraySpec, ZarrModelWriter
 
 __all__ = [
@@ -298,7 +298,7 @@ class StateStore:
         data = json.dumps(doc, indent=1).encode()
         path = self._path(POINTER_NAME)
         if self.local:
-            _atomic_replace(path, data)
+            atomic_write(path, data)
         else:  # no rename on object storage: one PUT shows the whole new pointer or the old one
             self._call(lambda: self.fs.pipe_file(path, data), f"write {POINTER_NAME}", error=OutputError)
         if previous is not None and previous != meta.version:
@@ -331,22 +331,4 @@ def _compressors() -> Any:
 
 def _version_dir(version: int) -> str:
     return f"v{version:06d}"
-
-
-def _atomic_replace(path: str, data: bytes) -> None:
-    """Write `path` so that a reader sees the old bytes or the new ones, never a mix.
-
-    The directory is synced after the rename so that the switch survives a power cut too.
-    """
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 

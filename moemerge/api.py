@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import time
 from collections import Counter
@@ -16,6 +17,7 @@ from moemerge.config import MergeConfig, load_config, parse_config
 from moemerge.engine import NullProgress, Progress, run_local
 from moemerge.errors import CheckpointError, ConfigError
 from moemerge.io.checkpoint import Checkpoint, TensorInfo
+from moemerge.io.journal import Journal
 from moemerge.io.sidefiles import read_side_files, retag_config_dtype
 from moemerge.io.dtypes import itemsize
 from moemerge.io.writer import CONFIG_COPY_NAME, LocalModelWriter, ModelWriter, TensorPlacement, check_output
@@ -29,6 +31,8 @@ DEFAULT_BUDGET = "2GB"
 DEFAULT_SHARD_SIZE = "5GB"
 #: The smallest budget we accept: below it, per-call overheads dominate every chunk.
 MIN_BUDGET = 10**6
+#: Output bytes between resume-journal entries (each costs an fsync of the shards).
+JOURNAL_EVERY = 2 << 30
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,6 +152,7 @@ def run(
     scheduler: str | None = None,
     client: Any = None,
     unit_size: str | int | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Merge per `config` into the model directory `out`; returns when the output is committed.
 
@@ -159,6 +164,11 @@ def run(
     processes), `scheduler` (the address of a running cluster) or `client` (a
     `distributed.Client`), with the same output. `unit_size` sets the input bytes per Dask task
     (default about 256 MB).
+
+    With `resume`, an unfinished output of the same plan (same config, inputs and settings)
+    keeps the tensors an earlier, crashed or killed run had finished (its journal lists them,
+    each written only after the tensor's bytes were on disk) and computes only the rest.
+    Local-filesystem safetensors outputs keep a journal.
     """
     t0 = time.monotonic()
     cfg = _as_config(config)
@@ -192,14 +202,22 @@ def run(
         source = {k: v for k, v in cfg.source.items() if k != "storage_options"}
         writer = open_writer(out, the_plan, overwrite=overwrite, storage_options=cfg.storage_options,
                              attributes={"config": source})
+        to_journal = _journal(the_plan, writer, seed=seed, resume=resume, out=out)
         writer.prepare()
         try:
             prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())
+            done: dict[str, str] = {}
+            on_written = journal = None
+            if to_journal is not None:
+                journal = to_journal.start()
+                done, on_written = journal.done, _durable(writer, journal)
             if client is not None:
                 digests = _run_on_dask(the_plan, cfg, writer, out, client=client, own_cluster=cluster is not None,
-                                       progress=prog, device=device)
+                                       progress=prog, device=device, skip=done, on_written=on_written)
             else:
-                digests = run_local(the_plan, ckpts, writer, progress=prog, device=device, in_cast=cfg.dtype)
+                digests = run_local(the_plan, ckpts, writer, progress=prog, device=device, in_cast=cfg.dtype,
+                                    skip=done, on_written=on_written, written_every=JOURNAL_EVERY)
+            digests = {**done, **digests}
             main_dtype = _main_dtype(the_plan)
             if "config.json" in side:
                 side["config.json"] = retag_config_dtype(side["config.json"], main_dtype)
@@ -227,6 +245,8 @@ def run(
                 **(manifest_extra or {}),
             }
             writer.finish(side_files=files, index=index, manifest=manifest)
+            if journal is not None:
+                journal.remove()  # committed: nothing left to resume
         except BaseException:
             writer.close()
             raise
@@ -239,8 +259,41 @@ def run(
     return RunResult(out=out, plan=the_plan, seconds=time.monotonic() - t0, checksums=digests)
 
 
+@dataclass(slots=True)
+class _PendingJournal:
+    """A journal to open once the output directory is laid out."""
+
+    out_dir: str
+    plan_id: str
+    resume: bool
+
+    def start(self) -> Journal:
+        return Journal.open(self.out_dir, self.plan_id, resume=self.resume)
+
+
+def _journal(p: Plan, writer: ModelWriter, *, seed: int, resume: bool, out: str) -> _PendingJournal | None:
+    """The resume journal of a local safetensors output (None elsewhere: --resume refused there)."""
+    if not isinstance(writer, LocalModelWriter):
+        if resume:
+            raise ConfigError(f"--resume: {out} is not a safetensors output on a local or shared filesystem; "
+                              "resuming works only there (rerun without --resume)")
+        return None
+    plan_id = hashlib.sha256(f"{p.output_id()}:{seed}:{__version__}".encode()).hexdigest()
+    return _PendingJournal(writer.path, plan_id, resume)
+
+
+def _durable(writer: ModelWriter, journal: Journal) -> Any:
+    """`on_written` for the engines: flush the shards, then journal what they hold."""
+    def record(digests: dict[str, str]) -> None:
+        writer.flush()  # type: ignore[attr-defined]
+        journal.record(digests)
+
+    return record
+
+
 def _run_on_dask(p: Plan, cfg: MergeConfig, writer: ModelWriter, out: str, *, client: Any, own_cluster: bool,
-                 progress: Progress | NullProgress, device: str) -> dict[str, str]:
+                 progress: Progress | NullProgress, device: str, skip: dict[str, str],
+                 on_written: Any) -> dict[str, str]:
     """Run the plan's tasks on the Dask cluster behind `client`; checksums back."""
     import functools
 
@@ -254,7 +307,8 @@ def _run_on_dask(p: Plan, cfg: MergeConfig, writer: ModelWriter, out: str, *, cl
                           storage_options=cfg.storage_options or None,
                           flush_each_task=not own_cluster)  # others' workers may be other machines
     digests = run_dask(p, client, opener=functools.partial(_open_all, cfg), target=target,
-                       progress=progress, device=device, in_cast=cfg.dtype)
+                       progress=progress, device=device, in_cast=cfg.dtype, skip=skip,
+                       on_written=on_written, written_every=JOURNAL_EVERY)
     if kind == "remote":
         writer.adopt([s.file for s in p.shards])  # type: ignore[attr-defined]
     return digests

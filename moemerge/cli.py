@@ -33,6 +33,9 @@ def _run_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default=None,
                    help="run on an existing Dask cluster (its address, e.g. tcp://10.0.0.5:8786)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an unfinished (crashed or killed) run of the same merge into OUT, "
+                        "keeping the tensors it had finished")
 
 
 def _dask_opts(p: argparse.ArgumentParser) -> None:
@@ -158,7 +161,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
     res = run(args.config, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size,
               seed=args.seed, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-              out_format=args.format, **_dask_kw(args))
+              out_format=args.format, resume=args.resume, **_dask_kw(args))
     _report(res)
 
 
@@ -295,7 +298,7 @@ def _cmd_pma(args: argparse.Namespace) -> None:
               "pattern": chosen.pattern, "selection": chosen.selection}
     res = run(cfg, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size, seed=args.seed,
               overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-              out_format=args.format, manifest_extra={"pma": record}, **_dask_kw(args))
+              out_format=args.format, manifest_extra={"pma": record}, resume=args.resume, **_dask_kw(args))
     _report(res)
 
 

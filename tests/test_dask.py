@@ -290,3 +290,33 @@ def test_unreachable_scheduler_fails_before_any_output(inputs: list[Path], tmp_p
     code, _, err = run_cli("run", cfg, tmp_path / "out", "--scheduler", f"tcp://127.0.0.1:{port}", "--no-progress")
     assert code != 0 and "cannot reach the Dask scheduler" in err and f"127.0.0.1:{port}" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_dask_resumes_a_crashed_local_run(inputs: list[Path], client, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import moemerge.api
+    from moemerge.errors import OutputError
+    from moemerge.io.journal import JOURNAL_NAME
+    from moemerge.io.writer import LocalModelWriter
+
+    cfg = _config("ties", inputs)
+    kw = dict(memory_budget="2MB", chunk_rows=40, unit_size="150KB")
+    clean = moemerge.run(cfg, str(tmp_path / "clean"), **kw)
+    monkeypatch.setattr(moemerge.api, "JOURNAL_EVERY", 1)
+    real, calls = LocalModelWriter.write_rows, [0]
+
+    def failing(self, name, row_start, data):
+        calls[0] += 1
+        if calls[0] == 14:  # the big tensor (10 chunks) and a few small ones are done
+            raise OutputError("simulated crash")
+        return real(self, name, row_start, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalModelWriter, "write_rows", failing)
+        with pytest.raises(OutputError):
+            moemerge.run(cfg, str(tmp_path / "out"), **kw)
+    journal = (tmp_path / "out" / JOURNAL_NAME).read_text().splitlines()
+    assert len(journal) > 1
+    res = moemerge.run(cfg, str(tmp_path / "out"), client=client, resume=True, **kw)
+    assert res.checksums == clean.checksums
+    assert _files(tmp_path / "out") == _files(tmp_path / "clean")

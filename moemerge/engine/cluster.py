@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -253,18 +253,24 @@ def run_dask(
     progress: Progress | NullProgress | None = None,
     device: str = "cpu",
     in_cast: str | None = None,
+    skip: Collection[str] = (),
+    on_written: Callable[[dict[str, str]], None] | None = None,
+    written_every: int = 1 << 30,
 ) -> dict[str, str]:
-    """Run `plan` on the cluster behind `client`; return each tensor's sha256.
+    """Run `plan` but the tensors in `skip` on the cluster behind `client`; return each
+    tensor's sha256.
 
     The output must already be prepared; the caller finishes it (index, manifest) after this
-    returns, or abandons it if this raises.
+    returns, or abandons it if this raises. `on_written` hears of finished tensors about every
+    `written_every` input bytes (the resume journal; it flushes the output first).
     """
     from distributed import as_completed
 
     progress = progress or NullProgress()
     run_id = uuid.uuid4().hex[:12]
     ctx = TaskContext(run_id=run_id, opener=opener, target=target, device=device, in_cast=in_cast)
-    tasks = build_graph(plan, by_shard=target.kind == "remote", prefix=f"moemerge-{run_id}")
+    skip_ti = {ti for ti, t in enumerate(plan.tensors) if t.name in skip}
+    tasks = build_graph(plan, by_shard=target.kind == "remote", prefix=f"moemerge-{run_id}", skip=skip_ti)
     link = getattr(client, "dashboard_link", None)
     if link:
         progress.note(f"Dask dashboard: {link}")
@@ -276,16 +282,27 @@ def run_dask(
     try:
         for task in tasks:
             futs[task.key] = _submit(client, task, ctx, plan_f, futs)
+        pending: dict[str, str] = {}  # finished, not yet told to `on_written`
+        since = 0
         for fut in as_completed(list(futs.values())):
             task = by_key[fut.key]
             if fut.status == "error":
                 raise _failure(task, fut.exception()) from None
+            got: dict[str, str] = {}
             if task.kind in ("unit", "shard"):
-                digests.update(fut.result())
+                got = fut.result()
             elif task.kind == "hash":
                 name, digest = fut.result()
-                digests[name] = digest
+                got = {name: digest}
+            digests.update(got)
+            pending.update(got)
+            since += task.in_bytes
+            if on_written is not None and pending and since >= written_every:
+                on_written(pending)
+                pending, since = {}, 0
             progress.advance(task.in_bytes)
+        if on_written is not None and pending:
+            on_written(pending)
         return digests
     finally:
         progress.stop()

@@ -15,6 +15,7 @@ Only keys, row ranges and small statistics flow along the edges; tensor data nev
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,8 +60,10 @@ def _full_bytes(plan: Plan, pieces: tuple[tuple[int, int, int], ...]) -> int:
     return total
 
 
-def build_graph(plan: Plan, *, by_shard: bool = False, prefix: str = "moemerge") -> list[Task]:
-    """The tasks of `plan`, dependencies first. `prefix` makes keys unique per run."""
+def build_graph(plan: Plan, *, by_shard: bool = False, prefix: str = "moemerge",
+                skip: Collection[int] = ()) -> list[Task]:
+    """The tasks of `plan`, dependencies first, leaving out tensors `skip` (indices: done
+    already). `prefix` makes keys unique per run."""
     method = get_method(plan.method)
     tasks: list[Task] = []
     if by_shard:
@@ -68,16 +71,19 @@ def build_graph(plan: Plan, *, by_shard: bool = False, prefix: str = "moemerge")
         for ti, t in sorted(enumerate(plan.tensors), key=lambda it: (it[1].out_file, it[1].out_offset)):
             by_file[t.out_file].append((ti, 0, t.rows))
         for s in plan.shards:
-            pieces = tuple(by_file.get(s.file, ()))
+            pieces = tuple(p for p in by_file.get(s.file, ()) if p[0] not in skip)
             tasks.append(Task(f"{prefix}-shard-{s.file}", "shard", pieces, in_bytes=_full_bytes(plan, pieces)))
         return tasks
     split: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
     for u, unit in enumerate(plan.units):
-        whole = all(r0 == 0 and r1 == plan.tensors[ti].rows for ti, r0, r1 in unit.pieces)
+        pieces = tuple(p for p in unit.pieces if p[0] not in skip)
+        if not pieces:
+            continue
+        whole = all(r0 == 0 and r1 == plan.tensors[ti].rows for ti, r0, r1 in pieces)
         if whole:
-            tasks.append(Task(f"{prefix}-unit-{u}", "unit", unit.pieces, in_bytes=_full_bytes(plan, unit.pieces)))
+            tasks.append(Task(f"{prefix}-unit-{u}", "unit", pieces, in_bytes=_full_bytes(plan, pieces)))
         else:
-            (piece,) = unit.pieces  # the planner gives a split tensor's pieces units of their own
+            (piece,) = pieces  # the planner gives a split tensor's pieces units of their own
             split[piece[0]].append(piece)
     for ti, pieces in split.items():
         t = plan.tensors[ti]

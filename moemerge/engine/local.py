@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from moemerge.engine.pipeline import Writer, run_jobs
 from moemerge.engine.progress import NullProgress, Progress
@@ -21,7 +21,15 @@ def run_local(
     device: str = "cpu",
     in_cast: str | None = None,
     io_threads: int = 8,
+    skip: Collection[str] = (),
+    on_written: Callable[[dict[str, str]], None] | None = None,
+    written_every: int = 1 << 30,
 ) -> dict[str, str]:
-    """Run every tensor of `plan`, in order; return each tensor's sha256 (of its output bytes)."""
-    return run_jobs(plan, checkpoints, writer, progress=progress, device=device, in_cast=in_cast,
-                    io_threads=io_threads).digests
+    """Run every tensor of `plan` but those in `skip`, in order; return each one's sha256.
+
+    `on_written` hears of finished tensors about every `written_every` output bytes (see
+    `run_jobs`): the resume journal.
+    """
+    pieces = [(ti, 0, t.rows) for ti, t in enumerate(plan.tensors) if t.name not in skip]
+    return run_jobs(plan, checkpoints, writer, pieces=pieces, progress=progress, device=device, in_cast=in_cast,
+                    io_threads=io_threads, on_written=on_written, written_every=written_every).digests

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -94,12 +94,16 @@ def run_jobs(
     in_cast: str | None = None,
     io_threads: int = 8,
     pools: PoolCache | None = None,
+    on_written: Callable[[dict[str, str]], None] | None = None,
+    written_every: int = 1 << 30,
 ) -> JobsResult:
     """Run the jobs of `pieces` (all tensors by default) for `stage`; see `JobsResult`.
 
     `stats_in` gives tensors' statistics computed elsewhere (apply-only stages). With
     `reduce=False`, a pass's partials are returned instead of reduced at the tensor's end.
     `pools` keeps the buffers for the next run in this process (Dask workers).
+    `on_written(digests)` is called from the writer thread with the tensors finished since its
+    last call, about every `written_every` bytes and at the end (the resume journal).
     """
     method = get_method(plan.method)
     progress = progress or NullProgress()
@@ -168,6 +172,16 @@ def run_jobs(
 
     def write_loop() -> None:
         hashes: dict[str, Any] = {}
+        finished: dict[str, str] = {}
+        since = 0
+
+        def report() -> None:
+            nonlocal since
+            if on_written is not None and finished:
+                on_written(dict(finished))
+            finished.clear()
+            since = 0
+
         while True:
             try:
                 item = writes.get(timeout=0.1)
@@ -176,6 +190,12 @@ def run_jobs(
                     return
                 continue
             if item is None:
+                try:
+                    if not stop.is_set():
+                        report()
+                except BaseException as e:
+                    errors.append(e)
+                    stop.set()
                 return
             name, r0, nbytes, buf, first, last = item
             try:
@@ -189,8 +209,11 @@ def run_jobs(
                         writer.write_rows(name, r0, mv)
                     if pending is not None:
                         pending.result()
+                    since += nbytes
                     if last and h is not None:
-                        result.digests[name] = hashes.pop(name).hexdigest()
+                        result.digests[name] = finished[name] = hashes.pop(name).hexdigest()
+                        if since >= written_every:
+                            report()
             except BaseException as e:
                 errors.append(e)
                 stop.set()

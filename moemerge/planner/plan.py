@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 from moemerge.io.dtypes import itemsize
@@ -107,6 +109,18 @@ class Plan:
         """Each planned tensor as a Zarr array (one engine chunk per Zarr chunk)."""
         return [ZarrArraySpec(name=t.name, shape=t.shape, dtype=t.out_dtype, rows_per_chunk=t.rows_per_chunk)
                 for t in self.tensors]
+
+    def output_id(self) -> str:
+        """sha256 of what decides the output's bytes and their places: method, config, inputs,
+        every tensor's shape, dtype and offset, every shard's header (the resume journal's key)."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.method, self.config_hash, list(self.sources), self.out_format]).encode())
+        for t in self.tensors:
+            h.update(json.dumps([t.name, list(t.shape), t.out_dtype, t.out_file, t.out_offset, t.method]).encode())
+        for sh in self.shards:
+            h.update(sh.file.encode())
+            h.update(hashlib.sha256(sh.header).digest())
+        return h.hexdigest()
 
     def summary(self) -> dict[str, object]:
         """The plan as a small JSON-able dict (what `moemerge plan --json` prints)."""

@@ -145,11 +145,12 @@ def _print_plan(plan: Any, header: str) -> None:
         _err.print(f"note: {n}")
 
 
-def _not_yet(args: argparse.Namespace) -> None:
+def _no_dask(args: argparse.Namespace) -> None:
     from moemerge.errors import ConfigError
 
     if getattr(args, "workers", None) or getattr(args, "scheduler", None):
-        raise ConfigError("--workers/--scheduler (Dask) are not supported yet; the local executor runs by default")
+        raise ConfigError("pma update runs in one process (it reads only the new snapshots); --workers and "
+                          "--scheduler are for `moemerge run` and `moemerge pma`")
 
 
 def _dask_kw(args: argparse.Namespace) -> dict[str, Any]:
@@ -308,7 +309,7 @@ def _cmd_pma_update(args: argparse.Namespace) -> None:
     from moemerge.pma.discovery import interval_steps_from_tokens
     from moemerge.pma.update import update
 
-    _not_yet(args)
+    _no_dask(args)
     if len(args.snapshots) != 3 or not args.out:
         raise ConfigError("pma update: usage is `moemerge pma update STATE PATTERN -o OUT` (STATE: where the "
                           "running state lives; PATTERN: a quoted glob or prefix of snapshot directories)")

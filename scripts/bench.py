@@ -361,16 +361,25 @@ def _table(rows: list[Row], floor: float) -> str:
     return "\n".join([fmt(lines[0]), sep, *map(fmt, lines[1:])])
 
 
-def _per_gb(r: Row) -> float | None:
-    """Seconds per GB read: the merge's own time when it reported one, else wall time."""
+def _input_bytes(doc: dict[str, Any]) -> int:
+    """Bytes of the weight files of every model a config merges (base included, once each)."""
+    models = {str(m["model"]) for m in doc.get("models", [])}
+    if doc.get("base_model"):
+        models.add(str(doc["base_model"]))
+    return sum(f.stat().st_size for f in _weight_files([Path(m) for m in sorted(models)]))
+
+
+def _per_gb(r: Row, gb: float) -> float | None:
+    """Seconds per GB of input: the merge's own time when it reported one, else wall time."""
     secs = r.inner if r.inner is not None else r.wall
-    return secs / r.gb_read if r.gb_read else None
+    return secs / gb if gb else None
 
 
-def _side_by_side(rows: list[Row]) -> str:
+def _side_by_side(rows: list[Row], input_gb: dict[str, float]) -> str:
     """method | moemerge s | x linear | peak RSS | mergekit s | x linear | mergekit peak RSS.
 
-    x linear: time per GB of input as a multiple of linear's (same tool, same run). moemerge s
+    x linear: time per GB of input (the models' weight files: slerp merges two of them) as a
+    multiple of linear's (same tool, same run). moemerge s
     is the merge as moemerge reports it (wall in brackets: + interpreter start and imports);
     mergekit s is wall time (it reports no merge time of its own).
     """
@@ -381,17 +390,19 @@ def _side_by_side(rows: list[Row]) -> str:
 
     def ratio(r: Row | None) -> str:
         lin = by.get((r.tool, "linear")) if r is not None else None
-        a, b = (_per_gb(r), _per_gb(lin)) if r is not None and lin is not None else (None, None)
+        if r is None or lin is None or r.method is None:
+            return "-"
+        a, b = _per_gb(r, input_gb.get(r.method, 0.0)), _per_gb(lin, input_gb.get("linear", 0.0))
         return f"{a / b:.1f}x" if a and b else "-"
 
-    head = ("method", "GB read", "moemerge s", "x linear", "peak RSS", "mergekit s", "x linear", "mergekit peak RSS",
+    head = ("method", "GB input", "moemerge s", "x linear", "peak RSS", "mergekit s", "x linear", "mergekit peak RSS",
             "mergekit/moemerge wall")
     lines = [head]
     for method in dict.fromkeys(r.method for r in merges):
         ours, mk = by.get(("moemerge", method)), by.get(("mergekit", method))
         lines.append((
             method + (" (shared)" if ours is not None and ours.case.endswith("(shared)") else ""),
-            f"{(ours or mk).gb_read:.2f}",  # type: ignore[union-attr]
+            f"{input_gb.get(method, 0.0):.2f}",
             f"{ours.inner if ours.inner is not None else ours.wall:.1f} ({ours.wall:.1f})" if ours else "-",
             ratio(ours),
             format_size(ours.peak_rss) if ours and ours.peak_rss is not None else "-",
@@ -491,8 +502,9 @@ def _main(argv: list[str] | None) -> int:
             out = work / f"out-{method}"
             cmd, doc = _command(method, paths, out, work, args.budget, params)
             p = plan(doc, memory_budget=budget)
-            cases.append((method, cmd, out, p.bytes_read, p.bytes_written))
+            cases.append((method, cmd, out, p.bytes_read, p.bytes_written, _input_bytes(doc)))
         write_bytes = max(c[4] for c in cases)
+        input_gb = {c[0]: c[5] / 1e9 for c in cases}
         if mergekit is not None:
             print(f"mergekit: {mergekit} (same YAML and inputs, {' '.join(MERGEKIT_FLAGS)})", flush=True)
 
@@ -546,7 +558,7 @@ def _main(argv: list[str] | None) -> int:
                         wall=floor, floor=floor))
         print(f"floor: read {read_best.wall:.2f}s + write {wr.wall:.2f}s = {floor:.2f}s", flush=True)
 
-        for method, cmd, out, b_read, b_written in cases:
+        for method, cmd, out, b_read, b_written, _ in cases:
             label = f"{method} ({'pma' if method in PMA_METHODS else 'run'})" + (
                 f" [{' '.join(args.env)}]" if args.env else "")
 
@@ -578,7 +590,7 @@ def _main(argv: list[str] | None) -> int:
               "CPU time other processes used meanwhile (a shared machine skews the numbers; "
               "'(shared)' marks a case that stayed above --max-other-cpu in every attempt). "
               "Targets: x floor <= 1.3, RSS-budget < 400 MB.")
-        side = _side_by_side(rows)
+        side = _side_by_side(rows, input_gb)
         if side:
             print("\n" + side)
         for r in rows:

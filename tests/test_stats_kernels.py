@@ -185,3 +185,22 @@ def test_scratch_memo_matches_the_same_read_only_while_it_is_alive() -> None:
     memo.set(c, "x")
     memo.clear()
     assert not memo.has(c, "x")
+
+
+def test_float64_kernels_split_across_threads_give_the_same_values() -> None:
+    """Big chunks are cut into row ranges run on several threads: the values must not change."""
+    gen = torch.Generator().manual_seed(9)
+    shape = (97, 4 * stats.BLOCK // 50)  # ~8 blocks: 4 threads get ranges of uneven length
+    a, b, c = (_rand(shape, gen) for _ in range(3))
+    keep = torch.rand(shape, generator=gen) < 0.3
+    a64, b64, c64 = (t.to(torch.float64) for t in (a, b, c))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        pairs = [(0, 1), (0, 0), (1, 2), (2, 2)]
+        vs = (a64, b64, c64)
+        assert stats.exact_dots_of([a, b, c], pairs) == [stats.exact_row_sum(vs[i] * vs[j]) for i, j in pairs]
+        assert np.array_equal(stats.dot_rows(a, b), (a64 * b64).numpy().sum(axis=1))
+        assert stats.exact_abs_sums(a, keep) == (stats.exact_row_sum(a64.abs()), stats.exact_row_sum(a64.abs() * keep))
+    finally:
+        torch.set_num_threads(before)

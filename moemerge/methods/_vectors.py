@@ -7,14 +7,19 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from moemerge.methods.stats import dot_rows, exact_dot, exact_value
+from moemerge.methods.stats import dot_rows, exact_dot, exact_dots_of, exact_value
 
-__all__ = ["exact_dots", "reduce_dots", "row_dots"]
+__all__ = ["exact_dots", "gram_dots", "reduce_dots", "row_dots"]
 
 
 def exact_dots(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
     """Exact-sum partials of <a, b> for each pair (float32 products are exact in float64)."""
     return [exact_dot(a, b) for a, b in pairs]
+
+
+def gram_dots(vectors: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]]) -> list[int]:
+    """`exact_dots([(vectors[i], vectors[j]) for i, j in pairs])`, each vector converted once."""
+    return exact_dots_of(vectors, pairs)
 
 
 def reduce_dots(parts: Sequence[list[int]]) -> list[float]:

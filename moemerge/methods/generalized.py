@@ -30,7 +30,9 @@ __all__ = ["FAMILY", "make_generalized"]
 Sparsify = Literal["none", "magnitude", "random", "outliers", "magprune"]
 
 #: Extra float32-sized temporaries per element that each sparsifier allocates (memory plan).
-_EXTRA = {"none": 0, "magnitude": 0, "outliers": 0, "random": 6, "magprune": 14}
+#: Random masks live in scratch buffers and their draws in cache-sized blocks (stats.BLOCK);
+#: DELLA's ranks hold two int64 argsorts, float64 draws and probabilities.
+_EXTRA = {"none": 0, "magnitude": 0, "outliers": 0, "random": 0, "magprune": 14}
 #: MergeKit's rule (methods.md): skip the L1 rescale when either norm is under this.
 _RESCALE_EPS = 1e-7
 
@@ -275,9 +277,8 @@ def make_generalized(
     return Method(
         name=name, pretty_name=pretty, reference_url=url, params=tuple(params), apply=apply,
         base="required", passes=passes, elementwise=elementwise, check_tensor=check,
-        # scratch: base, mixed, divisor, temp + one task vector per input. Temporaries: masks
-        # and bit patterns (3); random draws hold uint64 counters and float64 uniforms (+6);
-        # DELLA's ranks hold two int64 argsorts and float64 probabilities (+8 more)
+        # scratch: base, mixed, divisor, temp + one task vector per input (masks and bit
+        # patterns live in them). Temporaries: 3 spare, plus DELLA's ranks and draws (+14)
         working_copies=lambda n: n + 4,
         temporaries=lambda n: 3 + _EXTRA[sparsify],
         row_granularity=_granularity if sparsify == "magprune" else (lambda s, p: 1),

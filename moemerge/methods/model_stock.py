@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moemerge.methods._vectors import exact_dots, reduce_dots, row_dots
+from moemerge.methods._vectors import gram_dots, reduce_dots, row_dots
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams
 
 __all__ = ["MODEL_STOCK", "stock_t"]
@@ -46,7 +46,7 @@ def _pairs(n: int) -> list[tuple[int, int]]:
 
 def _map(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> list[int]:
     _, offs = _offsets(chunk)
-    return exact_dots([(offs[i], offs[j]) for i, j in _pairs(len(offs))])
+    return gram_dots(offs, _pairs(len(offs)))
 
 
 def _passes(p: TensorParams, shape: tuple[int, ...]) -> tuple[StatPass, ...]:
@@ -56,21 +56,22 @@ def _passes(p: TensorParams, shape: tuple[int, ...]) -> tuple[StatPass, ...]:
 
 
 def _apply(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> torch.Tensor:
-    base, offs = _offsets(chunk)
-    n = len(offs)
+    n = chunk.n_inputs
     if p.glob.get("filter_wise", False):
+        base, offs = _offsets(chunk)
         view = [o.reshape(1, -1) if len(chunk.shape) <= 1 else o for o in offs]
         dots = {(i, j): row_dots(view[i], view[j]) for i, j in _pairs(n)}
         t = torch.from_numpy(stock_t(n, dots).astype(np.float32))
         t = t.reshape(-1, 1) if len(chunk.shape) > 1 else t.reshape(1)
-    else:
+    else:  # the offsets are only needed for the per-row cosines
+        base = chunk.base(out=chunk.scratch(0))
         dots = {pair: np.array([v]) for pair, v in zip(_pairs(n), stats["dots"])}
         t = torch.tensor(float(stock_t(n, dots)[0]), dtype=torch.float32)
-    # mean(w_i) = base + mean(o_i): rebuild the inputs' sum from the offsets already held
+    # mean(w_i): the inputs' sum, in input order
     avg = chunk.scratch(1)
     chunk.input(0, out=avg)
     for i in range(1, n):
-        avg.add_(chunk.input(i, out=offs[i]))
+        avg.add_(chunk.input(i, out=chunk.scratch(2 + i)))
     avg.div_(n)
     avg.mul_(t)
     one_minus = 1.0 - t
@@ -95,9 +96,10 @@ MODEL_STOCK = Method(
     base="required",
     min_inputs=2,
     passes=_passes,
-    # scratch: base, average + one offset per input; temporaries: float64 products
+    # scratch: base, average + one offset per input; float64 products run in cache-sized
+    # blocks (stats.BLOCK); one spare temporary
     working_copies=lambda n: n + 2,
-    temporaries=lambda n: 6,
+    temporaries=lambda n: 1,
     row_granularity=_granularity,
 )
 

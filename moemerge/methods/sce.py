@@ -161,9 +161,10 @@ SCE = Method(
     base="required",
     min_inputs=1,
     passes=_passes,
-    # scratch: base, variance/mixed, mean/divisor + one delta per input; temporaries: float64
-    # squares for the energy sums, masks, bit patterns
+    # scratch: base, variance/mixed, mean/divisor + one delta per input (masks and bit patterns
+    # live in them; float64 sums run in cache-sized blocks); temporaries: the consensus weight
+    # and a spare
     working_copies=lambda n: n + 3,
-    temporaries=lambda n: 8,
+    temporaries=lambda n: 2,
     ignored_params=("lambda", "weight"),
 )

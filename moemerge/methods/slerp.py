@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from moemerge.methods._vectors import exact_dots, reduce_dots
+from moemerge.methods._vectors import gram_dots, reduce_dots
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams
 
 __all__ = ["SLERP", "slerp_coefficients"]
@@ -34,7 +34,7 @@ def slerp_coefficients(t: float, dot: float, n0: float, n1: float) -> tuple[floa
 def _map(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> list[int]:
     v0 = chunk.base(out=chunk.scratch(0))
     v1 = chunk.input(0, out=chunk.scratch(1))
-    return exact_dots([(v0, v1), (v0, v0), (v1, v1)])
+    return gram_dots([v0, v1], [(0, 1), (0, 0), (1, 1)])
 
 
 def _passes(p: TensorParams, shape: tuple[int, ...]) -> tuple[StatPass, ...]:
@@ -61,7 +61,7 @@ SLERP = Method(
     min_inputs=1,
     max_inputs=1,
     passes=_passes,
-    # two float32 buffers; float64 products for the dot products
+    # two float32 buffers; float64 products run in cache-sized blocks (stats.BLOCK); one spare
     working_copies=lambda n: 2,
-    temporaries=lambda n: 6,
+    temporaries=lambda n: 1,
 )

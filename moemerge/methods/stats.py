@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +34,7 @@ __all__ = [
     "BLOCK",
     "exact_row_sum",
     "exact_dot",
+    "exact_dots_of",
     "dot_rows",
     "exact_abs_sums",
     "exact_value",
@@ -103,6 +107,30 @@ def _row_step(row_len: int) -> int:
     return max(1, BLOCK // max(1, row_len))
 
 
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _for_row_ranges(rows: int, row_len: int, body: Callable[[int, int], None]) -> None:
+    """body(r0, r1) over [0, rows), split among torch's intra-op thread count.
+
+    numpy's float64 loops run on one core; each range is independent (its own buffers, its
+    own slice of the row sums), so the split does not change any value. Small chunks run inline.
+    """
+    global _pool
+    workers = min(torch.get_num_threads(), 8, rows * row_len // (4 * BLOCK))
+    if workers <= 1:
+        body(0, rows)
+        return
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < workers:  # noqa: SLF001 (grow once)
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moemerge-stats")
+        pool = _pool
+    per = -(-rows // workers)
+    for f in [pool.submit(body, r, min(rows, r + per)) for r in range(0, rows, per)]:
+        f.result()
+
+
 def dot_rows(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """Per-row sums of a.double() * b.double() ([rows, ...] tensors; a 1-D tensor is rows of one),
     each row summed by numpy, in row blocks (no float64 copy of the chunk). `b` may be `a`."""
@@ -113,13 +141,50 @@ def dot_rows(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     rows, row_len = x.shape
     sums = np.empty(rows, np.float64)
     step = _row_step(row_len)
-    buf = np.empty(min(step, rows) * row_len, np.float64)
-    for r in range(0, rows, step):
-        k = min(step, rows - r)
-        p = buf[:k * row_len].reshape(k, row_len)
-        np.multiply(x[r:r + k], y[r:r + k], out=p, dtype=np.float64)  # exact: 24 + 24 bits < 53
-        p.sum(axis=1, out=sums[r:r + k])
+
+    def body(r0: int, r1: int) -> None:
+        buf = np.empty(min(step, r1 - r0) * row_len, np.float64)
+        for r in range(r0, r1, step):
+            k = min(step, r1 - r)
+            p = buf[:k * row_len].reshape(k, row_len)
+            np.multiply(x[r:r + k], y[r:r + k], out=p, dtype=np.float64)  # exact: 24 + 24 bits < 53
+            p.sum(axis=1, out=sums[r:r + k])
+
+    _for_row_ranges(rows, row_len, body)
     return sums
+
+
+def exact_dots_of(vectors: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]]) -> list[int]:
+    """`[exact_dot(vectors[i], vectors[j]) for i, j in pairs]`, converting each row block of
+    each vector to float64 once (a Gram matrix of n vectors reads each n times otherwise)."""
+    if any(v.ndim <= 1 for v in vectors):
+        return [exact_dot(vectors[i], vectors[j]) for i, j in pairs]
+    xs = [_rows(v) for v in vectors]
+    if len({x.shape for x in xs}) > 1:
+        raise ValueError(f"exact_dots_of: shapes {[tuple(v.shape) for v in vectors]} differ")
+    rows, row_len = xs[0].shape
+    if rows == 0:
+        return [0] * len(pairs)
+    step = _row_step(row_len)
+    used = sorted({k for pair in pairs for k in pair})
+    sums = np.empty((len(pairs), rows), np.float64)
+
+    def body(r0: int, r1: int) -> None:
+        size = min(step, r1 - r0) * row_len
+        bufs = {i: np.empty(size, np.float64) for i in used}
+        prod = np.empty(size, np.float64)
+        for r in range(r0, r1, step):
+            k = min(step, r1 - r)
+            blk = {i: bufs[i][:k * row_len].reshape(k, row_len) for i in used}
+            for i in used:
+                np.copyto(blk[i], xs[i][r:r + k])  # exact: float32 -> float64
+            p = prod[:k * row_len].reshape(k, row_len)
+            for m, (i, j) in enumerate(pairs):
+                np.multiply(blk[i], blk[j], out=p)
+                p.sum(axis=1, out=sums[m, r:r + k])
+
+    _for_row_ranges(rows, row_len, body)
+    return [_exact_int(sums[m]) for m in range(len(pairs))]
 
 
 def exact_dot(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -157,16 +222,20 @@ def exact_abs_sums(d: torch.Tensor, keep: torch.Tensor) -> tuple[int, int]:
     if rows == 0:
         return 0, 0
     step = _row_step(row_len)
-    buf = np.empty(min(step, rows) * row_len, np.float64)
     full = np.empty(rows, np.float64)
     kept = np.empty(rows, np.float64)
-    for r in range(0, rows, step):
-        k = min(step, rows - r)
-        p = buf[:k * row_len].reshape(k, row_len)
-        np.abs(x[r:r + k], out=p, casting="same_kind")
-        p.sum(axis=1, out=full[r:r + k])
-        np.multiply(p, m[r:r + k], out=p)
-        p.sum(axis=1, out=kept[r:r + k])
+
+    def body(r0: int, r1: int) -> None:
+        buf = np.empty(min(step, r1 - r0) * row_len, np.float64)
+        for r in range(r0, r1, step):
+            k = min(step, r1 - r)
+            p = buf[:k * row_len].reshape(k, row_len)
+            np.abs(x[r:r + k], out=p, casting="same_kind")
+            p.sum(axis=1, out=full[r:r + k])
+            np.multiply(p, m[r:r + k], out=p)
+            p.sum(axis=1, out=kept[r:r + k])
+
+    _for_row_ranges(rows, row_len, body)
     return _exact_int(full), _exact_int(kept)
 
 

@@ -23,6 +23,8 @@ from moemerge.sizes import format_size
 
 __all__ = ["build_plan", "make_units", "DEFAULT_UNIT_BYTES", "MAX_LISTED", "BLOCK_ELEMS"]
 
+#: Chunks per work unit for elementwise methods (pipeline depth inside one Dask task).
+CHUNKS_PER_UNIT = 4
 #: DESIGN "Work units and scale": about 256 MB of input per unit keeps a 100B+ model in the
 #: thousands of units (Dask's per-task overhead stays negligible).
 DEFAULT_UNIT_BYTES = 256 * 10**6
@@ -197,6 +199,10 @@ def build_plan(
     # a chunk is read whole by one task: no bigger than a work unit, so units stay bounded
     # (and a unit's worth of input is already far past where bigger reads go faster)
     chunk_cap = min(chunk_cap, max(1, unit_bytes // in_elem))
+    if method.elementwise:
+        # chunking never costs an elementwise method a read: a few chunks per unit keep a
+        # task's reads, math and writes overlapped (one-chunk tasks run them one after another)
+        chunk_cap = min(chunk_cap, max(1, unit_bytes // in_elem // CHUNKS_PER_UNIT))
 
     tensors: list[TensorPlan] = []
     shards, where = lay_out_shards([(p["name"], p["out_dtype"], p["infos"][0].shape) for p in planned], shard_size)

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {method} {label}: {wall:.2f}s", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
         print()
-        print("| method | executor | wall s | x floor | x local | tasks | input per task | peak RSS client | peak RSS worker |")
+        print("| method | executor | wall s | x read floor | x local | tasks | input per task | peak RSS client | peak RSS worker |")
         print("|---|---|---|---|---|---|---|---|---|")
         for m, label, wall, xf, xl, nt, per, pt, pw in rows:
             print(f"| {m} | {label} | {wall:.2f} | {xf:.2f} | {xl:.2f} | {nt or '-'} | "

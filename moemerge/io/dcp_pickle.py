@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import pickle
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,20 +232,28 @@ def _convert(md: Any) -> DcpMetadata:
                        version=version if isinstance(version, str) else None)
 
 
+def _load(unpickler: type[pickle.Unpickler], raw: bytes, *, refused: Callable[[str], str],
+          unreadable: Callable[[Exception], str]) -> Any:
+    """Unpickle `raw` with a restricted unpickler; both failures become a CheckpointError."""
+    try:
+        return unpickler(io.BytesIO(raw)).load()
+    except _Refused as e:
+        raise CheckpointError(refused(e.what)) from None
+    except Exception as e:  # truncated, not a pickle, a stand-in given odd arguments
+        raise CheckpointError(unreadable(e)) from None
+
+
 def load_metadata(raw: bytes, *, where: str) -> DcpMetadata:
     """Parse the bytes of a DCP `.metadata` file; refuse any pickled name outside DCP metadata."""
-    try:
-        md = _MetadataUnpickler(io.BytesIO(raw)).load()
-    except _Refused as e:
-        raise CheckpointError(
-            f"{where}: refers to `{e.what}`, which is not part of PyTorch DCP metadata; refusing to "
-            "unpickle it (a crafted .metadata could run code). Use checkpoints from sources you trust."
-        ) from None
-    except Exception as e:  # truncated, not a pickle, a stand-in given odd arguments
-        raise CheckpointError(
+    md = _load(
+        _MetadataUnpickler, raw,
+        refused=lambda what: (
+            f"{where}: refers to `{what}`, which is not part of PyTorch DCP metadata; refusing to "
+            "unpickle it (a crafted .metadata could run code). Use checkpoints from sources you trust."),
+        unreadable=lambda e: (
             f"{where}: not a readable DCP metadata pickle ({type(e).__name__}: {e}); "
-            "the file is truncated or corrupt, or the checkpoint is still being written"
-        ) from None
+            "the file is truncated or corrupt, or the checkpoint is still being written"),
+    )
     try:
         return _convert(md)
     except ValueError as e:
@@ -323,16 +332,14 @@ class _TensorUnpickler(pickle.Unpickler):
 
 def load_stored_tensor(raw: bytes, *, where: str) -> StoredTensor:
     """Parse a chunk archive's `data.pkl`: one plain tensor, or a clear CheckpointError."""
-    try:
-        obj = _TensorUnpickler(io.BytesIO(raw)).load()
-    except _Refused as e:
-        raise CheckpointError(
-            f"{where}: the stored chunk refers to `{e.what}`; only plain tensors saved by DCP can be "
-            "read (refusing to unpickle anything else, as it could run code)"
-        ) from None
-    except Exception as e:
-        raise CheckpointError(f"{where}: the stored chunk's data.pkl is unreadable ({type(e).__name__}: {e}); "
-                              "the file is corrupt") from None
+    obj = _load(
+        _TensorUnpickler, raw,
+        refused=lambda what: (
+            f"{where}: the stored chunk refers to `{what}`; only plain tensors saved by DCP can be "
+            "read (refusing to unpickle anything else, as it could run code)"),
+        unreadable=lambda e: (
+            f"{where}: the stored chunk's data.pkl is unreadable ({type(e).__name__}: {e}); the file is corrupt"),
+    )
     if not isinstance(obj, StoredTensor):
         raise CheckpointError(f"{where}: the stored chunk holds a {type(obj).__name__}, not a tensor")
     return obj

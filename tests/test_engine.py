@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+import moemerge
 
 from moemerge.api import _open_all, _plan
 from moemerge.config import parse_config
@@ -69,3 +72,37 @@ def test_read_failure_mid_run_is_raised_as_itself(ckpt_factory, tmp_path: Path) 
 
     with pytest.raises(CheckpointError, match="shrank"):
         run_local(plan, ckpts, Sink())
+
+
+@pytest.mark.parametrize("dtype, reads_per_chunk", [(torch.float32, 3), (torch.bfloat16, 4)])
+def test_tie_count_pass_is_read_only_when_ties_need_breaking(ckpt_factory, tmp_path, monkeypatch,
+                                                              dtype, reads_per_chunk) -> None:
+    """ties streams a tensor in passes: high bits, low bits, tie counts, apply. Random fp32
+    values have no tie at the threshold, so the tie-count pass is not read; coarse bf16 values
+    (few distinct values) do, so it is."""
+    from moemerge.io.checkpoint import Checkpoint
+
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    if dtype == torch.float32:
+        make = lambda: torch.randn(64, 40, generator=g)  # noqa: E731
+    else:
+        make = lambda: (torch.randint(-3, 4, (64, 40), generator=g) / 4).to(dtype)  # noqa: E731
+    base = ckpt_factory("base", {"w": make()})
+    ms = [ckpt_factory(f"m{i}", {"w": make()}) for i in range(2)]
+    cfg = {"merge_method": "ties", "base_model": str(base),
+           "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.3}} for m in ms]}
+    reads: list[tuple[str, int]] = []
+    real = Checkpoint.read_rows
+
+    def spy(self, name, r0, r1, buf):
+        reads.append((self.url, r0))
+        return real(self, name, r0, r1, buf)
+
+    monkeypatch.setattr(Checkpoint, "read_rows", spy)
+    res = moemerge.run(cfg, str(tmp_path / "out"), chunk_rows=8, memory_budget="1MB")
+    chunks = len(res.plan.tensors[0].chunks)
+    assert chunks == 8
+    assert len(reads) == 3 * chunks * reads_per_chunk  # 3 sources, once per pass read and apply
+    monkeypatch.undo()
+    whole = moemerge.run(cfg, str(tmp_path / "whole"), memory_budget="1GB")
+    assert whole.checksums == res.checksums

@@ -178,8 +178,16 @@ def _t_full(ctx: TaskContext, plan: Plan, pieces: tuple[tuple[int, int, int], ..
         raise
 
 
+#: What a map task returns for a pass its earlier passes made unnecessary (nothing was read).
+SKIPPED = "moemerge:pass-skipped"
+
+
 def _t_map(ctx: TaskContext, plan: Plan, pieces: tuple[tuple[int, int, int], ...], ti: int, k: int,
            stats: dict[str, Any] | None) -> list[Any]:
+    t = plan.tensors[ti]
+    sp = get_method(plan.method).passes(t.params, t.shape)[k]
+    if k > 0 and sp.needed is not None and not sp.needed(stats or {}):
+        return [SKIPPED]
     res = _jobs(ctx, plan, None, pieces, stage=k, stats_in={ti: stats or {}}, reduce=False)
     return res.partials.get((ti, k), [])
 
@@ -188,11 +196,14 @@ def _t_reduce(plan: Plan, ti: int, k: int, stats: dict[str, Any] | None, parts: 
     """Fold the pieces' partials in row order, as the local executor folds its chunks'."""
     method = get_method(plan.method)
     t = plan.tensors[ti]
+    sp = method.passes(t.params, t.shape)[k]
+    if any(len(part) == 1 and isinstance(part[0], str) and part[0] == SKIPPED for part in parts):
+        # every map task decided alike, from the same statistics
+        return {**(stats or {}), sp.name: sp.when_skipped}
     acc: list[Any] = []
     for part in parts:
         for p in part:
             fold_partial(method, plan, ti, k, acc, p)
-    sp = method.passes(t.params, t.shape)[k]
     return {**(stats or {}), sp.name: sp.reduce(acc)}
 
 

@@ -149,12 +149,32 @@ def run_jobs(
         for f in futs:
             f.result()
 
+    def skip_pass(job: Job) -> bool:
+        """Whether a streamed pass can go unread: asks the pass, once the earlier ones are reduced."""
+        if job.kind != "pass" or job.k == 0 or not reduce:
+            return False
+        t = plan.tensors[job.ti]
+        sp = method.passes(t.params, t.shape)[job.k]
+        if sp.needed is None:
+            return False
+        key = (job.ti, job.k)
+        if key not in skips:
+            with reduced:  # the calling thread reduces pass k-1 when it takes that pass's last chunk
+                while (job.ti, job.k - 1) not in reduced_keys:
+                    if stop.is_set():
+                        raise Cancelled()
+                    reduced.wait(0.1)
+            skips[key] = not sp.needed(stats[job.ti])
+        return skips[key]
+
     def prefetch() -> None:
         try:
             for ti, r0, r1 in piece_list:
                 for job in plan_jobs(plan, method, [(ti, r0, r1)], stage):
-                    buf = in_pool.acquire(stop)
-                    read_job(job, buf)
+                    buf = None
+                    if not skip_pass(job):
+                        buf = in_pool.acquire(stop)
+                        read_job(job, buf)
                     while not stop.is_set():
                         try:
                             ready.put((job, buf), timeout=0.1)
@@ -237,12 +257,15 @@ def run_jobs(
             except queue.Full:
                 continue
 
+    stats: dict[int, dict[str, Any]] = {ti: dict(s) for ti, s in (stats_in or {}).items()}
+    reduced = threading.Condition()
+    reduced_keys: set[tuple[int, int]] = set()
+    skips: dict[tuple[int, int], bool] = {}
     reader_thread = threading.Thread(target=prefetch, name="moemerge-prefetch", daemon=True)
     writer_thread = threading.Thread(target=write_loop, name="moemerge-write", daemon=True)
     progress.start(plan.bytes_read, f"{plan.method} -> {len(plan.shards)} shard(s)")
     reader_thread.start()
     writer_thread.start()
-    stats: dict[int, dict[str, Any]] = {ti: dict(s) for ti, s in (stats_in or {}).items()}
     partials = result.partials
     try:
         while True:
@@ -260,6 +283,10 @@ def run_jobs(
             job, buf = item
             t = plan.tensors[job.ti]
             try:
+                if buf is None:  # a pass its earlier passes made unnecessary: nothing was read
+                    sp = method.passes(t.params, t.shape)[job.k]
+                    stats.setdefault(job.ti, {})[sp.name] = sp.when_skipped
+                    continue
                 raws = typed_views(t, buf, job.r0, job.r1)
                 if t.method == "copy":
                     raw = copy_equal(t, raws, plan)
@@ -281,13 +308,17 @@ def run_jobs(
                         fold_partial(method, plan, job.ti, k, acc, passes[k].map(chunk, st, t.params))
                         if job.last and (reduce or job.kind == "all"):
                             st[passes[k].name] = passes[k].reduce(partials.pop((job.ti, k)))
+                            with reduced:
+                                reduced_keys.add((job.ti, k))
+                                reduced.notify_all()
                     if job.kind == "pass":
                         continue
                 emit(job, lambda out: apply_into(method, t, job.r0, job.r1, raws, slabs, comp, cast, st, out))
                 if job.last:
                     stats.pop(job.ti, None)
             finally:
-                in_pool.release(buf)
+                if buf is not None:
+                    in_pool.release(buf)
                 progress.advance(sum(n for _, n in segments(t, job.r0, job.r1)))
         if errors:
             raise errors[0]

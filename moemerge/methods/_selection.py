@@ -160,7 +160,9 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
     passes = (
         StatPass(name=hi_key, map=map_high, reduce=_sum, combine=lambda a, b: _sum([a, b])),
         StatPass(name=lo_key, map=map_low, reduce=reduce_low, combine=lambda a, b: _sum([a, b])),
-        StatPass(name=tie_key, map=map_ties, reduce=reduce_ties),
+        StatPass(name=tie_key, map=map_ties, reduce=reduce_ties,
+                 needed=lambda stats: any(th.needs_tiebreak for th in thresholds(stats).values()),
+                 when_skipped={t.name: None for t in targets}),
     )
     return Selection(passes=passes, thresholds=thresholds, tie_key=tie_key)
 

@@ -105,6 +105,12 @@ class StatPass:
     combine: Callable[[Any, Any], Any] | None = None
     """Exact, order-free merge of two partials (e.g. adding histograms). When given, the
     engine folds partials as they arrive, so memory does not grow with the chunk count."""
+    needed: Callable[[Mapping[str, Any]], bool] | None = None
+    """Given the earlier passes' statistics, whether this pass needs the data at all. When it
+    returns False for a tensor streamed in several chunks, the engine does not read the tensor
+    for this pass and the statistic is `when_skipped` (e.g. no ties to break at a threshold)."""
+    when_skipped: Any = None
+    """The statistic of a pass `needed` said to skip: what reduce would have returned."""
 
 
 def _no_passes(params: TensorParams, shape: tuple[int, ...]) -> tuple[StatPass, ...]:

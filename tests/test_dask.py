@@ -353,3 +353,18 @@ def test_dask_on_cuda_matches_cpu(inputs: list[Path], client, tmp_path: Path) ->
     assert a.keys() == b.keys()
     for name in a:  # GPU kernels may round differently: within one bf16 step
         torch.testing.assert_close(b[name].float(), a[name].float(), rtol=2 ** -7, atol=1e-6, msg=name)
+
+
+def test_plan_with_workers_reports_the_split(inputs: list[Path], tmp_path: Path, run_cli) -> None:
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(json.dumps(_config("ties", inputs)))
+    code, out, err = run_cli("plan", cfg, "--workers", "4", "--unit-size", "150KB", "--memory-budget", "2MB", "--json")
+    assert code == 0, err
+    dask = json.loads(out)["dask"]
+    p = moemerge.plan(_config("ties", inputs), unit_size="150KB", memory_budget="2MB")
+    kinds = graph_summary(build_graph(p))
+    assert dask["tasks"] == kinds["tasks"] and f"map {kinds['map']}" in dask["by_kind"]
+    assert dask["tasks_per_worker"] == f"~{-(-kinds['tasks'] // 4)}"
+    code, out, err = run_cli("plan", cfg, "s3://bucket/out", "--workers", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["dask"]["by_kind"].startswith("shard ")  # object storage: a task per shard

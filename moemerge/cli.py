@@ -252,6 +252,14 @@ def _pma_dcp(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"prefix": args.dcp_prefix, "rename": rename}
 
 
+def _dcp_names(args: argparse.Namespace) -> Any:
+    """--dcp-prefix / --rename as DcpNames, or None (the default mapping, or the state's)."""
+    from moemerge.io.dcp_names import parse_dcp_names
+
+    doc = _pma_dcp(args)
+    return None if doc is None else parse_dcp_names(doc, where="--dcp-prefix/--rename")
+
+
 def _print_snapshots(chosen: Any, weights: list[float], title: str) -> None:
     t = Table(title=title, box=None)
     t.add_column("step", justify="right")
@@ -313,8 +321,7 @@ def _cmd_pma_update(args: argparse.Namespace) -> None:
     if len(args.snapshots) != 3 or not args.out:
         raise ConfigError("pma update: usage is `moemerge pma update STATE PATTERN -o OUT` (STATE: where the "
                           "running state lives; PATTERN: a quoted glob or prefix of snapshot directories)")
-    for flag, given in (("--weights", args.weights), ("--dry-run", args.dry_run),
-                        ("--dcp-prefix/--rename", args.dcp_prefix or args.rename)):
+    for flag, given in (("--weights", args.weights), ("--dry-run", args.dry_run)):
         if given:
             raise ConfigError(f"pma update: {flag} is not supported; use `moemerge pma` for a one-off average")
     interval = args.interval_steps
@@ -327,7 +334,7 @@ def _cmd_pma_update(args: argparse.Namespace) -> None:
                  interval_steps=interval, before_step=args.before_step, step_regex=args.step_regex,
                  recompute_every=args.recompute_every, memory_budget=args.memory_budget,
                  shard_size=args.shard_size, out_format=args.format, out_dtype=args.out_dtype,
-                 overwrite=args.overwrite, progress=not args.no_progress)
+                 overwrite=args.overwrite, progress=not args.no_progress, dcp=_dcp_names(args))
     for n in res.notes:
         _err.print(f"note: {n}", markup=False)
     if res.action != "noop":

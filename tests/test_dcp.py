@@ -676,3 +676,31 @@ def test_chunks_stored_through_extensions_are_refused(tmp_path: Path, gen: torch
     (path / ".metadata").write_bytes(pickle.dumps(md))
     with pytest.raises(CheckpointError, match=r"tensor `model.embed.weight`: stored through DCP extensions \['stream.zstd'\]"):
         Checkpoint.open(str(path))
+
+
+def test_pma_update_over_dcp_snapshots_keeps_its_name_mapping(tmp_path: Path, gen: torch.Generator, run_cli) -> None:
+    """`pma update --rename` maps DCP keys on the first night, later nights take it from the
+    state, and a different mapping is refused."""
+    models = []
+    for step in (100, 200, 300):
+        m = model_tensors(gen)
+        models.append(m)
+        save_dcp(tmp_path / "ckpt" / f"step-{step}", {"model": m, "optimizer": optimizer_state(m, gen)})
+    pattern = str(tmp_path / "ckpt" / "step-*")
+    state, out = tmp_path / "state", tmp_path / "out"
+    code, _, err = run_cli("pma", "update", state, pattern, "-o", out, "--last", "2", "--rename",
+                           "layers.=model.layers.", "--no-progress")
+    assert code == 0, err
+    got = load_out(out)
+    assert "model.layers.0.attn.q.weight" in got and "layers.0.attn.q.weight" not in got
+    expect = (models[1]["layers.0.attn.q.weight"].double() + models[2]["layers.0.attn.q.weight"].double()) / 2
+    torch.testing.assert_close(got["model.layers.0.attn.q.weight"].double(), expect, rtol=1e-6, atol=1e-6)
+    m = model_tensors(gen)
+    save_dcp(tmp_path / "ckpt" / "step-400", {"model": m, "optimizer": optimizer_state(m, gen)})
+    code, _, err = run_cli("pma", "update", state, pattern, "-o", out, "--no-progress")  # mapping from the state
+    assert code == 0, err
+    got = load_out(out)
+    expect = (models[2]["layers.0.attn.q.weight"].double() + m["layers.0.attn.q.weight"].double()) / 2
+    torch.testing.assert_close(got["model.layers.0.attn.q.weight"].double(), expect, rtol=1e-6, atol=1e-6)
+    code, _, err = run_cli("pma", "update", state, pattern, "-o", out, "--rename", "layers.=x.", "--no-progress")
+    assert code != 0 and "--rename layers.=model.layers." in err and "--rename layers.=x." in err

@@ -31,6 +31,7 @@ from moemerge import __version__
 from moemerge.errors import CheckpointError, ConfigError, OutputError
 from moemerge.io import storage
 from moemerge.io.checkpoint import Checkpoint
+from moemerge.io.dcp_names import DcpNames, parse_dcp_names
 from moemerge.io.writer import MANIFEST_NAME, atomic_write
 from moemerge.io.zarr_writer import ZarrArraySpec, ZarrModelWriter
 
@@ -64,6 +65,8 @@ class StateSettings:
     """EMA weight of the newest snapshot; None for SMA/WMA."""
     interval_steps: int | None
     """Least step distance between two snapshots taken in; None: every snapshot."""
+    dcp: DcpNames | None = None
+    """How DCP snapshots' keys become tensor names (`--dcp-prefix`, `--rename`); None: the default."""
 
     def describe(self) -> str:
         """The settings as the flags that give them: '--method ema --alpha 0.2 --last 5'."""
@@ -73,16 +76,23 @@ class StateSettings:
         parts.append(f"--last {self.last}" if self.last is not None else "(no --last)")
         if self.interval_steps is not None:
             parts.append(f"--interval-steps {self.interval_steps}")
+        if self.dcp is not None:
+            if self.dcp.prefix is not None:
+                parts.append(f"--dcp-prefix {self.dcp.prefix!r}")
+            parts.extend(f"--rename {old}={new}" for old, new in self.dcp.rename)
         return " ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "last": self.last, "alpha": self.alpha,
-                "interval_steps": self.interval_steps}
+                "interval_steps": self.interval_steps,
+                **({"dcp": {"prefix": self.dcp.prefix, "rename": [list(p) for p in self.dcp.rename]}}
+                   if self.dcp is not None else {})}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> StateSettings:
         return cls(method=str(doc["method"]), last=doc.get("last"), alpha=doc.get("alpha"),
-                   interval_steps=doc.get("interval_steps"))
+                   interval_steps=doc.get("interval_steps"),
+                   dcp=parse_dcp_names(doc["dcp"], where="state dcp") if doc.get("dcp") is not None else None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

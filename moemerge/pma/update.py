@@ -30,6 +30,7 @@ from moemerge.engine import NullProgress, Progress
 from moemerge.errors import CheckpointError, ConfigError, MismatchError
 from moemerge.io import storage
 from moemerge.io.checkpoint import Checkpoint
+from moemerge.io.dcp_names import DcpNames
 from moemerge.io.dtypes import is_float, itemsize, parse_dtype_name, to_torch
 from moemerge.io.sidefiles import read_side_files, retag_config_dtype
 from moemerge.io.writer import CONFIG_COPY_NAME, MANIFEST_NAME, check_output
@@ -99,7 +100,8 @@ class UpdateResult:
 # -- settings and decisions (pure) ------------------------------------------------------------
 
 def resolve_settings(*, method: str | None, last: int | None, alpha: float | None,
-                     interval_steps: int | None, recorded: StateSettings | None) -> StateSettings:
+                     interval_steps: int | None, recorded: StateSettings | None,
+                     dcp: DcpNames | None = None) -> StateSettings:
     """The settings of this update: the ones given, else the state's, else the defaults.
 
     A given setting that differs from the state's is refused: a state continues only the
@@ -119,11 +121,12 @@ def resolve_settings(*, method: str | None, last: int | None, alpha: float | Non
             raise ConfigError(f"--alpha applies to --method ema only (this state is {m})")
         return StateSettings(method=m, last=last if last is not None else (None if m == "ema" else DEFAULT_LAST),
                              alpha=(alpha if alpha is not None else DEFAULT_ALPHA) if m == "ema" else None,
-                             interval_steps=interval_steps)
+                             interval_steps=interval_steps, dcp=dcp)
     asked = StateSettings(
         method=method or recorded.method, last=last if last is not None else recorded.last,
         alpha=(alpha if alpha is not None else recorded.alpha) if (method or recorded.method) == "ema" else None,
         interval_steps=interval_steps if interval_steps is not None else recorded.interval_steps,
+        dcp=dcp if dcp is not None else recorded.dcp,
     )
     if alpha is not None and asked.method != "ema":
         raise ConfigError(f"--alpha applies to --method ema only (this state is {asked.method})")
@@ -212,12 +215,14 @@ def update(
     progress: bool | Progress | NullProgress = False,
     chunk_rows: int | None = None,
     compress_state: bool = True,
+    dcp: DcpNames | None = None,
 ) -> UpdateResult:
     """Apply the snapshots matching `pattern` that are newer than the state at `state_url`,
     then write the average to `out`. Settings left None come from the state (or defaults:
     sma, last 10, alpha 0.2); settings that differ from the state's are refused. `chunk_rows`
     caps rows per chunk below what the budget allows (tests; results do not depend on it).
     `compress_state` stores the new state version lz4-compressed (lossless; about 3x smaller).
+    `dcp` maps DCP snapshots' keys to tensor names (recorded in the state like the settings).
 
     Example:
         update("s3://run42/pma/state", "s3://run42/ckpt/step-*", "s3://run42/pma/latest")
@@ -239,7 +244,7 @@ def update(
     cur = store.current()
     try:
         settings = resolve_settings(method=method, last=last, alpha=alpha, interval_steps=interval_steps,
-                                    recorded=cur.meta.settings if cur else None)
+                                    recorded=cur.meta.settings if cur else None, dcp=dcp)
         if settings.method == "ema" and recompute_every is not None:
             raise ConfigError(
                 "--recompute-every does not apply to --method ema: an exact EMA needs every snapshot "
@@ -294,7 +299,7 @@ class _Job:
             if s.url in self.opened:
                 continue
             try:
-                self.opened[s.url] = Checkpoint.open(s.url, self.so)
+                self.opened[s.url] = Checkpoint.open(s.url, self.so, names=self.settings.dcp)
             except CheckpointError as e:
                 problems.append(str(e))
         return problems

@@ -19,7 +19,6 @@ from moemerge.errors import CheckpointError, ConfigError
 from moemerge.io.checkpoint import Checkpoint, TensorInfo
 from moemerge.io.journal import Journal
 from moemerge.io.sidefiles import read_side_files, retag_config_dtype
-from moemerge.io.dtypes import itemsize
 from moemerge.io.writer import CONFIG_COPY_NAME, LocalModelWriter, ModelWriter, TensorPlacement, check_output
 from moemerge.methods import average_weights
 from moemerge.planner import Plan, build_plan

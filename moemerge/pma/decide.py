@@ -1,0 +1,130 @@
+"""What a `pma update` will do, decided from settings, names and the state's metadata alone.
+
+Pure functions (no storage, no tensor data): the settings an update runs with (given, else the
+state's, else the defaults; a difference from the state's is refused) and which snapshots enter
+and leave the sums. `pma.update` carries the decision out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from moemerge.errors import ConfigError
+from moemerge.io.dcp_names import DcpNames
+from moemerge.pma.discovery import Snapshot, select
+from moemerge.pma.state import METHOD_ARRAYS, StateMeta, StateSettings
+
+__all__ = ["Action", "Decision", "resolve_settings", "decide", "DEFAULT_LAST", "DEFAULT_ALPHA"]
+
+#: The paper's window (arXiv 2505.12082): the last 10 snapshots.
+DEFAULT_LAST = 10
+DEFAULT_ALPHA = 0.2
+
+Action = Literal["build", "incremental", "noop"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """What an update will do, decided from names and the state's metadata alone."""
+
+    action: Action
+    window: tuple[Snapshot, ...]
+    """The snapshots in the sums after the update, oldest first."""
+    added: tuple[Snapshot, ...] = ()
+    leaving: tuple[Snapshot, ...] = ()
+    """SMA/WMA incremental: the oldest snapshots leaving the window, one per added, in order."""
+    skipped: tuple[int, ...] = ()
+    reason: str = ""
+
+def resolve_settings(*, method: str | None, last: int | None, alpha: float | None,
+                     interval_steps: int | None, recorded: StateSettings | None,
+                     dcp: DcpNames | None = None) -> StateSettings:
+    """The settings of this update: the ones given, else the state's, else the defaults.
+
+    A given setting that differs from the state's is refused: a state continues only the
+    average it was built for.
+    """
+    if method is not None and method not in METHOD_ARRAYS:
+        raise ConfigError(f"--method: unknown average {method!r}; use sma, wma or ema")
+    if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
+        raise ConfigError(f"--last must be a whole number >= 1, got {last!r}")
+    if alpha is not None and not 0 < alpha <= 1:
+        raise ConfigError(f"--alpha: must be in (0, 1], got {alpha}")
+    if interval_steps is not None and (isinstance(interval_steps, bool) or interval_steps < 1):
+        raise ConfigError(f"--interval-steps must be a whole number >= 1, got {interval_steps!r}")
+    if recorded is None:
+        m = method or "sma"
+        if alpha is not None and m != "ema":
+            raise ConfigError(f"--alpha applies to --method ema only (this state is {m})")
+        return StateSettings(method=m, last=last if last is not None else (None if m == "ema" else DEFAULT_LAST),
+                             alpha=(alpha if alpha is not None else DEFAULT_ALPHA) if m == "ema" else None,
+                             interval_steps=interval_steps, dcp=dcp)
+    asked = StateSettings(
+        method=method or recorded.method, last=last if last is not None else recorded.last,
+        alpha=(alpha if alpha is not None else recorded.alpha) if (method or recorded.method) == "ema" else None,
+        interval_steps=interval_steps if interval_steps is not None else recorded.interval_steps,
+        dcp=dcp if dcp is not None else recorded.dcp,
+    )
+    if alpha is not None and asked.method != "ema":
+        raise ConfigError(f"--alpha applies to --method ema only (this state is {asked.method})")
+    if asked != recorded:
+        raise ConfigError(
+            f"the PMA state was built with {recorded.describe()}, this update asks for "
+            f"{asked.describe()}; a state only continues the average it was built for: run with "
+            f"the state's settings (or leave them out), or start a new state (another STATE "
+            "location, or delete this one)")
+    return recorded
+
+
+def decide(settings: StateSettings, meta: StateMeta | None, snapshots: list[Snapshot], *,
+           recompute_every: int | None = None) -> Decision:
+    """What to do with `snapshots` (all found, sorted by step) given the current state."""
+    if meta is None:
+        window = select(snapshots, last=settings.last, interval_steps=settings.interval_steps)
+        chosen = {s.step for s in window}
+        skipped = tuple(s.step for s in snapshots
+                        if window[0].step <= s.step <= window[-1].step and s.step not in chosen)
+        return Decision(action="build", window=tuple(window), added=tuple(window), skipped=skipped,
+                        reason="no state yet: built from the selected window")
+    old = tuple(Snapshot(s, u) for s, u in meta.steps)
+    last_step = meta.last_step
+    known = {s for s, _ in meta.steps} | set(meta.skipped)
+    for s in snapshots:
+        if old[0].step <= s.step < last_step and s.step not in known:
+            raise ConfigError(
+                f"{s.url} (step {s.step}) is older than the state's last step {last_step} and is "
+                "not in the state: a running average takes snapshots in step order only. Move it "
+                "out of the pattern, or start a new state (another STATE location, or delete this "
+                "one) to include it")
+    added: list[Snapshot] = []
+    skipped = list(meta.skipped)
+    anchor = last_step
+    for s in snapshots:
+        if s.step <= last_step:
+            continue
+        if settings.interval_steps is None or s.step - anchor >= settings.interval_steps:
+            added.append(s)
+            anchor = s.step
+        else:
+            skipped.append(s.step)
+    if not added:
+        return Decision(action="noop", window=old, skipped=tuple(skipped),
+                        reason=f"no new snapshot after step {last_step}")
+    if settings.method == "ema":
+        window = old + tuple(added)
+        return Decision(action="incremental", window=window, added=tuple(added),
+                        skipped=tuple(skipped), reason=f"{len(added)} new snapshot(s)")
+    n = len(old)
+    window = (old + tuple(added))[-n:]
+    skipped = [s for s in skipped if s >= window[0].step]
+    k = len(added)
+    due = recompute_every is not None and meta.updates_since_recompute + 1 >= recompute_every
+    if due:
+        return Decision(action="build", window=window, added=tuple(added), skipped=tuple(skipped),
+                        reason=f"--recompute-every {recompute_every}: exact recompute from the window")
+    if 2 * k >= n:
+        return Decision(action="build", window=window, added=tuple(added), skipped=tuple(skipped),
+                        reason=f"{k} new snapshot(s) in a window of {n}: recomputing reads no more")
+    return Decision(action="incremental", window=window, added=tuple(added), leaving=old[:k],
+                    skipped=tuple(skipped), reason=f"{k} new snapshot(s), {k} leaving the window")

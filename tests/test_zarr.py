@@ -259,3 +259,51 @@ def test_zarr_output_never_deletes_a_foreign_remote_prefix(pair) -> None:
         assert fs.cat_file(f"{root}/keep.txt") == b"precious"
     finally:
         fs.rm(root, recursive=True)
+
+
+class _Flaky:
+    """A Zarr array whose first `fails` reads raise `error`, as a dropped connection would."""
+
+    def __init__(self, arr, fails: int, error: Exception) -> None:
+        self.arr, self.fails, self.error, self.calls = arr, fails, error, 0
+
+    def _maybe_fail(self) -> None:
+        self.calls += 1
+        if self.calls <= self.fails:
+            raise self.error
+
+    def get_basic_selection(self, *a, **k):
+        self._maybe_fail()
+        return self.arr.get_basic_selection(*a, **k)
+
+    def __getitem__(self, key):
+        self._maybe_fail()
+        return self.arr[key]
+
+
+def test_zarr_reads_retry_transient_errors_and_name_the_tensor_on_permanent_ones(
+        pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moemerge.io import storage
+
+    monkeypatch.setattr(storage, "DEFAULT_RETRY", storage.RetryPolicy(attempts=4, base_delay=0.0))
+    a, b = pair(torch.float32)
+    api.run(_linear(a, b), str(tmp_path / "out.zarr"), out_format="zarr")
+    zr = Checkpoint.open(str(tmp_path / "out.zarr"))
+    try:
+        for name in ("model.layers.0.mlp.experts.w1", "model.layers.0.mlp.experts.w4d"):
+            t = zr.tensors[name]
+            want = bytearray(t.nbytes)
+            zr.read_rows(name, 0, t.rows, memoryview(want))
+            real = zr._array(name)
+            flaky = _Flaky(real, 2, ConnectionResetError("connection reset by peer"))
+            monkeypatch.setattr(zr, "_array", lambda n, flaky=flaky: flaky)
+            got = bytearray(t.nbytes)
+            zr.read_rows(name, 0, t.rows, memoryview(got))
+            assert got == want and flaky.calls >= 3
+            monkeypatch.setattr(zr, "_array", lambda n, real=real: _Flaky(real, 1, PermissionError("denied")))
+            with pytest.raises(CheckpointError, match=f"{name}.*denied"):
+                zr.read_rows(name, 0, t.rows, memoryview(got))
+            monkeypatch.undo()
+            monkeypatch.setattr(storage, "DEFAULT_RETRY", storage.RetryPolicy(attempts=4, base_delay=0.0))
+    finally:
+        zr.close()

@@ -133,12 +133,13 @@ class ZarrCheckpoint(Checkpoint):
             raise ValueError(f"buffer of {len(out)} bytes is too small for {need}")
         if need == 0:
             return
-        arr = self._array(name)
         flat = np.frombuffer(out, dtype=np.uint8, count=need)
         sdt = storage_dtype(t.dtype)
         proto = default_buffer_prototype()
         shape = t.shape
-        try:
+
+        def read() -> None:  # idempotent: a retry rewrites the same bytes
+            arr = self._array(name)
             if len(shape) <= 2:
                 view = flat.view(sdt).reshape((r1 - r0, *shape[1:]) if shape else ())
                 sel: Any = (slice(r0, r1),) if shape else ()
@@ -160,10 +161,10 @@ class ZarrCheckpoint(Checkpoint):
                     whole = np.ascontiguousarray(arr[d]).view(np.uint8).reshape(-1)
                     flat[off:off + (hi - lo) * t.row_bytes] = whole[lo * t.row_bytes:hi * t.row_bytes]
                     pos += hi - lo
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{self.url}/{self.paths[name]}: tensor `{name}`: reading rows {r0}..{r1} failed ({e})") from e
+
+        # transient storage errors (a reset connection, a 503) are retried like every other read
+        storage.with_retries(read, what=f"read rows {r0}..{r1} of tensor `{name}`",
+                             url=f"{self.url}/{self.paths[name]}")
 
     def close(self) -> None:
         with self._zlock:

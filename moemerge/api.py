@@ -17,6 +17,7 @@ from moemerge.config import MergeConfig, load_config, parse_config
 from moemerge.engine import NullProgress, Progress, run_local
 from moemerge.errors import CheckpointError, ConfigError
 from moemerge.io.checkpoint import Checkpoint, TensorInfo
+from moemerge.io.fp8 import dequantizing
 from moemerge.io.journal import Journal
 from moemerge.io.sidefiles import read_side_files, retag_config_dtype
 from moemerge.io.writer import CONFIG_COPY_NAME, LocalModelWriter, ModelWriter, TensorPlacement, check_output
@@ -53,13 +54,22 @@ def _as_config(config: MergeConfig | dict[str, Any] | str) -> MergeConfig:
 
 
 def _open_all(cfg: MergeConfig) -> list[Checkpoint]:
-    """Open every checkpoint (headers only); report every unreadable one in one error."""
+    """Open every checkpoint (headers only); report every unreadable one in one error.
+
+    Block-scaled FP8 weights are served dequantized, as bf16 (`io.fp8`).
+    """
     opened: list[Checkpoint] = []
     problems: list[str] = []
     for loc in cfg.model_locations():
         try:
-            opened.append(Checkpoint.open(loc, cfg.storage_options, names=cfg.dcp))
+            ck = Checkpoint.open(loc, cfg.storage_options, names=cfg.dcp)
         except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        try:
+            opened.append(dequantizing(ck))
+        except CheckpointError as e:
+            ck.close()
             problems.append(str(e))
     if problems:
         for c in opened:

@@ -56,6 +56,9 @@ def retag_config_dtype(raw: bytes, dtype: str) -> bytes:
         return raw
     name = _DTYPE_NAMES.get(dtype, dtype)
     cfg["torch_dtype"] = name
+    quant = cfg.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "fp8" and not dtype.startswith("F8"):
+        del cfg["quantization_config"]  # FP8 inputs were dequantized: the weights are plain now
     if "dtype" in cfg:
         cfg["dtype"] = name
     return (json.dumps(cfg, indent=2) + "\n").encode()

@@ -136,8 +136,9 @@ def build_plan(
         r = infos[0]
         if name.endswith("_scale_inv"):
             unsupported.append(
-                f"tensor `{name}` in {sources[ref]}/{r.file}: FP8 block-scaled weights are not "
-                "supported yet; dequantize the checkpoint to bf16 first"
+                f"tensor `{name}` in {sources[ref]}/{r.file}: a block scale without its FP8 weight "
+                f"`{name[:-len('_scale_inv')]}` (F8_E4M3) beside it; the checkpoint is incomplete or not "
+                "block-quantized as DeepSeek-V3 checkpoints are"
             )
             continue
         newest = infos[-1]

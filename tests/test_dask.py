@@ -368,3 +368,16 @@ def test_plan_with_workers_reports_the_split(inputs: list[Path], tmp_path: Path,
     code, out, err = run_cli("plan", cfg, "s3://bucket/out", "--workers", "2", "--json")
     assert code == 0, err
     assert json.loads(out)["dask"]["by_kind"].startswith("shard ")  # object storage: a task per shard
+
+
+def test_cli_workers_starts_a_local_cluster_and_matches_local(inputs: list[Path], tmp_path: Path, run_cli) -> None:
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(json.dumps(_config("dare_ties", inputs)))
+    common = ["--memory-budget", "2MB", "--unit-size", "150KB", "--seed", "5", "--no-progress"]
+    code, _, err = run_cli("run", cfg, tmp_path / "local", *common)
+    assert code == 0, err
+    code, out, err = run_cli("run", cfg, tmp_path / "dask", "--workers", "2", *common)
+    assert code == 0, err
+    assert _files(tmp_path / "dask") == _files(tmp_path / "local")
+    code, _, err = run_cli("verify", tmp_path / "dask")
+    assert code == 0, err

@@ -117,6 +117,7 @@ def run_jobs(
                 result.digests[t.name] = EMPTY_SHA256
     n_src = len(plan.sources)
     need_in, need_out, need_elems = _buffer_needs(plan, method, piece_list)
+
     def take(name: str, count: int, nbytes: int, device: str = "cpu") -> BufferPool:
         if pools is not None:
             return pools.take(name, count, nbytes, device)

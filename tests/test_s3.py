@@ -327,3 +327,16 @@ def test_prefix_holding_another_model_is_refused(models, tmp_path, run_cli):
     code, _, err = run_cli("run", cfg, "s3://models/b", "--no-progress")
     _assert_one_clear_error(code, err, "s3://models/b", "not a moemerge output")
     assert "model-00001-of-00002.safetensors" in _objects(models["fs"], "models/b")
+
+
+def test_s3_client_retries_sit_under_ours_unless_the_user_sets_them() -> None:
+    """botocore's own retries are cut to 2 (ours retry with backoff around them); a user's
+    `config_kwargs` win."""
+    fs, _ = storage.resolve("s3://bucket/key", {"anon": True, "skip_instance_cache": True})
+    assert fs.config_kwargs["retries"] == {"max_attempts": 2, "mode": "standard"}
+    mine = {"max_attempts": 9, "mode": "adaptive"}
+    fs, _ = storage.resolve("s3://bucket/key", {"anon": True, "skip_instance_cache": True,
+                                               "config_kwargs": {"retries": mine, "connect_timeout": 3}})
+    assert fs.config_kwargs == {"retries": mine, "connect_timeout": 3}
+    local, _ = storage.resolve("/tmp/x")
+    assert storage.is_local(local)

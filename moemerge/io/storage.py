@@ -227,9 +227,19 @@ class ByteSource(Protocol):
     def close(self) -> None: ...
 
 
+#: botocore's retries under s3fs's and ours (`with_retries`): nested three deep, an unreachable
+#: endpoint took a minute to report. Options the user gives win.
+_S3_BOTO_RETRIES = {"max_attempts": 2, "mode": "standard"}
+
+
 def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """`s3://b/k`, `file:///x`, `./x` -> (filesystem, path within it)."""
-    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    options = dict(storage_options or {})
+    if str(url).startswith(("s3://", "s3a://")):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", dict(_S3_BOTO_RETRIES))
+        options["config_kwargs"] = config
+    fs, path = fsspec.core.url_to_fs(str(url), **options)
     return fs, path
 
 

@@ -105,248 +105,279 @@ def run_jobs(
     `on_written(digests)` is called from the writer thread with the tensors finished since its
     last call, about every `written_every` bytes and at the end (the resume journal).
     """
-    method = get_method(plan.method)
-    progress = progress or NullProgress()
-    cast = to_torch(in_cast) if in_cast else None
     piece_list = list(pieces) if pieces is not None else [(ti, 0, t.rows) for ti, t in enumerate(plan.tensors)]
-    result = JobsResult()
-    if stage in ("full", "apply"):
-        for ti, r0, _ in piece_list:
-            t = plan.tensors[ti]
-            if (t.rows == 0 or t.numel == 0) and r0 == 0:
-                result.digests[t.name] = EMPTY_SHA256
-    n_src = len(plan.sources)
-    need_in, need_out, need_elems = _buffer_needs(plan, method, piece_list)
+    return _Pipeline(plan, checkpoints, writer, piece_list, stage=stage, stats_in=stats_in, reduce=reduce,
+                     progress=progress or NullProgress(), device=device, in_cast=in_cast, io_threads=io_threads,
+                     pools=pools, on_written=on_written, written_every=written_every).run()
 
-    def take(name: str, count: int, nbytes: int, device: str = "cpu") -> BufferPool:
-        if pools is not None:
-            return pools.take(name, count, nbytes, device)
-        return BufferPool(count, nbytes, name, device=device)
 
-    in_pool = take("read", 2, need_in + ALIGN * n_src)
-    out_pool = take("write", 2, need_out)
-    comp_bytes = 8 if any(t.compute_dtype == "F64" for t in plan.tensors) else 4
-    slab_pool = take("compute", plan.working_copies, need_elems * comp_bytes + 8, device=device)
-    slabs = [slab_pool.acquire() for _ in range(plan.working_copies)]
-    stop = threading.Event()
-    ready: queue.Queue[Any] = queue.Queue(maxsize=2)
-    writes: queue.Queue[Any] = queue.Queue(maxsize=2)
-    errors: list[BaseException] = []
-    readers = ThreadPoolExecutor(max_workers=max(1, min(io_threads, n_src)), thread_name_prefix="moemerge-read")
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moemerge-hash")
-    # Elementwise math is memory-bound: a second torch thread only competes with the read and
-    # write threads' kernel copies on small machines (and spin-waits when they hold the CPU).
-    threads_before = torch.get_num_threads()
-    if method.elementwise:
-        torch.set_num_threads(1)
+class _Pipeline:
+    """One `run_jobs`: its buffers, queues and threads, and the calling thread's compute loop."""
 
-    def read_job(job: Job, buf: torch.Tensor) -> None:
-        t = plan.tensors[job.ti]
+    def __init__(self, plan: Plan, checkpoints: Sequence[Checkpoint], writer: Writer | None,
+                 pieces: list[tuple[int, int, int]], *, stage: Stage, stats_in: Mapping[int, dict[str, Any]] | None,
+                 reduce: bool, progress: Progress | NullProgress, device: str, in_cast: str | None,
+                 io_threads: int, pools: PoolCache | None, on_written: Callable[[dict[str, str]], None] | None,
+                 written_every: int) -> None:
+        self.plan, self.checkpoints, self.writer, self.pieces = plan, checkpoints, writer, pieces
+        self.method = get_method(plan.method)
+        self.stage, self.reduce, self.progress, self.device = stage, reduce, progress, device
+        self.cast = to_torch(in_cast) if in_cast else None
+        self.pools, self.on_written, self.written_every = pools, on_written, written_every
+        self.result = JobsResult()
+        need_in, need_out, need_elems = _buffer_needs(plan, self.method, pieces)
+        comp_bytes = 8 if any(t.compute_dtype == "F64" for t in plan.tensors) else 4
+        self.in_pool = self._take("read", 2, need_in + ALIGN * len(plan.sources))
+        self.out_pool = self._take("write", 2, need_out)
+        self.slab_pool = self._take("compute", plan.working_copies, need_elems * comp_bytes + 8)
+        self.slabs = [self.slab_pool.acquire() for _ in range(plan.working_copies)]
+        self.stop = threading.Event()
+        self.ready: queue.Queue[Any] = queue.Queue(maxsize=2)  # (job, read buffer or None) | None
+        self.writes: queue.Queue[Any] = queue.Queue(maxsize=2)  # (name, row, bytes, buffer, first, last) | None
+        self.errors: list[BaseException] = []
+        self.readers = ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(plan.sources))),
+                                          thread_name_prefix="moemerge-read")
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moemerge-hash")
+        self.stats: dict[int, dict[str, Any]] = {ti: dict(s) for ti, s in (stats_in or {}).items()}
+        self.reduced = threading.Condition()  # (tensor, pass) reduced so far, for `_skip_pass`
+        self.reduced_keys: set[tuple[int, int]] = set()
+        self.skips: dict[tuple[int, int], bool] = {}
+
+    def _take(self, name: str, count: int, nbytes: int) -> BufferPool:
+        if self.pools is not None:
+            return self.pools.take(name, count, nbytes, self.device)
+        return BufferPool(count, nbytes, name, device=self.device)
+
+    # -- the read-ahead thread ---------------------------------------------------------------
+
+    def _read(self, job: Job, buf: torch.Tensor) -> None:
+        t = self.plan.tensors[job.ti]
         mv = memoryview(buf.numpy())
         futs = [
-            readers.submit(checkpoints[src].read_rows, t.name, job.r0, job.r1, mv[off:off + n])
+            self.readers.submit(self.checkpoints[src].read_rows, t.name, job.r0, job.r1, mv[off:off + n])
             for src, (off, n) in zip(t.sources_used, segments(t, job.r0, job.r1))
         ]
         for f in futs:
             f.result()
 
-    def skip_pass(job: Job) -> bool:
+    def _skip_pass(self, job: Job) -> bool:
         """Whether a streamed pass can go unread: asks the pass, once the earlier ones are reduced."""
-        if job.kind != "pass" or job.k == 0 or not reduce:
+        if job.kind != "pass" or job.k == 0 or not self.reduce:
             return False
-        t = plan.tensors[job.ti]
-        sp = method.passes(t.params, t.shape)[job.k]
+        t = self.plan.tensors[job.ti]
+        sp = self.method.passes(t.params, t.shape)[job.k]
         if sp.needed is None:
             return False
         key = (job.ti, job.k)
-        if key not in skips:
-            with reduced:  # the calling thread reduces pass k-1 when it takes that pass's last chunk
-                while (job.ti, job.k - 1) not in reduced_keys:
-                    if stop.is_set():
+        if key not in self.skips:
+            with self.reduced:  # the calling thread reduces pass k-1 when it takes that pass's last chunk
+                while (job.ti, job.k - 1) not in self.reduced_keys:
+                    if self.stop.is_set():
                         raise Cancelled()
-                    reduced.wait(0.1)
-            skips[key] = not sp.needed(stats[job.ti])
-        return skips[key]
+                    self.reduced.wait(0.1)
+            self.skips[key] = not sp.needed(self.stats[job.ti])
+        return self.skips[key]
 
-    def prefetch() -> None:
+    def _prefetch(self) -> None:
         try:
-            for ti, r0, r1 in piece_list:
-                for job in plan_jobs(plan, method, [(ti, r0, r1)], stage):
+            for piece in self.pieces:
+                for job in plan_jobs(self.plan, self.method, [piece], self.stage):
                     buf = None
-                    if not skip_pass(job):
-                        buf = in_pool.acquire(stop)
-                        read_job(job, buf)
-                    while not stop.is_set():
+                    if not self._skip_pass(job):
+                        buf = self.in_pool.acquire(self.stop)
+                        self._read(job, buf)
+                    while not self.stop.is_set():
                         try:
-                            ready.put((job, buf), timeout=0.1)
+                            self.ready.put((job, buf), timeout=0.1)
                             break
                         except queue.Full:
                             continue
-                    if stop.is_set():
+                    if self.stop.is_set():
                         return
-            ready.put(None)
+            self.ready.put(None)
         except Cancelled:
             return
-        except BaseException as e:  # handed to the main thread, which raises it
-            errors.append(e)
-            ready.put(None)
+        except BaseException as e:  # handed to the calling thread, which raises it
+            self.errors.append(e)
+            self.ready.put(None)
 
-    def write_loop() -> None:
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
         hashes: dict[str, Any] = {}
-        finished: dict[str, str] = {}
+        finished: dict[str, str] = {}  # since the last `on_written`
         since = 0
 
         def report() -> None:
             nonlocal since
-            if on_written is not None and finished:
-                on_written(dict(finished))
+            if self.on_written is not None and finished:
+                self.on_written(dict(finished))
             finished.clear()
             since = 0
 
         while True:
             try:
-                item = writes.get(timeout=0.1)
+                item = self.writes.get(timeout=0.1)
             except queue.Empty:
-                if stop.is_set():
+                if self.stop.is_set():
                     return
                 continue
             if item is None:
                 try:
-                    if not stop.is_set():
+                    if not self.stop.is_set():
                         report()
                 except BaseException as e:
-                    errors.append(e)
-                    stop.set()
+                    self.errors.append(e)
+                    self.stop.set()
                 return
             name, r0, nbytes, buf, first, last = item
             try:
-                if not stop.is_set():
+                if not self.stop.is_set():
                     mv = memoryview(buf.numpy())[:nbytes]
                     if first:
                         hashes[name] = hashlib.sha256()
                     h = hashes.get(name)
-                    pending: Future[None] | None = hasher.submit(h.update, mv) if h is not None else None
-                    if writer is not None:
-                        writer.write_rows(name, r0, mv)
+                    pending: Future[None] | None = self.hasher.submit(h.update, mv) if h is not None else None
+                    if self.writer is not None:
+                        self.writer.write_rows(name, r0, mv)
                     if pending is not None:
                         pending.result()
                     since += nbytes
                     if last and h is not None:
-                        result.digests[name] = finished[name] = hashes.pop(name).hexdigest()
-                        if since >= written_every:
+                        self.result.digests[name] = finished[name] = hashes.pop(name).hexdigest()
+                        if since >= self.written_every:
                             report()
             except BaseException as e:
-                errors.append(e)
-                stop.set()
+                self.errors.append(e)
+                self.stop.set()
             finally:
-                out_pool.release(buf)
+                self.out_pool.release(buf)
 
-    def emit(job: Job, fill: Any) -> None:
-        out = out_pool.acquire(stop)
+    def _emit(self, job: Job, fill: Callable[[torch.Tensor], int]) -> None:
+        """Fill an output buffer (`fill` returns the bytes it wrote) and queue it for writing."""
+        out = self.out_pool.acquire(self.stop)
         try:
             nbytes = fill(out)
         except BaseException:
-            out_pool.release(out)
+            self.out_pool.release(out)
             raise
-        item = (plan.tensors[job.ti].name, job.r0, nbytes, out, job.r0 == 0, job.last)
+        item = (self.plan.tensors[job.ti].name, job.r0, nbytes, out, job.r0 == 0, job.last)
         while True:
-            if stop.is_set():
+            if self.stop.is_set():
                 raise Cancelled()
             try:
-                writes.put(item, timeout=0.1)
+                self.writes.put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue
 
-    stats: dict[int, dict[str, Any]] = {ti: dict(s) for ti, s in (stats_in or {}).items()}
-    reduced = threading.Condition()
-    reduced_keys: set[tuple[int, int]] = set()
-    skips: dict[tuple[int, int], bool] = {}
-    reader_thread = threading.Thread(target=prefetch, name="moemerge-prefetch", daemon=True)
-    writer_thread = threading.Thread(target=write_loop, name="moemerge-write", daemon=True)
-    progress.start(plan.bytes_read, f"{plan.method} -> {len(plan.shards)} shard(s)")
-    reader_thread.start()
-    writer_thread.start()
-    partials = result.partials
-    try:
-        while True:
-            try:
-                item = ready.get(timeout=0.1)
-            except queue.Empty:
-                # a pipeline thread that failed (or was cancelled) hands nothing more over
-                if errors:
-                    raise errors[0] from None
-                if not reader_thread.is_alive() and ready.empty():
-                    raise RuntimeError("moemerge internal error: the read-ahead thread stopped early")
-                continue
-            if item is None or errors:
-                break
-            job, buf = item
-            t = plan.tensors[job.ti]
-            try:
-                if buf is None:  # a pass its earlier passes made unnecessary: nothing was read
-                    sp = method.passes(t.params, t.shape)[job.k]
-                    stats.setdefault(job.ti, {})[sp.name] = sp.when_skipped
-                    continue
-                raws = typed_views(t, buf, job.r0, job.r1)
-                if t.method == "copy":
-                    raw = copy_equal(t, raws, plan)
+    # -- the calling thread ------------------------------------------------------------------
 
-                    def fill_copy(out: torch.Tensor, raw: torch.Tensor = raw) -> int:
-                        out[:raw.numel()].copy_(raw)
-                        return raw.numel()
+    def _compute(self, job: Job, buf: torch.Tensor | None) -> None:
+        """One job: a statistics pass's partial, the apply, or a copy; then hand it to the writer."""
+        plan, method = self.plan, self.method
+        t = plan.tensors[job.ti]
+        if buf is None:  # a pass its earlier passes made unnecessary: nothing was read
+            sp = method.passes(t.params, t.shape)[job.k]
+            self.stats.setdefault(job.ti, {})[sp.name] = sp.when_skipped
+            return
+        raws = typed_views(t, buf, job.r0, job.r1)
+        if t.method == "copy":
+            raw = copy_equal(t, raws, plan)
 
-                    emit(job, fill_copy)
-                    continue
-                comp = to_torch(t.compute_dtype)
-                st = stats.setdefault(job.ti, {})
-                if job.kind in ("pass", "all"):
-                    chunk = ChunkView(t, [r.view(job.r1 - job.r0, t.row_len) for r in raws],
-                                      scratch_2d(slabs, comp, job.r0, job.r1, t), job.r0, job.r1, comp, cast)
-                    passes = method.passes(t.params, t.shape)
-                    for k in (range(len(passes)) if job.kind == "all" else [job.k]):
-                        acc = partials.setdefault((job.ti, k), [])
-                        fold_partial(method, plan, job.ti, k, acc, passes[k].map(chunk, st, t.params))
-                        if job.last and (reduce or job.kind == "all"):
-                            st[passes[k].name] = passes[k].reduce(partials.pop((job.ti, k)))
-                            with reduced:
-                                reduced_keys.add((job.ti, k))
-                                reduced.notify_all()
-                    if job.kind == "pass":
-                        continue
-                emit(job, lambda out: apply_into(method, t, job.r0, job.r1, raws, slabs, comp, cast, st, out))
-                if job.last:
-                    stats.pop(job.ti, None)
-            finally:
-                if buf is not None:
-                    in_pool.release(buf)
-                progress.advance(sum(n for _, n in segments(t, job.r0, job.r1)))
-        if errors:
-            raise errors[0]
-        writes.put(None)
-        writer_thread.join()
-        if errors:
-            raise errors[0]
-        if pools is not None:  # every buffer is back: the next run may take them
-            for sl in slabs:
-                slab_pool.release(sl)
-            for pool in (in_pool, out_pool, slab_pool):
-                pools.give(pool)
-        return result
-    except BaseException as e:
-        stop.set()
-        if errors and errors[0] is not e:  # a pipeline thread failed first: its error is the cause
-            raise errors[0] from None
-        raise
-    finally:
-        stop.set()
+            def fill_copy(out: torch.Tensor) -> int:
+                out[:raw.numel()].copy_(raw)
+                return raw.numel()
+
+            self._emit(job, fill_copy)
+            return
+        comp = to_torch(t.compute_dtype)
+        st = self.stats.setdefault(job.ti, {})
+        if job.kind in ("pass", "all"):
+            chunk = ChunkView(t, [r.view(job.r1 - job.r0, t.row_len) for r in raws],
+                              scratch_2d(self.slabs, comp, job.r0, job.r1, t), job.r0, job.r1, comp, self.cast)
+            passes = method.passes(t.params, t.shape)
+            for k in (range(len(passes)) if job.kind == "all" else [job.k]):
+                acc = self.result.partials.setdefault((job.ti, k), [])
+                fold_partial(method, plan, job.ti, k, acc, passes[k].map(chunk, st, t.params))
+                if job.last and (self.reduce or job.kind == "all"):
+                    st[passes[k].name] = passes[k].reduce(self.result.partials.pop((job.ti, k)))
+                    with self.reduced:
+                        self.reduced_keys.add((job.ti, k))
+                        self.reduced.notify_all()
+            if job.kind == "pass":
+                return
+        self._emit(job, lambda out: apply_into(method, t, job.r0, job.r1, raws, self.slabs, comp, self.cast,
+                                               st, out))
+        if job.last:
+            self.stats.pop(job.ti, None)
+
+    def run(self) -> JobsResult:
+        plan = self.plan
+        if self.stage in ("full", "apply"):
+            for ti, r0, _ in self.pieces:
+                t = plan.tensors[ti]
+                if (t.rows == 0 or t.numel == 0) and r0 == 0:
+                    self.result.digests[t.name] = EMPTY_SHA256
+        # Elementwise math is memory-bound: a second torch thread only competes with the read
+        # and write threads' kernel copies on small machines (and spin-waits when they hold
+        # the CPU).
+        threads_before = torch.get_num_threads()
+        if self.method.elementwise:
+            torch.set_num_threads(1)
+        reader = threading.Thread(target=self._prefetch, name="moemerge-prefetch", daemon=True)
+        writer = threading.Thread(target=self._write_loop, name="moemerge-write", daemon=True)
+        self.progress.start(plan.bytes_read, f"{plan.method} -> {len(plan.shards)} shard(s)")
+        reader.start()
+        writer.start()
+        errors = self.errors
         try:
-            writes.put_nowait(None)
-        except queue.Full:
-            pass
-        reader_thread.join(timeout=30)
-        writer_thread.join(timeout=30)
-        readers.shutdown(wait=True)
-        hasher.shutdown(wait=True)
-        torch.set_num_threads(threads_before)
-        progress.stop()
+            while True:
+                try:
+                    item = self.ready.get(timeout=0.1)
+                except queue.Empty:
+                    # a pipeline thread that failed (or was cancelled) hands nothing more over
+                    if errors:
+                        raise errors[0] from None
+                    if not reader.is_alive() and self.ready.empty():
+                        raise RuntimeError("moemerge internal error: the read-ahead thread stopped early")
+                    continue
+                if item is None or errors:
+                    break
+                job, buf = item
+                try:
+                    self._compute(job, buf)
+                finally:
+                    if buf is not None:
+                        self.in_pool.release(buf)
+                    t = plan.tensors[job.ti]
+                    self.progress.advance(sum(n for _, n in segments(t, job.r0, job.r1)))
+            if errors:
+                raise errors[0]
+            self.writes.put(None)
+            writer.join()
+            if errors:
+                raise errors[0]
+            if self.pools is not None:  # every buffer is back: the next run may take them
+                for sl in self.slabs:
+                    self.slab_pool.release(sl)
+                for pool in (self.in_pool, self.out_pool, self.slab_pool):
+                    self.pools.give(pool)
+            return self.result
+        except BaseException as e:
+            self.stop.set()
+            if errors and errors[0] is not e:  # a pipeline thread failed first: its error is the cause
+                raise errors[0] from None
+            raise
+        finally:
+            self.stop.set()
+            try:
+                self.writes.put_nowait(None)
+            except queue.Full:
+                pass
+            reader.join(timeout=30)
+            writer.join(timeout=30)
+            self.readers.shutdown(wait=True)
+            self.hasher.shutdown(wait=True)
+            torch.set_num_threads(threads_before)
+            self.progress.stop()

@@ -203,7 +203,7 @@ def _t_reduce(plan: Plan, ti: int, k: int, stats: dict[str, Any] | None, parts: 
     acc: list[Any] = []
     for part in parts:
         for p in part:
-            fold_partial(method, plan, ti, k, acc, p)
+            fold_partial(sp, acc, p)
     return {**(stats or {}), sp.name: sp.reduce(acc)}
 
 
@@ -227,8 +227,7 @@ def _t_hash(ctx: TaskContext, plan: Plan, ti: int, _written: list[None]) -> tupl
 def _submit(client: Any, task: Task, ctx: TaskContext, plan_f: Any, futs: dict[str, Any]) -> Any:
     dep = [futs[k] for k in task.deps]
     if task.kind in ("unit", "shard"):
-        shard = task.key.rsplit("shard-", 1)[-1] if task.kind == "shard" else None
-        return client.submit(_t_full, ctx, plan_f, task.pieces, shard, key=task.key)
+        return client.submit(_t_full, ctx, plan_f, task.pieces, task.shard, key=task.key)
     if task.kind == "map":
         return client.submit(_t_map, ctx, plan_f, task.pieces, task.ti, task.k, dep[0] if dep else None, key=task.key)
     if task.kind == "reduce":

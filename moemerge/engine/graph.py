@@ -42,6 +42,8 @@ class Task:
     """Statistics pass of `map` / `reduce` tasks."""
     in_bytes: int = 0
     """Input bytes the task reads (progress)."""
+    shard: str | None = None
+    """The output shard a `shard` task streams."""
 
 
 def _piece_bytes(plan: Plan, piece: tuple[int, int, int]) -> int:
@@ -72,7 +74,8 @@ def build_graph(plan: Plan, *, by_shard: bool = False, prefix: str = "moemerge",
             by_file[t.out_file].append((ti, 0, t.rows))
         for s in plan.shards:
             pieces = tuple(p for p in by_file.get(s.file, ()) if p[0] not in skip)
-            tasks.append(Task(f"{prefix}-shard-{s.file}", "shard", pieces, in_bytes=_full_bytes(plan, pieces)))
+            tasks.append(Task(f"{prefix}-shard-{s.file}", "shard", pieces, in_bytes=_full_bytes(plan, pieces),
+                              shard=s.file))
         return tasks
     split: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
     for u, unit in enumerate(plan.units):

@@ -30,7 +30,7 @@ from moemerge.engine.progress import NullProgress, Progress
 from moemerge.io.checkpoint import Checkpoint
 from moemerge.io.dtypes import itemsize, to_torch
 from moemerge.methods import get_method
-from moemerge.methods.base import Method
+from moemerge.methods.base import Method, StatPass
 from moemerge.planner.build import BLOCK_ELEMS
 from moemerge.planner.plan import Plan
 
@@ -51,12 +51,10 @@ class JobsResult:
     """(tensor index, pass) -> partial results left unreduced (`reduce=False`), folded."""
 
 
-def fold_partial(method: Method, plan: Plan, ti: int, k: int, acc: list[Any], part: Any) -> None:
+def fold_partial(sp: StatPass, acc: list[Any], part: Any) -> None:
     """Add one chunk's (or one task's) partial to `acc`, in order: folded when the pass can."""
-    t = plan.tensors[ti]
-    combine = method.passes(t.params, t.shape)[k].combine
-    if combine is not None and acc:
-        acc[0] = combine(acc[0], part)
+    if sp.combine is not None and acc:
+        acc[0] = sp.combine(acc[0], part)
     else:
         acc.append(part)
 
@@ -299,7 +297,7 @@ class _Pipeline:
             passes = method.passes(t.params, t.shape)
             for k in (range(len(passes)) if job.kind == "all" else [job.k]):
                 acc = self.result.partials.setdefault((job.ti, k), [])
-                fold_partial(method, plan, job.ti, k, acc, passes[k].map(chunk, st, t.params))
+                fold_partial(passes[k], acc, passes[k].map(chunk, st, t.params))
                 if job.last and (self.reduce or job.kind == "all"):
                     st[passes[k].name] = passes[k].reduce(self.result.partials.pop((job.ti, k)))
                     with self.reduced:

@@ -211,14 +211,14 @@ def run(
         source = {k: v for k, v in cfg.source.items() if k != "storage_options"}
         writer = open_writer(out, the_plan, overwrite=overwrite, storage_options=cfg.storage_options,
                              attributes={"config": source})
-        to_journal = _journal(the_plan, writer, seed=seed, resume=resume, out=out)
+        journal = _journal(the_plan, writer, seed=seed, resume=resume, out=out)
         writer.prepare()
         try:
             prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())
             done: dict[str, str] = {}
-            on_written = journal = None
-            if to_journal is not None:
-                journal = to_journal.start()
+            on_written = None
+            if journal is not None:
+                journal.begin()
                 done, on_written = journal.done, _durable(writer, journal)
             if client is not None:
                 digests = _run_on_dask(the_plan, cfg, writer, out, client=client, own_cluster=cluster is not None,
@@ -268,27 +268,16 @@ def run(
     return RunResult(out=out, plan=the_plan, seconds=time.monotonic() - t0, checksums=digests)
 
 
-@dataclass(slots=True)
-class _PendingJournal:
-    """A journal to open once the output directory is laid out."""
-
-    out_dir: str
-    plan_id: str
-    resume: bool
-
-    def start(self) -> Journal:
-        return Journal.open(self.out_dir, self.plan_id, resume=self.resume)
-
-
-def _journal(p: Plan, writer: ModelWriter, *, seed: int, resume: bool, out: str) -> _PendingJournal | None:
-    """The resume journal of a local safetensors output (None elsewhere: --resume refused there)."""
+def _journal(p: Plan, writer: ModelWriter, *, seed: int, resume: bool, out: str) -> Journal | None:
+    """The resume journal of a local safetensors output, read but not yet written (None
+    elsewhere: --resume is refused there)."""
     if not isinstance(writer, LocalModelWriter):
         if resume:
             raise ConfigError(f"--resume: {out} is not a safetensors output on a local or shared filesystem; "
                               "resuming works only there (rerun without --resume)")
         return None
     plan_id = hashlib.sha256(f"{p.output_id()}:{seed}:{__version__}".encode()).hexdigest()
-    return _PendingJournal(writer.path, plan_id, resume)
+    return Journal.load(writer.path, plan_id, resume=resume)
 
 
 def _durable(writer: ModelWriter, journal: Journal) -> Any:

@@ -104,8 +104,11 @@ def test_resume_refuses_another_plans_output(inputs: list[Path], tmp_path: Path,
         _crash_after(m, 5)
         with pytest.raises(OutputError):
             moemerge.run(_cfg(inputs), str(out), memory_budget="1MB")
+    before = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
     with pytest.raises(MoemergeError, match="another plan"):
         moemerge.run(_cfg(inputs, w=0.7), str(out), memory_budget="1MB", resume=True)
+    # refused before the output was laid out again: the crashed run's files are as they were
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()} == before
     # without --resume the same directory starts over, and finishes
     moemerge.run(_cfg(inputs, w=0.7), str(out), memory_budget="1MB")
     assert (out / "moemerge-manifest.json").exists()

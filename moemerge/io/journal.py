@@ -8,7 +8,9 @@ refuses a journal of another plan. The journal is removed when the output is com
 
 Example::
 
-    j = Journal.open(out_dir, plan_id, resume=True)   # {} of done tensors on a fresh start
+    j = Journal.load(out_dir, plan_id, resume=True)   # reads only: j.done, {} on a fresh start
+    ...                                               # lay out the output
+    j.begin()                                         # (re)writes the journal
     j.record({"model.norm.weight": "ab12..."})
 """
 
@@ -39,22 +41,26 @@ class Journal:
         return f"Journal({self.path!r}, done={len(self.done)})"
 
     @classmethod
-    def open(cls, out_dir: str, plan_id: str, *, resume: bool) -> Journal:
-        """Start a journal for `plan_id`; with `resume`, keep what an earlier run of it finished."""
+    def load(cls, out_dir: str, plan_id: str, *, resume: bool) -> Journal:
+        """The journal for `plan_id`; with `resume`, what an earlier run of it finished.
+
+        Reads only, so a journal of another plan is refused before the output is touched.
+        """
         path = os.path.join(out_dir, JOURNAL_NAME)
-        done: dict[str, str] = {}
-        if resume and os.path.exists(path):
-            done = _read(path, plan_id)
+        done = _read(path, plan_id) if resume and os.path.exists(path) else {}
+        return cls(path, plan_id, done)
+
+    def begin(self) -> None:
+        """Write the journal anew: the plan, then what is already done (kept on resume)."""
         try:
-            with open(path, "w") as f:
-                f.write(json.dumps({"plan": plan_id}) + "\n")
-                for name, digest in done.items():
+            with open(self.path, "w") as f:
+                f.write(json.dumps({"plan": self.plan_id}) + "\n")
+                for name, digest in self.done.items():
                     f.write(json.dumps({"t": name, "sha256": digest}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise OutputError(f"{path}: cannot write the resume journal ({e.strerror or e})") from e
-        return cls(path, plan_id, done)
+            raise OutputError(f"{self.path}: cannot write the resume journal ({e.strerror or e})") from e
 
     def record(self, digests: dict[str, str]) -> None:
         """Add tensors whose bytes are already on disk (the caller flushed them first)."""

@@ -20,7 +20,7 @@ from moemerge.io.checkpoint import Checkpoint, TensorInfo
 from moemerge.io.fp8 import dequantizing
 from moemerge.io.journal import Journal
 from moemerge.io.sidefiles import read_side_files, retag_config_dtype
-from moemerge.io.writer import CONFIG_COPY_NAME, LocalModelWriter, ModelWriter, TensorPlacement, check_output
+from moemerge.io.writer import CONFIG_COPY_NAME, LocalModelWriter, ModelWriter, check_output
 from moemerge.methods import average_weights
 from moemerge.planner import Plan, build_plan
 from moemerge.sizes import parse_size
@@ -107,11 +107,6 @@ def plan(config: MergeConfig | dict[str, Any] | str, *, memory_budget: str | int
             c.close()
 
 
-def placements(p: Plan) -> dict[str, TensorPlacement]:
-    """Where each planned tensor goes in the output."""
-    return p.placements()
-
-
 def open_writer(out: str, p: Plan, *, overwrite: bool, storage_options: dict[str, Any] | None = None,
                 attributes: dict[str, Any] | None = None) -> ModelWriter:
     """The writer for `out` in the plan's format, on local disk or object storage.
@@ -131,9 +126,9 @@ def open_writer(out: str, p: Plan, *, overwrite: bool, storage_options: dict[str
     if not is_local(resolve(out, storage_options)[0]):
         from moemerge.io.s3_writer import RemoteModelWriter
 
-        return RemoteModelWriter(out, p.shards, placements(p), overwrite=overwrite,
+        return RemoteModelWriter(out, p.shards, p.placements(), overwrite=overwrite,
                                  storage_options=storage_options)
-    return LocalModelWriter(out, p.shards, placements(p), overwrite=overwrite)
+    return LocalModelWriter(out, p.shards, p.placements(), overwrite=overwrite)
 
 
 def _main_dtype(p: Plan) -> str:

@@ -14,8 +14,8 @@ from moemerge.config import FilterRule, Gradient, load_config, parse_config
 from moemerge.errors import ConfigError, PlanError
 from moemerge.methods import REGISTRY
 
-#: The MergeKit example configs live in shared/, beside the checkout (CI clones it there too).
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "examples"
+#: The MergeKit example configs ship with the repository (examples/), so a clone anywhere has them.
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yml"))
 HF_NAMES = (
     "meta-llama/Llama-3.1-8B-Instruct",

@@ -23,6 +23,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", default="2GB", help="memory for buffers, e.g. 128MB, 4GB (default 2GB)")
     p.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--seed", type=int, default=0, help="seed of random methods (DARE, DELLA)")
+    p.add_argument("--quantize", default=None, choices=["none", "like-input", "fp8-block", "mxfp4"],
+                   help="write weights quantized with fresh scales: like-input (the first input's layout; the "
+                        "default when all inputs are quantized alike), fp8-block (128x128 block FP8), mxfp4 "
+                        "(gpt-oss experts), or none (out dtype, no quantization_config)")
 
 
 def _run_opts(p: argparse.ArgumentParser) -> None:
@@ -32,6 +36,9 @@ def _run_opts(p: argparse.ArgumentParser) -> None:
     _dask_opts(p)
     p.add_argument("--scheduler", default=None,
                    help="run on an existing Dask cluster (its address, e.g. tcp://10.0.0.5:8786)")
+    p.add_argument("--dashboard", default=None, metavar="ADDRESS",
+                   help="--workers: where the Dask dashboard listens (default 127.0.0.1, a free port; it has "
+                        "no authentication), HOST:PORT, or off")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.add_argument("--resume", action="store_true",
                    help="continue an unfinished (crashed or killed) run of the same merge into OUT, "
@@ -135,6 +142,8 @@ def _print_plan(plan: Any, header: str) -> None:
     t.add_row("read", format_size(plan.bytes_read))
     t.add_row("write", format_size(plan.bytes_written))
     t.add_row("statistics passes", f"{plan.passes}")
+    if plan.extra.get("quantize", "none") != "none":  # --quantize (or its default): the output's layout
+        t.add_row("quantize", str(plan.extra["quantize"]))
     t.add_row("memory", f"buffers {format_size(plan.peak_bytes)} (budget {format_size(plan.memory_budget)})")
     # ~1 GB/s is what sequential reads reached on a plain cloud disk here; a rough guide only
     t.add_row("estimate", f"~{plan.bytes_read / 1e9:,.0f} s at 1 GB/s")
@@ -154,7 +163,8 @@ def _no_dask(args: argparse.Namespace) -> None:
 
 
 def _dask_kw(args: argparse.Namespace) -> dict[str, Any]:
-    return {"workers": args.workers, "scheduler": args.scheduler, "unit_size": args.unit_size}
+    return {"workers": args.workers, "scheduler": args.scheduler, "unit_size": args.unit_size,
+            "dashboard": args.dashboard}
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -162,7 +172,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
     res = run(args.config, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size,
               seed=args.seed, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-              out_format=args.format, resume=args.resume, **_dask_kw(args))
+              out_format=args.format, resume=args.resume, quantize=args.quantize, **_dask_kw(args))
     _report(res)
 
 
@@ -176,13 +186,15 @@ def _report(res: Any) -> None:
         f"wrote {res.out}: {len(res.plan.tensors):,} tensors in {len(res.plan.shards)} shard(s), "
         f"{format_size(res.plan.bytes_written)} in {res.seconds:.1f}s ({format_size(rate)}/s read)"
     )
+    if getattr(res, "resumed", None) is not None:  # --resume: what was kept after re-reading it
+        _out.print(res.resumed.message, markup=False)
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
     from moemerge.api import plan
 
     p = plan(args.config, memory_budget=args.memory_budget, shard_size=args.shard_size, seed=args.seed,
-             unit_size=args.unit_size, out_format=args.format)
+             unit_size=args.unit_size, out_format=args.format, quantize=args.quantize)
     dask = _dask_split(p, args.workers, remote=_is_remote(args.out)) if args.workers else None
     if args.json:
         _out.print_json(json.dumps({**p.summary(), **({"dask": dask} if dask else {})}))
@@ -299,7 +311,8 @@ def _cmd_pma(args: argparse.Namespace) -> None:
     _print_snapshots(chosen, eff, f"{'weights' if weights else args.method} over {len(snaps)} snapshot(s), "
                                   "oldest first")
     if args.dry_run:
-        _print_plan(plan(cfg, memory_budget=args.memory_budget, shard_size=args.shard_size), "plan")
+        _print_plan(plan(cfg, memory_budget=args.memory_budget, shard_size=args.shard_size,
+                         quantize=args.quantize), "plan")
         return
     record = {"method": "weights" if weights else args.method,
               "alpha": args.alpha if args.method == "ema" and not weights else None,
@@ -307,7 +320,8 @@ def _cmd_pma(args: argparse.Namespace) -> None:
               "pattern": chosen.pattern, "selection": chosen.selection}
     res = run(cfg, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size, seed=args.seed,
               overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-              out_format=args.format, manifest_extra={"pma": record}, resume=args.resume, **_dask_kw(args))
+              out_format=args.format, manifest_extra={"pma": record}, resume=args.resume, quantize=args.quantize,
+              **_dask_kw(args))
     _report(res)
 
 
@@ -321,7 +335,7 @@ def _cmd_pma_update(args: argparse.Namespace) -> None:
     if len(args.snapshots) != 3 or not args.out:
         raise ConfigError("pma update: usage is `moemerge pma update STATE PATTERN -o OUT` (STATE: where the "
                           "running state lives; PATTERN: a quoted glob or prefix of snapshot directories)")
-    for flag, given in (("--weights", args.weights), ("--dry-run", args.dry_run)):
+    for flag, given in (("--weights", args.weights), ("--dry-run", args.dry_run), ("--quantize", args.quantize)):
         if given:
             raise ConfigError(f"pma update: {flag} is not supported; use `moemerge pma` for a one-off average")
     interval = args.interval_steps
@@ -397,19 +411,42 @@ _COMMANDS = {
 }
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that every `finally` (writers closed,
+    uploads aborted, the output lock released) runs the same way."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = _parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # only there can Python take signals
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _COMMANDS[args.command](args)
     except MoemergeError as e:
         _err.print(f"moemerge: error: {e}", markup=False)
         return 1
-    except KeyboardInterrupt:
-        _err.print("moemerge: interrupted; the output has no index or manifest and is not usable", markup=False)
-        return 130
+    except KeyboardInterrupt as e:  # SIGINT (130) or SIGTERM (143); say what is on disk
+        term = isinstance(e, _Terminated)
+        state = getattr(e, "moemerge_state", None) or "nothing new was committed"
+        _err.print(f"moemerge: {'terminated (SIGTERM)' if term else 'interrupted'}; {state}", markup=False)
+        return 143 if term else 130
     except OSError as e:  # storage failures that escaped our wrappers: one line, no traceback
         _err.print(f"moemerge: error: {e}", markup=False)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -105,6 +105,10 @@ class MergeConfig:
     """Non-float (and `*_extra_state`) tensors: `equal` copies them and requires them equal in
     every input (MergeKit's rule, the default of its methods); `last` copies them from the last
     listed model, the newest snapshot (the default of sma / wma / ema, set by `pma --weights`)."""
+    quantize: Literal["none", "like-input", "fp8-block", "mxfp4"] | None = None
+    """Output quantization (`--quantize`): `none` writes `out_dtype` and no quantization_config;
+    `like-input` the first input's layout (the default when every input is quantized alike);
+    `fp8-block` 128x128 block FP8 (DeepSeek-V3); `mxfp4` gpt-oss MXFP4 experts. None: the default."""
     source: dict[str, Any] = field(default_factory=dict)
     """The mapping this config was parsed from, written beside the output."""
 
@@ -126,7 +130,7 @@ class MergeConfig:
 _TOP_KEYS = {
     "merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "storage_options", "slices", "tokenizer", "chat_template",
-    "name", "modules", "non_float", "dcp",
+    "name", "modules", "non_float", "dcp", "quantize",
 }
 _UNSUPPORTED = {
     "slices": "`slices:` is not supported yet; list whole models under `models:`",
@@ -136,13 +140,58 @@ _UNSUPPORTED = {
 }
 
 
+#: A merge config is a few KB; reading stops past this many characters (a huge file is refused
+#: before it is parsed).
+MAX_CONFIG_CHARS = 1_000_000
+#: Nodes of the config once YAML aliases are expanded. Aliases (`*name`) are allowed, but each
+#: one repeats its anchor's whole subtree: nine nested levels of nine aliases ("billion
+#: laughs") is a 2 KB file expanding to 10**9 values, which ran out of memory after 68 s.
+#: Real configs have hundreds of nodes.
+MAX_CONFIG_NODES = 100_000
+
+
+def _check_expansion(doc: Any, path: str) -> None:
+    """Refuse a document whose alias-expanded size exceeds MAX_CONFIG_NODES, or that contains
+    itself (a recursive alias), before anything walks it. Linear in the distinct nodes: the
+    expanded size of a shared node is computed once."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{path}: a YAML alias refers to a node containing itself (recursive "
+                              "alias); write the value out")
+        active.add(key)
+        kids = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        total = 1
+        for k in kids:
+            total += size(k)
+            if total > MAX_CONFIG_NODES:
+                raise ConfigError(
+                    f"{path}: YAML aliases expand this config to more than {MAX_CONFIG_NODES:,} "
+                    "values (an alias bomb?); a merge config has hundreds: write the values out")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    size(doc)
+
+
 def load_config(path: str, *, storage_options: dict[str, Any] | None = None) -> MergeConfig:
     """Read and validate a YAML config from a path or fsspec URL."""
     import fsspec
 
     try:
         with fsspec.open(path, "rt", **(storage_options or {})) as f:
-            text = f.read()
+            text = f.read(MAX_CONFIG_CHARS + 1)
+        if len(text) > MAX_CONFIG_CHARS:
+            raise ConfigError(f"{path}: is larger than {MAX_CONFIG_CHARS:,} characters; a merge config "
+                              "is a few KB: is this the right file?")
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: config file does not exist") from e
     except UnicodeDecodeError as e:
@@ -157,6 +206,9 @@ def load_config(path: str, *, storage_options: dict[str, Any] | None = None) -> 
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{at} ({what})") from e
+    except RecursionError as e:  # thousands of nested brackets
+        raise ConfigError(f"{path}: YAML nested too deeply to read; a merge config is a few levels deep") from e
+    _check_expansion(doc, path)
     try:
         return parse_config(doc, where=path)
     except ConfigError as e:
@@ -234,6 +286,23 @@ def _parse_non_float(value: Any, where: str) -> Literal["equal", "last"] | None:
                       f"'last' (copy from the last listed model), got {value!r}")
 
 
+QUANTIZE_CHOICES = ("none", "like-input", "fp8-block", "mxfp4")
+
+
+def _parse_quantize(value: Any, out_dtype: Any, where: str) -> Any:
+    """`quantize:` checked; an FP8 `out_dtype` without it is refused (FP8 needs scales)."""
+    if value is not None and value not in QUANTIZE_CHOICES:
+        raise ConfigError(f"{where}: `quantize` must be one of {', '.join(QUANTIZE_CHOICES)}, got {value!r}")
+    name = None if out_dtype is None else parse_dtype_name(str(out_dtype))
+    if name is not None and name.startswith("F8"):
+        # unscaled FP8 weights (norms and embeddings included) load but give a broken model
+        raise ConfigError(
+            f"{where}: `out_dtype: {out_dtype}` would write every tensor as FP8 without scales; "
+            "use --quantize fp8-block (YAML `quantize: fp8-block`) for block-scaled FP8, or "
+            "--quantize like-input for the inputs' layout, with out_dtype bfloat16 or unset")
+    return value
+
+
 def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
     """Validate a YAML mapping (MergeKit schema) and build a MergeConfig.
 
@@ -292,6 +361,7 @@ def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
         out_dtype=_parse_dtype(doc.get("out_dtype"), "out_dtype"),
         tokenizer_source=tok,
         non_float=_parse_non_float(doc.get("non_float"), where),
+        quantize=_parse_quantize(doc.get("quantize"), doc.get("out_dtype"), where),
         storage_options=dict(storage_options),
         dcp=None if doc.get("dcp") is None else parse_dcp_names(doc["dcp"], where="dcp"),
         source=dict(doc),

@@ -18,6 +18,7 @@ from moemerge import __version__
 from moemerge.errors import CheckpointError
 from moemerge.io.checkpoint import Checkpoint
 from moemerge.io.dtypes import itemsize
+from moemerge.io.lease import take_lease
 from moemerge.io.safetensors_format import ShardLayout
 from moemerge.io.sidefiles import read_side_files
 from moemerge.io.writer import CONFIG_COPY_NAME, MANIFEST_NAME, LocalModelWriter, TensorPlacement, check_output
@@ -72,7 +73,12 @@ def export(store: str, out: str, *, shard_size: str | int | None = None, overwri
         >>> export("merged.zarr", "merged-hf")  # doctest: +SKIP
     """
     check_output(out, overwrite=overwrite, inputs=[store])
-    ck = Checkpoint.open(store, storage_options)
+    lease = take_lease(out, kind="output", what="moemerge export")  # one writer at a time (io.lease)
+    try:
+        ck = Checkpoint.open(store, storage_options)
+    except BaseException:
+        lease.release()
+        raise
     try:
         if not isinstance(ck, ZarrCheckpoint):
             raise CheckpointError(f"{store}: not a moemerge Zarr output (no zarr.json); nothing to export")
@@ -93,6 +99,9 @@ def export(store: str, out: str, *, shard_size: str | int | None = None, overwri
             for n, d, s in order
         }
         writer = LocalModelWriter(out, tuple(shards), places, overwrite=overwrite)
+        from moemerge.io.space import check_space
+
+        check_space(writer, sum(ck.tensors[n].nbytes for n in names))  # before any byte is written
         writer.prepare()
         try:
             digests = _copy(ck, names, writer)
@@ -122,12 +131,17 @@ def export(store: str, out: str, *, shard_size: str | int | None = None, overwri
                 for n in names
             }
             man["exported_from"] = store
+            lease.check()  # taken over meanwhile: fail rather than commit
             writer.finish(side_files=files, index=index, manifest=man)
-        except BaseException:
+        except BaseException as e:
             writer.close()
+            from moemerge.io.swap import note_state
+
+            note_state(e, writer)  # what is on disk now, for the CLI's one line
             raise
     finally:
         ck.close()
+        lease.release()
     return ExportResult(out=out, tensors=len(names), shards=tuple(s.file for s in shards), bytes_written=total)
 
 

@@ -16,6 +16,11 @@ _READ = 64 << 20  # bytes per read: large sequential reads, bounded memory
 
 def verify(out: str) -> int:
     """Re-hash every tensor of `out`; return how many matched, raise naming the first that did not."""
+    from moemerge.io.swap import unfinished
+
+    if unfinished(out):  # before opening: an unfinished output is no model directory yet
+        raise CheckpointError(f"{out} is unfinished (a run was interrupted or is still running); "
+                              "rerun with --resume")
     ck = Checkpoint.open(out)
     try:
         raw = ck.side_file(MANIFEST_NAME)

@@ -448,6 +448,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="MergeKit's mergekit-yaml (in its own venv) to run on the same inputs side by side; "
                         f"'none' to skip (default: {MERGEKIT_DEFAULT} if it exists)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--quant", action="store_true",
+                   help="block-FP8 DeepSeek-style inputs instead: linear and ties, bf16 and like-input (FP8) "
+                        "output, each against its floor (scripts/bench_quant.py)")
     p.add_argument("--wait-quiet", type=float, default=300,
                    help="before each measurement wait up to this many seconds for other processes to "
                         "go idle (default 300; 0: do not wait)")
@@ -490,6 +493,10 @@ def _main(argv: list[str] | None) -> int:
     try:
         print(f"bench: {args.inputs} x {format_size(size)} {dtype} ({args.family}, {args.layers} layers, "
               f"{args.experts} experts) in {work}", flush=True)
+        if args.quant:
+            from bench_quant import run_quant
+
+            return run_quant(args, work, budget, child_env)
         paths, made_s, reused = make_inputs(inputs_root, args.inputs, size, fields)
         total_in = sum(f.stat().st_size for f in _weight_files(paths))
         print(f"inputs: {format_size(total_in)} " + ("reused" if reused else f"made in {made_s:.1f}s "

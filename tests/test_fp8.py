@@ -1,4 +1,5 @@
-"""FP8 block-scaled inputs (DeepSeek-V3 layout) are dequantized on read and merged as bf16."""
+"""FP8 block-scaled inputs (DeepSeek-V3 layout) are dequantized on read (served as float32,
+`io.quant`) and merged; bf16 out by default."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from safetensors.torch import load_file
 import moemerge
 from moemerge.errors import CheckpointError, PlanError
 from moemerge.io.checkpoint import Checkpoint
-from moemerge.io.fp8 import BLOCK, _bands, dequantizing
+from moemerge.io.quant import dequantizing
 from tests.conftest import write_checkpoint
 
 FP8_MAX = 448.0  # largest float8_e4m3fn
+BLOCK = 128  # DeepSeek-V3 tiles
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,20 +72,15 @@ def test_reads_are_dequantized_exactly_for_any_row_range(tmp_path: Path, gen: to
         assert not any(n.endswith("_scale_inv") for n in ck.tensors)
         name = "model.layers.0.mlp.experts.0.up_proj.weight"
         t = ck.tensors[name]
-        assert (t.dtype, t.shape) == ("BF16", (300, 200))
-        want = ref[name].to(torch.bfloat16)  # one rounding of the exact product
+        assert (t.dtype, t.shape) == ("F32", (300, 200))
+        want = ref[name].float()  # one rounding of the exact product
         for r0, r1 in ((0, 300), (0, 1), (127, 129), (100, 300), (255, 256), (299, 300), (5, 133)):
             buf = bytearray((r1 - r0) * t.row_bytes + 7)
             ck.read_rows(name, r0, r1, memoryview(buf))
-            got = torch.frombuffer(buf, dtype=torch.bfloat16, count=(r1 - r0) * 200).reshape(r1 - r0, 200)
+            got = torch.frombuffer(buf, dtype=torch.float32, count=(r1 - r0) * 200).reshape(r1 - r0, 200)
             assert torch.equal(got, want[r0:r1]), (r0, r1)
     finally:
         ck.close()
-
-
-def test_bands_follow_tile_rows() -> None:
-    assert list(_bands(100, 300)) == [(100, 128), (128, 256), (256, 300)]
-    assert list(_bands(0, 128)) == [(0, 128)] and list(_bands(5, 5)) == []
 
 
 def test_merge_of_fp8_and_bf16_checkpoints_matches_float64(tmp_path: Path, gen: torch.Generator) -> None:
@@ -101,7 +98,7 @@ def test_merge_of_fp8_and_bf16_checkpoints_matches_float64(tmp_path: Path, gen: 
                   for k, v in load_file(str(f)).items()}
         assert set(merged) == set(ref_a)  # the scales are not in the output
         for name, ra in ref_a.items():
-            want = 0.3 * ra.to(torch.bfloat16).double() + 0.7 * b_tensors[name].double()
+            want = 0.3 * ra + 0.7 * b_tensors[name].double()
             assert merged[name].dtype == torch.bfloat16
             torch.testing.assert_close(merged[name].double(), want, rtol=2 ** -8, atol=1e-6)
         out_cfg = json.loads((tmp_path / f"out{rows}" / "config.json").read_text())

@@ -248,24 +248,30 @@ def test_update_killed_mid_write_leaves_previous_state_and_rerun_completes(tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "moemerge", "pma", "update", str(state), run_.pattern,
                              "-o", str(out), "--memory-budget", "1MB", "--no-progress"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    chunks = state / "v000002" / "S%3Aw" / "c"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if chunks.is_dir() and len(os.listdir(chunks)) >= 3:  # the new state is being written
+        new = next(state.glob("v000002-*"), None)  # versions have unique names: v000002-<random>
+        chunks = new / "S%3Aw" / "c" if new is not None else None
+        if chunks is not None and chunks.is_dir() and len(os.listdir(chunks)) >= 3:  # being written
             break
         time.sleep(0.005)
     assert proc.poll() is None, f"update finished before it could be killed: {proc.communicate()}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (state / "v000002").is_dir()  # half-written, not pointed to
+    assert new is not None and new.is_dir()  # half-written, not pointed to
     after, meta_after = _state_sums(state)  # the previous state, whole
     assert meta_after == meta_before
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
-    assert not (out / "moemerge-manifest.json").exists()  # the output does not look finished
+    # the previous night's output stays whole until the new one is swapped in (issue 11 row 6)
+    from moemerge.verify import verify
+
+    assert verify(str(out)) == 2 and not (tmp_path / "out.moemerge-new" / "moemerge-manifest.json").exists()
     res = update(str(state), run_.pattern, str(out))
     assert res.action == "updated" and res.steps == (20, 30, 40)
-    assert sorted(p.name for p in state.iterdir()) == [POINTER_NAME, "v000002"]
+    names = sorted(p.name for p in state.iterdir())  # the leftover and the dead job's lock gone
+    assert names[0] == POINTER_NAME and len(names) == 2 and names[1].startswith("v000002-"), names
+    assert names[1] != new.name
     got = _load(out)
     for name in ("w", "b"):
         ref = sum(run_.snaps[s][name].double() for s in (20, 30, 40)) / 3
@@ -286,7 +292,8 @@ def test_rerun_with_nothing_new_is_a_noop_and_rewrites_only_an_unfinished_output
     assert code == 0, err
     assert "nothing new after step 3" in stdout
     assert (man.stat().st_mtime_ns, man.read_bytes()) == stamp
-    assert sorted(p.name for p in state.iterdir()) == [POINTER_NAME, "v000001"]
+    names = sorted(p.name for p in state.iterdir())
+    assert names[0] == POINTER_NAME and len(names) == 2 and names[1].startswith("v000001-"), names
     # an output that is not finished (killed between the state switch and its manifest) is rewritten
     man.unlink()
     (out / ".moemerge-incomplete").touch()  # as a writer leaves it until its manifest is written
@@ -339,7 +346,8 @@ def test_state_on_s3(tmp_path: Path, s3_server: str) -> None:
         run_.night(s)
         assert update(state, run_.pattern, out, chunk_rows=5).action == "updated"
     fs.invalidate_cache()
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("pma-bucket/run42/state")) == [POINTER_NAME, "v000003"]
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("pma-bucket/run42/state"))  # no lease left
+    assert names[0] == POINTER_NAME and len(names) == 2 and names[1].startswith("v000003-"), names
     local = tmp_path / "latest"
     fs.get("pma-bucket/run42/latest", str(local), recursive=True)
     got = _load(local)

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from moemerge.engine.buffers import PoolCache
+from moemerge.engine.cadence import Cadence, Tally
 from moemerge.engine.graph import Task, build_graph
 from moemerge.engine.pipeline import fold_partial, run_jobs
 from moemerge.engine.progress import NullProgress, Progress
 from moemerge.errors import ConfigError, MergeRuntimeError, MoemergeError
 from moemerge.io.checkpoint import Checkpoint
+from moemerge.io.dtypes import itemsize
 from moemerge.methods import get_method
 from moemerge.planner.plan import Plan
 
@@ -64,8 +66,36 @@ def worker_memory_limit(memory_budget: int) -> int:
     return int((memory_budget + WORKER_OVERHEAD) / _PAUSE_FRACTION)
 
 
-def start_client(*, workers: int | None, scheduler: str | None, memory_budget: int) -> tuple[Any, Any]:
-    """(client, cluster or None): joins `scheduler`, or starts a LocalCluster of `workers` processes."""
+#: The LocalCluster's scheduler, workers and dashboard listen on loopback only: the dashboard has
+#: no authentication and shows task and worker data (`--dashboard ADDRESS` opts in to more).
+LOOPBACK = "127.0.0.1"
+DEFAULT_DASHBOARD = f"{LOOPBACK}:0"
+
+
+def parse_dashboard(value: str | None) -> str | None:
+    """`--dashboard`: None (loopback, any free port), `off` (no dashboard), or HOST:PORT / :PORT.
+
+    Example: parse_dashboard(None) == "127.0.0.1:0"; parse_dashboard("off") is None.
+    """
+    if value is None:
+        return DEFAULT_DASHBOARD
+    v = value.strip()
+    if v.lower() in ("off", "none", "no", "false"):
+        return None
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--dashboard {value!r}: expected HOST:PORT (e.g. 127.0.0.1:8787, 0.0.0.0:8787 to "
+                          "serve the network, unauthenticated) or `off`")
+    return f"{host or LOOPBACK}:{int(port)}"
+
+
+def start_client(*, workers: int | None, scheduler: str | None, memory_budget: int,
+                 dashboard: str | None = None) -> tuple[Any, Any]:
+    """(client, cluster or None): joins `scheduler`, or starts a LocalCluster of `workers` processes.
+
+    The LocalCluster listens on 127.0.0.1 only; its dashboard too unless `dashboard` says
+    otherwise (`parse_dashboard`).
+    """
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -78,9 +108,12 @@ def start_client(*, workers: int | None, scheduler: str | None, memory_budget: i
     if n < 1:
         raise ConfigError(f"--workers: must be at least 1, got {n}")
     threads = str(max(1, (os.cpu_count() or 1) // n))
+    dash = parse_dashboard(dashboard)
     cluster = LocalCluster(
         n_workers=n, threads_per_worker=1, processes=True, memory_limit=worker_memory_limit(memory_budget),
-        silence_logs=logging.ERROR, dashboard_address=":0",
+        silence_logs=logging.ERROR, host=LOOPBACK,
+        # `off`: no dashboard; the scheduler's remaining HTTP routes (health) stay on loopback
+        dashboard_address=dash or DEFAULT_DASHBOARD, scheduler_kwargs={"dashboard": dash is not None},
         # math threads per worker: the cores shared out, not every worker taking them all
         env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
     )
@@ -212,13 +245,16 @@ def _t_apply(ctx: TaskContext, plan: Plan, pieces: tuple[tuple[int, int, int], .
     _jobs(ctx, plan, _opened(ctx, plan)[1], pieces, stage="apply", stats_in={ti: stats or {}})
 
 
-def _t_hash(ctx: TaskContext, plan: Plan, ti: int, _written: list[None]) -> tuple[str, str]:
-    """sha256 of a split tensor, read back in order once every piece is written."""
-    name = plan.tensors[ti].name
-    h = hashlib.sha256()
-    for block in _opened(ctx, plan)[1].read_back(name):
-        h.update(block)
-    return name, h.hexdigest()
+def _t_hash(ctx: TaskContext, plan: Plan, ti: int, _written: list[None]) -> dict[str, str]:
+    """sha256 of a split tensor (of each stored part of a quantized one), read back in order
+    once every piece is written."""
+    out = {}
+    for name, *_ in plan.tensors[ti].stored():
+        h = hashlib.sha256()
+        for block in _opened(ctx, plan)[1].read_back(name):
+            h.update(block)
+        out[name] = h.hexdigest()
+    return out
 
 
 # -- client side ------------------------------------------------------------------------------
@@ -265,14 +301,15 @@ def run_dask(
     in_cast: str | None = None,
     skip: Collection[str] = (),
     on_written: Callable[[dict[str, str]], None] | None = None,
-    written_every: int = 1 << 30,
+    written_every: int | Cadence = 1 << 30,
 ) -> dict[str, str]:
     """Run `plan` but the tensors in `skip` on the cluster behind `client`; return each
     tensor's sha256.
 
     The output must already be prepared; the caller finishes it (index, manifest) after this
-    returns, or abandons it if this raises. `on_written` hears of finished tensors about every
-    `written_every` input bytes (the resume journal; it flushes the output first).
+    returns, or abandons it if this raises. `on_written` hears of finished tensors as often as
+    `written_every` says (a `Cadence`; an int: output bytes), and at the end (the resume
+    journal; it flushes the output first).
     """
     from distributed import as_completed
 
@@ -293,7 +330,8 @@ def run_dask(
         for task in tasks:
             futs[task.key] = _submit(client, task, ctx, plan_f, futs)
         pending: dict[str, str] = {}  # finished, not yet told to `on_written`
-        since = 0
+        tally = Tally(Cadence.of(written_every))
+        out_bytes = {t.name: t.numel * itemsize(t.out_dtype) for t in plan.tensors} if on_written else {}
         for fut in as_completed(list(futs.values())):
             task = by_key[fut.key]
             if fut.status == "error":
@@ -302,14 +340,13 @@ def run_dask(
             if task.kind in ("unit", "shard"):
                 got = fut.result()
             elif task.kind == "hash":
-                name, digest = fut.result()
-                got = {name: digest}
+                got = dict(fut.result())
             digests.update(got)
             pending.update(got)
-            since += task.in_bytes
-            if on_written is not None and pending and since >= written_every:
+            if got and tally.add(sum(out_bytes.get(n, 0) for n in got), tensors=len(got)) and on_written:
                 on_written(pending)
-                pending, since = {}, 0
+                pending = {}
+                tally.reset()
             progress.advance(task.in_bytes)
         if on_written is not None and pending:
             on_written(pending)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 
+from moemerge.engine.cadence import Cadence
 from moemerge.engine.pipeline import Writer, run_jobs
 from moemerge.engine.progress import NullProgress, Progress
 from moemerge.io.checkpoint import Checkpoint
@@ -23,12 +24,12 @@ def run_local(
     io_threads: int = 8,
     skip: Collection[str] = (),
     on_written: Callable[[dict[str, str]], None] | None = None,
-    written_every: int = 1 << 30,
+    written_every: int | Cadence = 1 << 30,
 ) -> dict[str, str]:
     """Run every tensor of `plan` but those in `skip`, in order; return each one's sha256.
 
-    `on_written` hears of finished tensors about every `written_every` output bytes (see
-    `run_jobs`): the resume journal.
+    `on_written` hears of finished tensors as often as `written_every` says (a `Cadence`; an
+    int: output bytes; see `run_jobs`): the resume journal.
     """
     pieces = [(ti, 0, t.rows) for ti, t in enumerate(plan.tensors) if t.name not in skip]
     return run_jobs(plan, checkpoints, writer, pieces=pieces, progress=progress, device=device, in_cast=in_cast,

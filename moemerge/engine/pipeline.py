@@ -24,11 +24,14 @@ from typing import Any, Protocol
 import torch
 
 from moemerge.engine.buffers import BufferPool, Cancelled, PoolCache
+from moemerge.engine.cadence import Cadence, Tally
 from moemerge.engine.compute import ALIGN, ChunkView, apply_into, copy_equal, scratch_2d, segments, typed_views
+from moemerge.engine.finite import check_finite, first_read
 from moemerge.engine.jobs import Job, Stage, plan_jobs
+from moemerge.engine.requant import requantize
 from moemerge.engine.progress import NullProgress, Progress
 from moemerge.io.checkpoint import Checkpoint
-from moemerge.io.dtypes import itemsize, to_torch
+from moemerge.io.dtypes import to_torch
 from moemerge.methods import get_method
 from moemerge.methods.base import Method, StatPass
 from moemerge.planner.build import BLOCK_ELEMS
@@ -70,7 +73,7 @@ def _buffer_needs(plan: Plan, method: Method, pieces: list[tuple[int, int, int]]
         t = plan.tensors[ti]
         rows = min(t.rows_per_chunk, r1 - r0) if len(t.chunks) > 1 else t.rows
         need_in = max(need_in, sum(n for _, n in segments(t, 0, rows)))
-        need_out = max(need_out, rows * t.row_len * itemsize(t.out_dtype))
+        need_out = max(need_out, t.out_bytes(rows))
         need_elems = max(need_elems, rows * t.row_len if t.method != "copy" else 0)
     if method.elementwise:
         need_elems = min(need_elems, BLOCK_ELEMS)
@@ -93,7 +96,7 @@ def run_jobs(
     io_threads: int = 8,
     pools: PoolCache | None = None,
     on_written: Callable[[dict[str, str]], None] | None = None,
-    written_every: int = 1 << 30,
+    written_every: int | Cadence = 1 << 30,
 ) -> JobsResult:
     """Run the jobs of `pieces` (all tensors by default) for `stage`; see `JobsResult`.
 
@@ -101,7 +104,8 @@ def run_jobs(
     `reduce=False`, a pass's partials are returned instead of reduced at the tensor's end.
     `pools` keeps the buffers for the next run in this process (Dask workers).
     `on_written(digests)` is called from the writer thread with the tensors finished since its
-    last call, about every `written_every` bytes and at the end (the resume journal).
+    last call, as often as `written_every` says (a `Cadence`; an int: output bytes) and at the
+    end (the resume journal).
     """
     piece_list = list(pieces) if pieces is not None else [(ti, 0, t.rows) for ti, t in enumerate(plan.tensors)]
     return _Pipeline(plan, checkpoints, writer, piece_list, stage=stage, stats_in=stats_in, reduce=reduce,
@@ -116,12 +120,12 @@ class _Pipeline:
                  pieces: list[tuple[int, int, int]], *, stage: Stage, stats_in: Mapping[int, dict[str, Any]] | None,
                  reduce: bool, progress: Progress | NullProgress, device: str, in_cast: str | None,
                  io_threads: int, pools: PoolCache | None, on_written: Callable[[dict[str, str]], None] | None,
-                 written_every: int) -> None:
+                 written_every: int | Cadence) -> None:
         self.plan, self.checkpoints, self.writer, self.pieces = plan, checkpoints, writer, pieces
         self.method = get_method(plan.method)
         self.stage, self.reduce, self.progress, self.device = stage, reduce, progress, device
         self.cast = to_torch(in_cast) if in_cast else None
-        self.pools, self.on_written, self.written_every = pools, on_written, written_every
+        self.pools, self.on_written, self.cadence = pools, on_written, Cadence.of(written_every)
         self.result = JobsResult()
         need_in, need_out, need_elems = _buffer_needs(plan, self.method, pieces)
         comp_bytes = 8 if any(t.compute_dtype == "F64" for t in plan.tensors) else 4
@@ -204,14 +208,13 @@ class _Pipeline:
     def _write_loop(self) -> None:
         hashes: dict[str, Any] = {}
         finished: dict[str, str] = {}  # since the last `on_written`
-        since = 0
+        tally = Tally(self.cadence)
 
         def report() -> None:
-            nonlocal since
             if self.on_written is not None and finished:
                 self.on_written(dict(finished))
             finished.clear()
-            since = 0
+            tally.reset()
 
         while True:
             try:
@@ -228,10 +231,12 @@ class _Pipeline:
                     self.errors.append(e)
                     self.stop.set()
                 return
-            name, r0, nbytes, buf, first, last = item
+            segs, buf, first, last = item  # segments: one, or a quantized tensor's parts
             try:
-                if not self.stop.is_set():
-                    mv = memoryview(buf.numpy())[:nbytes]
+                for name, r0, off, nbytes in segs:
+                    if self.stop.is_set():
+                        break
+                    mv = memoryview(buf.numpy())[off:off + nbytes]
                     if first:
                         hashes[name] = hashlib.sha256()
                     h = hashes.get(name)
@@ -240,10 +245,10 @@ class _Pipeline:
                         self.writer.write_rows(name, r0, mv)
                     if pending is not None:
                         pending.result()
-                    since += nbytes
+                    tally.add(nbytes, tensors=0)
                     if last and h is not None:
                         self.result.digests[name] = finished[name] = hashes.pop(name).hexdigest()
-                        if since >= self.written_every:
+                        if tally.add(0):  # one more finished tensor
                             report()
             except BaseException as e:
                 self.errors.append(e)
@@ -252,14 +257,17 @@ class _Pipeline:
                 self.out_pool.release(buf)
 
     def _emit(self, job: Job, fill: Callable[[torch.Tensor], int]) -> None:
-        """Fill an output buffer (`fill` returns the bytes it wrote) and queue it for writing."""
+        """Fill an output buffer (`fill` returns the bytes it wrote) and queue it for writing;
+        a quantized tensor's values are requantized into its parts first (engine/requant.py)."""
+        t = self.plan.tensors[job.ti]
         out = self.out_pool.acquire(self.stop)
         try:
             nbytes = fill(out)
+            segs = [(t.name, job.r0, 0, nbytes)] if t.quant is None else requantize(t, job.r0, job.r1, out, nbytes)
         except BaseException:
             self.out_pool.release(out)
             raise
-        item = (self.plan.tensors[job.ti].name, job.r0, nbytes, out, job.r0 == 0, job.last)
+        item = (segs, out, job.r0 == 0, job.last)
         while True:
             if self.stop.is_set():
                 raise Cancelled()
@@ -289,6 +297,8 @@ class _Pipeline:
 
             self._emit(job, fill_copy)
             return
+        if first_read(method, t, job.kind, job.k):  # NaN/Inf: statistics methods refuse (finite.py)
+            check_finite(plan, method, t, raws, job.r0, job.r1)
         comp = to_torch(t.compute_dtype)
         st = self.stats.setdefault(job.ti, {})
         if job.kind in ("pass", "all"):

@@ -6,6 +6,7 @@ validates them, and then serves exact row ranges of any tensor into a caller's b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from moemerge.errors import CheckpointError
 from moemerge.io import storage
 from moemerge.io.dtypes import itemsize
+from moemerge.io.limits import MAX_JSON_BYTES, check_tensor_count, loads_unique, read_limited, side_file_limit
 from moemerge.io.safetensors_format import parse_header, parse_header_length
 
 if TYPE_CHECKING:
@@ -50,6 +52,16 @@ class TensorInfo:
     file: str  # file name inside the checkpoint directory
     start: int  # absolute byte offset in that file
     nbytes: int
+    # a quantized tensor served dequantized (io.quant): its codec, the bytes its parts take on
+    # disk (what reading it costs), and the rows a chunk boundary must fall on
+    codec: str | None = None
+    stored_nbytes: int | None = None
+    row_align: int = 1
+
+    @property
+    def read_nbytes(self) -> int:
+        """Bytes read from storage for the whole tensor."""
+        return self.nbytes if self.stored_nbytes is None else self.stored_nbytes
 
     @property
     def rows(self) -> int:
@@ -84,6 +96,7 @@ class Checkpoint:
         self.root = root
         self.tensors = tensors
         self.files = files  # file name -> size in bytes
+        self.header_digests: dict[str, str] = {}  # shard file name -> sha256 of its JSON header
         self._sources: dict[str, storage.ByteSource] = {}
         self._bare = False  # `url` is one .safetensors file, not a directory
         self._lock = threading.Lock()
@@ -149,7 +162,10 @@ class Checkpoint:
     def _read_index(self, index_path: str) -> dict[str, list[str] | None]:
         where = f"{self.url}/{INDEX_NAME}"
         try:
-            doc = json.loads(storage.with_retries(lambda: self.fs.cat_file(index_path), what=f"read {INDEX_NAME}", url=self.url))
+            # size checked before reading; a repeated tensor name is refused, not "last wins"
+            doc = loads_unique(storage.with_retries(
+                lambda: read_limited(self.fs, index_path, where=where, limit=MAX_JSON_BYTES, what=INDEX_NAME),
+                what=f"read {INDEX_NAME}", url=self.url) or b"", where=where)
         except ValueError as e:
             raise CheckpointError(f"{where}: not valid JSON ({e})") from e
         wmap = doc.get("weight_map") if isinstance(doc, dict) else None
@@ -157,6 +173,7 @@ class Checkpoint:
             isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()
         ):
             raise CheckpointError(f"{where}: has no 'weight_map' object of tensor name -> file name")
+        check_tensor_count(len(wmap), where=where)
         by_file: dict[str, list[str] | None] = {}
         for tensor, fname in wmap.items():
             fname = storage.safe_relative(fname, where=where)
@@ -178,8 +195,11 @@ class Checkpoint:
             self._sources[fname] = src
             n = parse_header_length(storage.read_bytes(src, 0, 8) if src.size >= 8 else b"",
                                     file_size=src.size, where=where)
-            header = parse_header(storage.read_bytes(src, 8, n), file_size=src.size, where=where)
+            raw = storage.read_bytes(src, 8, n)
+            header = parse_header(raw, file_size=src.size, where=where)
+            self.header_digests[fname] = hashlib.sha256(raw).hexdigest()  # the input's identity (io.identity)
             self.files[fname] = src.size
+            check_tensor_count(len(self.tensors) + len(header.tensors), where=self.url)  # all shards
             wanted = header.tensors.keys() if expected is None else expected
             for name in wanted:
                 entry = header.tensors.get(name)
@@ -201,7 +221,8 @@ class Checkpoint:
         """Bytes of a small file beside the weights (config.json, tokenizer files), or None."""
         path = storage.join(self.root, name)
         try:
-            return bytes(self.fs.cat_file(path)) if self.fs.isfile(path) else None
+            return read_limited(self.fs, path, where=f"{self.url.rstrip('/')}/{name}",
+                                limit=side_file_limit(name), what=name)
         except FileNotFoundError:
             return None
 

@@ -27,6 +27,7 @@ from moemerge.io.dcp_layout import check_coverage, locate_chunk, st_dtype
 from moemerge.io.dcp_names import DcpNames, select_names
 from moemerge.io.dcp_pickle import ChunkMeta, DcpMetadata, StorageEntry, TensorMeta, load_metadata
 from moemerge.io.dtypes import itemsize
+from moemerge.io.limits import check_tensor_count
 from moemerge.io.safetensors_format import ShardHeader
 
 __all__ = ["METADATA_NAME", "EXTRA_STATE", "DcpCheckpoint"]
@@ -121,6 +122,7 @@ class DcpCheckpoint(Checkpoint):
         md = _read_metadata(fs, root, f"{base}/{METADATA_NAME}", url)
         extra = [k for k in md.byte_keys if k.endswith("." + EXTRA_STATE) or k == EXTRA_STATE]
         mapping = select_names([*md.tensors, *extra], names, where=url)
+        check_tensor_count(len(mapping), where=url)  # before per-tensor work (io.limits)
         places: dict[str, list[tuple[ChunkMeta, StorageEntry]]] = {}
         problems: list[str] = []
         for key in mapping:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from moemerge.errors import OutputError
 from moemerge.io import storage
 from moemerge.io.checkpoint import INDEX_NAME
+from moemerge.io.s3_uploads import abort_stale_uploads
 from moemerge.io.safetensors_format import ShardLayout
 from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
 from moemerge.io.writer import CONFIG_COPY_NAME, MANIFEST_NAME, MARKER_NAME, TensorPlacement, check_output
@@ -241,6 +243,7 @@ class RemoteModelWriter:
             check_output(url, overwrite=overwrite, storage_options=storage_options)
         self.fs, root = storage.resolve(url, storage_options)
         self.root = root.rstrip("/")
+        self._stage(check, overwrite)
         self.s3 = _is_s3(self.fs)
         ps = DEFAULT_PART_SIZE if part_size is None else int(part_size)
         if self.s3 and ps < S3_MIN_PART:
@@ -261,6 +264,42 @@ class RemoteModelWriter:
         self._elsewhere: set[str] = set()  # shards other processes wrote (Dask workers)
         self._finished = False
         self._lock = threading.Lock()
+        self._owner = check  # the process that prepared the output (not an attached Dask worker)
+        self.notes: list[str] = []
+        """Lines for the user, e.g. unfinished uploads of an earlier run that `prepare` aborted."""
+
+    def _stage(self, check: bool, overwrite: bool) -> None:
+        """Overwriting a finished output: build the new one under `OUT.moemerge-new/`, copied
+        over at commit (io.swap); first complete or drop what an interrupted overwrite left."""
+        from moemerge.io import swap
+
+        self.final_url, self.final_root = self.url, self.root
+        self.swapped = self.committing = False
+        if check and self.root:
+            try:
+                if swap.recover_remote(self.fs, self.root, self.url):
+                    check_output(self.url, overwrite=overwrite, storage_options=self.storage_options)
+                target = swap.remote_target_for(self.fs, self.root, self.url, overwrite=overwrite)
+            except OutputError:
+                raise
+            except Exception as e:
+                raise OutputError(storage.redact(
+                    f"{self.url}: cannot tidy what an interrupted overwrite left ({storage.describe_error(e)})",
+                    self.storage_options)) from e
+            if target != self.root:
+                self.root, self.url = target, self.url + swap.NEW_SUFFIX
+        self.target = self.url
+
+    def describe(self) -> str:
+        """What the output location holds now, for a message after an interruption or failure."""
+        if self.swapped:
+            return f"{self.final_url} holds the new finished output"
+        if self.committing:
+            return (f"{self.final_url} is not finished: the commit of the new output was cut short; "
+                    "rerun to complete it")
+        if self.root != self.final_root:
+            return f"the previous output at {self.final_url} is untouched"
+        return f"{self.final_url} has no index or manifest; it is not finished; rerun"
 
     @classmethod
     def attach(cls, url: str, shards: tuple[ShardLayout, ...], placements: dict[str, TensorPlacement],
@@ -303,6 +342,7 @@ class RemoteModelWriter:
     def prepare(self) -> None:
         """Make an old finished output stop looking finished, drop its stale files, mark the
         prefix as a moemerge output in progress."""
+        self._abort_stale("left by an earlier run")  # before any upload of ours exists
         try:
             marker = self._obj(MARKER_NAME)
             ours = self.fs.exists(self._obj(MANIFEST_NAME)) or self.fs.exists(marker)
@@ -326,6 +366,18 @@ class RemoteModelWriter:
                 f"{self.url}: cannot prepare the output location ({storage.describe_error(e)})",
                 self.storage_options)) from e
         self._committed.append(MARKER_NAME)
+
+    def _abort_stale(self, why: str) -> None:
+        """Abort open multipart uploads under this output's prefix (s3_uploads), with a note."""
+        if not (self.s3 and self._owner):
+            return
+        # the output and, when overwriting, its staging sibling (`_stage`): both are this job's
+        final = getattr(self, "final_root", self.root), getattr(self, "final_url", self.url)
+        for root, url in dict([(self.root, self.url), final]).items():
+            note = abort_stale_uploads(self.fs, root, url, why=why)
+            if note:  # printed now: it concerns the location, whatever this run does next
+                self.notes.append(note)
+                print(f"note: {note}", file=sys.stderr, flush=True)
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -384,6 +436,18 @@ class RemoteModelWriter:
             except Exception as e:  # the manifest is written: the output is finished regardless
                 _log.warning("%s: could not remove %s (%s)", self.url, MARKER_NAME,
                              storage.redact(storage.describe_error(e), self.storage_options))
+            if self.root != self.final_root:  # overwriting: copy the finished new output over
+                from moemerge.io import swap
+
+                self.committing = True
+                try:
+                    swap.commit_remote(self.fs, self.root, self.final_root)
+                except Exception as e:
+                    raise OutputError(storage.redact(
+                        f"{self.final_url}: the commit of the new output was cut short "
+                        f"({storage.describe_error(e)}); it is not finished; rerun to complete it",
+                        self.storage_options)) from e
+                self.swapped = True
 
     def close(self) -> None:
         """Abandon an unfinished output: abort open uploads, delete what this run committed."""
@@ -395,6 +459,7 @@ class RemoteModelWriter:
                     sink.abort()
             self._sinks.clear()
             self._shutdown()
+            self._abort_stale("left open by this run")  # e.g. ones whose abort above failed
             # the index and manifest go first, so nothing left half-deleted looks finished
             order = sorted(set(self._committed), key=lambda n: (n != MANIFEST_NAME, n != INDEX_NAME, n))
             for name in order:

@@ -8,6 +8,7 @@ from typing import Any
 
 from moemerge.errors import CheckpointError
 from moemerge.io import storage
+from moemerge.io.limits import read_limited, side_file_limit
 
 __all__ = ["MODEL_FILES", "is_tokenizer_file", "read_side_files", "retag_config_dtype"]
 
@@ -29,7 +30,7 @@ def read_side_files(url: str, storage_options: dict[str, Any] | None, *, model: 
     fs, root = storage.resolve(url, storage_options)
     out: dict[str, bytes] = {}
     try:
-        entries = fs.ls(root, detail=False)
+        entries = fs.ls(root, detail=True)
     except FileNotFoundError as e:
         # silently copying nothing would ship a model without its tokenizer
         raise CheckpointError(
@@ -38,11 +39,16 @@ def read_side_files(url: str, storage_options: dict[str, Any] | None, *, model: 
         ) from e
     except NotADirectoryError:
         return out
-    for p in sorted(entries):
+    for e in sorted(entries, key=lambda e: str(e["name"])):
+        p = str(e["name"])
         name = p.rstrip("/").rsplit("/", 1)[-1]
         wanted = (model and name in MODEL_FILES) or (tokenizer and is_tokenizer_file(name))
-        if wanted and fs.isfile(p):
-            out[name] = bytes(fs.cat_file(p))
+        if wanted and e.get("type") == "file":
+            # the listing's size is checked before a byte is read (a 500 MB config.json took
+            # 8.4 GB to handle and was copied into the output)
+            data = read_limited(fs, p, where=f"{url.rstrip('/')}/{name}", limit=side_file_limit(name), what=name)
+            if data is not None:
+                out[name] = data
     return out
 
 
@@ -56,9 +62,10 @@ def retag_config_dtype(raw: bytes, dtype: str) -> bytes:
         return raw
     name = _DTYPE_NAMES.get(dtype, dtype)
     cfg["torch_dtype"] = name
-    quant = cfg.get("quantization_config")
-    if isinstance(quant, dict) and quant.get("quant_method") == "fp8" and not dtype.startswith("F8"):
-        del cfg["quantization_config"]  # FP8 inputs were dequantized: the weights are plain now
+    if "quantization_config" in cfg and not dtype.startswith("F8"):
+        # quantized inputs (FP8, MXFP4, ...) were dequantized: the weights are plain now (a
+        # requantized output gets its config back from planner.quant.with_quant_config)
+        del cfg["quantization_config"]
     if "dtype" in cfg:
         cfg["dtype"] = name
     return (json.dumps(cfg, indent=2) + "\n").encode()

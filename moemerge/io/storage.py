@@ -21,7 +21,8 @@ from typing import Any, Protocol, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from moemerge.errors import CheckpointError, MoemergeError
+from moemerge.errors import CheckpointError, ConfigError, MoemergeError
+from moemerge.io.storage_options import check_storage_options
 
 __all__ = [
     "ByteSource",
@@ -234,12 +235,19 @@ _S3_BOTO_RETRIES = {"max_attempts": 2, "mode": "standard"}
 
 def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """`s3://b/k`, `file:///x`, `./x` -> (filesystem, path within it)."""
+    check_storage_options(url, storage_options)
     options = dict(storage_options or {})
     if str(url).startswith(("s3://", "s3a://")):
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("retries", dict(_S3_BOTO_RETRIES))
         options["config_kwargs"] = config
-    fs, path = fsspec.core.url_to_fs(str(url), **options)
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url), **options)
+    except (TypeError, ValueError) as e:  # an option the filesystem does not take, or a bad value
+        if isinstance(e, MoemergeError) or not options:
+            raise
+        raise ConfigError(f"{redact(str(url), options)}: `storage_options` not accepted "
+                          f"({redact(str(e).splitlines()[0] if str(e) else type(e).__name__, options)})") from e
     return fs, path
 
 

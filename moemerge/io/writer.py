@@ -232,7 +232,16 @@ class LocalModelWriter:
             # check_output accepts remote URLs now; this writer would create a local "bucket/key"
             raise OutputError(f"{url}: not a local path; remote outputs take RemoteModelWriter "
                               "(moemerge.api.open_writer picks the writer)")
-        self.path = check_output(url, overwrite=overwrite)
+        from moemerge.io import swap
+
+        path = os.path.abspath(storage.resolve(url)[1])
+        if not os.path.isfile(path):
+            swap.recover(path)  # a crash mid-swap left siblings: one finished output at `path` first
+        self.final = check_output(url, overwrite=overwrite)
+        # overwriting a finished output: build beside it, swap in at commit (io.swap)
+        self.path = swap.target_for(self.final, overwrite=overwrite)
+        self.target = self.path
+        self.swapped = False
         self.shards = shards
         self.placements = placements
         self._fds: dict[str, int] = {}
@@ -247,7 +256,8 @@ class LocalModelWriter:
         """
         self = cls.__new__(cls)
         self.url = url
-        self.path = os.path.abspath(storage.resolve(url)[1])
+        self.path = self.final = self.target = os.path.abspath(storage.resolve(url)[1])
+        self.swapped = False
         self.shards = shards
         self.placements = placements
         self._fds = {}
@@ -348,8 +358,23 @@ class LocalModelWriter:
             atomic_write(os.path.join(self.path, INDEX_NAME), json.dumps(index, indent=2).encode())
             atomic_write(os.path.join(self.path, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
             os.remove(os.path.join(self.path, MARKER_NAME))
+            if self.path != self.final:
+                from moemerge.io import swap
+                from moemerge.io.journal import JOURNAL_NAME
+
+                # committed: nothing left to resume (the journal's path would not follow the swap)
+                if os.path.exists(os.path.join(self.path, JOURNAL_NAME)):
+                    os.remove(os.path.join(self.path, JOURNAL_NAME))
+                swap.commit(self.path, self.final)
+                self.swapped = True
         except OSError as e:
             raise OutputError(f"{self.url}: cannot finish the output ({e.strerror or e})") from e
+
+    def describe(self) -> str:
+        """What is on disk now, for a message after an interruption or failure."""
+        from moemerge.io import swap
+
+        return swap.describe(self.final, self.path, swapped=self.swapped, resumable=True)
 
     def close(self) -> None:
         with self._lock:

@@ -18,8 +18,9 @@ from moemerge.errors import CheckpointError
 from moemerge.io import storage
 from moemerge.io.checkpoint import Checkpoint, TensorInfo
 from moemerge.io.dtypes import DTYPES, itemsize
+from moemerge.io.limits import check_tensor_count
 from moemerge.io.writer import MANIFEST_NAME
-from moemerge.io.zarr_store import ATTR, open_store, storage_dtype, tensor_name
+from moemerge.io.zarr_store import ATTR, DAMAGED_STORE_HINT, open_store, storage_dtype, tensor_name
 
 __all__ = ["ZarrCheckpoint", "is_zarr_store"]
 
@@ -48,6 +49,10 @@ class ZarrCheckpoint(Checkpoint):
         self._arrays: dict[str, Any] = {}
         self._zlock = threading.Lock()
         self.paths: dict[str, str] = {}
+        #: What a damaged-store error tells the user to do (a PMA state says how to rebuild it).
+        self.damaged_hint = DAMAGED_STORE_HINT
+        #: chunk key -> checksum recorded at write time (PMA states), verified on every read.
+        self.chunk_checksums: dict[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"ZarrCheckpoint({self.url!r}, tensors={len(self.tensors)})"
@@ -80,6 +85,7 @@ class ZarrCheckpoint(Checkpoint):
         listed = listed if isinstance(listed, dict) else {}
         position = {n: i for i, n in enumerate(listed)}
         found: list[tuple[str, str, str, tuple[int, ...]]] = []
+        check_tensor_count(len(cons.get("metadata") or {}), where=url)
         for path, meta in sorted((cons.get("metadata") or {}).items()):
             if not isinstance(meta, dict) or meta.get("node_type") != "array" or "/" in path:
                 continue
@@ -118,7 +124,9 @@ class ZarrCheckpoint(Checkpoint):
                 import zarr
 
                 if self._group is None:
-                    store = open_store(self.url, self.storage_options, read_only=True)
+                    # missing chunks raise, never read as zeros (fill values are not weights)
+                    store = open_store(self.url, self.storage_options, read_only=True,
+                                       hint=self.damaged_hint, checksums=self.chunk_checksums)
                     self._group = zarr.open_group(store, mode="r", use_consolidated=True)
                 arr = self._arrays[name] = self._group[self.paths[name]]
             return arr

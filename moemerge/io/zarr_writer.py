@@ -71,19 +71,51 @@ class ZarrModelWriter:
 
     def __init__(self, url: str, arrays: list[ZarrArraySpec], *, attributes: dict[str, Any],
                  overwrite: bool, storage_options: dict[str, Any] | None = None,
-                 compressors: Any = None) -> None:
+                 compressors: Any = None, checksums: bool = False) -> None:
         self.url = url
         self.arrays = {a.name: a for a in arrays}
         self.attributes = attributes
         self.overwrite = overwrite
         self.storage_options = storage_options
         self.compressors = compressors
+        #: chunk key -> zarr_store.chunk_checksum of the bytes stored, recorded when `checksums`
+        #: (in this process only: an `attach`ed writer records nothing); finish() puts them in
+        #: the manifest as `chunk_checksums`, and readers verify them.
+        self.recorded: dict[str, str] | None = {} if checksums else None
         self.fs, root = storage.resolve(url, storage_options)
         self.root = os.path.abspath(root) if storage.is_local(self.fs) else root.rstrip("/")
+        self._stage(overwrite)
         self._store: Any = None
         self._zarrs: dict[str, Any] = {}
         self._templates: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+
+    def _stage(self, overwrite: bool) -> None:
+        """Tidy what an interrupted overwrite left; overwriting a finished store, write the new
+        one beside it (`<OUT>.moemerge-new`), swapped in by `finish` (io.swap)."""
+        from moemerge.io import swap
+
+        self.final_url, self.final_root, self.swapped = self.url, self.root, False
+        if storage.is_local(self.fs):
+            swap.recover(self.root)
+            target = swap.target_for(self.root, overwrite=overwrite)
+        else:
+            swap.recover_remote(self.fs, self.root, self.url)
+            target = swap.remote_target_for(self.fs, self.root, self.url, overwrite=overwrite)
+        if target != self.root:
+            self.url = target if storage.is_local(self.fs) else self.url.rstrip("/") + swap.NEW_SUFFIX
+            self.root = target
+        self.target = self.url if not storage.is_local(self.fs) else self.root
+
+    def describe(self) -> str:
+        """What is stored now, for a message after an interruption or failure."""
+        from moemerge.io import swap
+
+        if storage.is_local(self.fs):
+            return swap.describe(self.final_root, self.root, swapped=self.swapped, resumable=False)
+        if self.root != self.final_root and not self.swapped and not getattr(self, "committing", False):
+            return f"the previous output at {self.final_url} is untouched"
+        return f"{self.final_url} is not finished (no manifest); rerun"
 
     @classmethod
     def attach(cls, url: str, arrays: list[ZarrArraySpec], *,
@@ -98,8 +130,12 @@ class ZarrModelWriter:
 
     def read_back(self, name: str) -> Iterator[memoryview]:
         """The logical bytes written for tensor `name`, in row order, one Zarr chunk at a time."""
+        import zarr
+
         a = self.arrays[name]
-        arr = self._array(name)
+        # a read-only store: a chunk that never arrived fails instead of hashing as zeros
+        arr = zarr.open_array(open_store(self.url, self.storage_options, read_only=True),
+                              path=array_path(name), mode="r", zarr_format=3)
         if not a.shape:
             yield memoryview(np.ascontiguousarray(arr[()]).reshape(-1)).cast("B")
             return
@@ -139,7 +175,7 @@ class ZarrModelWriter:
             for p in self.fs.ls(self.root, detail=False):
                 if p.rstrip("/").rsplit("/", 1)[-1] != MARKER_NAME:
                     self.fs.rm(p, recursive=True)
-            self._store = open_store(self.url, self.storage_options, read_only=False)
+            self._store = open_store(self.url, self.storage_options, read_only=False, record=self.recorded)
             root_attrs = {ATTR: {"format": FORMAT_VERSION, **self.attributes}}
             zarr.create_group(self._store, attributes=root_attrs, zarr_format=3)
             self._write_array_metadata()
@@ -241,6 +277,8 @@ class ZarrModelWriter:
         man["files"] = {}
         for name, meta in man.get("tensors", {}).items():
             meta["array"] = array_path(name)
+        if self.recorded is not None:
+            man["chunk_checksums"] = dict(sorted(self.recorded.items()))
         try:
             for name, data in side_files.items():
                 self._put(name, data)
@@ -249,6 +287,16 @@ class ZarrModelWriter:
                 zarr.consolidate_metadata(self._store)
             self._put(MANIFEST_NAME, json.dumps(man, indent=1).encode())
             self.fs.rm(self._path(MARKER_NAME))
+            if self.root != self.final_root:  # overwriting: swap the finished new store in
+                from moemerge.io import swap
+
+                self.close()
+                if storage.is_local(self.fs):
+                    swap.commit(self.root, self.final_root)
+                else:
+                    self.committing = True  # from here OUT changes: describe() says so
+                    swap.commit_remote(self.fs, self.root, self.final_root)
+                self.swapped = True
         except Exception as e:
             raise OutputError(f"{self.url}: cannot finish the Zarr output ({e})") from e
         finally:

@@ -40,7 +40,7 @@ def _make(name: str, pretty: str) -> Method:
 
     params: tuple[ParamSpec, ...] = ()
     if name == "ema":
-        params = (ParamSpec(name="alpha", scope="global", default=0.2, check=check_range(0, 1, lo_open=True),
+        params = (ParamSpec(name="alpha", scope="global", default=0.2, range=check_range(0, 1, lo_open=True),
                             doc="weight of the newest snapshot in each EMA step"),)
     return Method(
         name=name,

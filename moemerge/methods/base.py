@@ -20,12 +20,41 @@ from moemerge.errors import ConfigError
 if TYPE_CHECKING:
     from moemerge.config import MergeConfig, ParamValue, Scalar
 
-__all__ = ["ParamSpec", "TensorParams", "Chunk", "StatPass", "Method", "check_range"]
+__all__ = ["Interval", "FINITE", "ParamSpec", "TensorParams", "Chunk", "StatPass", "Method", "check_range"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Interval:
+    """The valid range of a numeric parameter; None is unbounded on that side.
+
+    Example: str(Interval(lo=0, hi=1, lo_open=True)) == "(0, 1]"; 0.5 in it is True.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        return not (self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)))
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+
+
+#: Any finite real (weights, lambda, scale): NaN and Inf are refused everywhere.
+FINITE = Interval()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ParamSpec:
-    """One parameter a method takes, with MergeKit's name and default."""
+    """One parameter a method takes, with MergeKit's name, default and valid range."""
 
     name: str
     scope: Literal["model", "global"]
@@ -33,25 +62,31 @@ class ParamSpec:
     default: float | bool | None = None
     """None means required."""
     kind: Literal["float", "bool", "int"] = "float"
-    check: Callable[[float], str | None] | None = None
-    """Returns what is wrong with a value (e.g. 'must be in (0, 1]'), or None."""
+    range: Interval = FINITE
+    """Valid values (MergeKit 0.1.5's meaning, methods.md); outside is a ConfigError before
+    work, never clamped. Checked on every value written in the config (each gradient entry,
+    each filter rule) and again on every value the planner resolves for a tensor."""
     doc: str = ""
 
-
-def check_range(lo: float | None, hi: float | None, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[float], str | None]:
-    """A `ParamSpec.check` for an interval, e.g. check_range(0, 1, lo_open=True) for (0, 1]."""
-
-    def check(v: float) -> str | None:
-        bad = (lo is not None and (v < lo or (lo_open and v == lo))) or (
-            hi is not None and (v > hi or (hi_open and v == hi))
-        )
-        if bad:
-            left = "(" if lo_open else "["
-            right = ")" if hi_open else "]"
-            return f"must be in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+    def problem(self, v: Any) -> str | None:
+        """What is wrong with one resolved value (e.g. 'must be in [0, 1]'), or None."""
+        if self.kind == "bool":
+            return None if isinstance(v, bool) or v in (0, 1) else "must be true or false"
+        if isinstance(v, str) or isinstance(v, bool):
+            return f"must be a number in {self.range}"
+        x = float(v)
+        if not math.isfinite(x):
+            return "must be a finite number"
+        if self.kind == "int" and x != int(x):
+            return f"must be an integer in {self.range}"
+        if x not in self.range:
+            return f"must be in {self.range}"
         return None
 
-    return check
+
+def check_range(lo: float | None, hi: float | None, *, lo_open: bool = False, hi_open: bool = False) -> Interval:
+    """An `Interval`, e.g. check_range(0, 1, lo_open=True) for (0, 1]."""
+    return Interval(lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,18 +199,22 @@ class Method:
         problems: list[str] = []
         known = {p.name for p in self.params} | set(self.ignored_params)
 
-        def values(v: ParamValue) -> list[Scalar]:
+        def values(v: ParamValue, path: str) -> list[tuple[Scalar, str, str]]:
+            """(value, where in the config, which tensors it applies to) of every written value."""
             if isinstance(v, Gradient):
-                return list(v.points)
+                pts = ", ".join(f"{x:g}" for x in v.points)
+                return [(x, f"{path}[{j}]", f"layer gradient [{pts}], entry {j}") for j, x in enumerate(v.points)]
             if isinstance(v, tuple):
-                out: list[Scalar] = []
-                for rule in v:
+                out: list[tuple[Scalar, str, str]] = []
+                for j, rule in enumerate(v):
                     assert isinstance(rule, FilterRule)
-                    out += values(rule.value)
+                    scope = "tensors without a rule above" if rule.filter is None else f"tensors matching {rule.filter!r}"
+                    for x, at, what in values(rule.value, f"{path}[{j}].value"):
+                        out.append((x, at, scope if what == "every tensor" else f"{scope}, {what}"))
                 return out
-            return [v]
+            return [(v, path, "every tensor")]
 
-        def check(where: str, params: Mapping[str, ParamValue], scope_ok: set[str]) -> None:
+        def check(where: str, params: Mapping[str, ParamValue], scope_ok: set[str], model: str | None) -> None:
             for key, v in params.items():
                 if key not in known:
                     problems.append(
@@ -188,24 +227,16 @@ class Method:
                     continue
                 if spec.scope not in scope_ok:
                     problems.append(f"`{where}.{key}`: {key} is a global parameter; set it under top-level `parameters`")
-                for x in values(v):
-                    if spec.kind == "bool":
-                        if not isinstance(x, bool) and x not in (0, 1):
-                            problems.append(f"`{where}.{key}`: expected true or false, got {x!r}")
-                        continue
-                    if isinstance(x, str) or isinstance(x, bool) and spec.kind != "bool":
-                        problems.append(f"`{where}.{key}`: expected a number, got {x!r}")
-                        continue
-                    if not math.isfinite(float(x)):
-                        problems.append(f"`{where}.{key}`: {x} is not finite")
-                        continue
-                    msg = spec.check(float(x)) if spec.check else None
+                whose = f"model {model}" if model else ("every model" if spec.scope == "model" else "the merge")
+                for x, at, applies in values(v, f"{where}.{key}"):
+                    msg = spec.problem(x)
                     if msg:
-                        problems.append(f"`{where}.{key}`: {msg}, got {x}")
+                        problems.append(f"`{at}`: {self.name} parameter `{key}` is {x!r} for {whose} "
+                                        f"({applies}); {key} {msg}")
 
-        check("parameters", cfg.parameters, {"model", "global"})
+        check("parameters", cfg.parameters, {"model", "global"}, None)
         for i, m in enumerate(cfg.models):
-            check(f"models[{i}].parameters", m.parameters, {"model"})
+            check(f"models[{i}].parameters", m.parameters, {"model"}, m.model)
         if self.base == "required" and not cfg.base_model:
             problems.append(f"`base_model`: {self.name} needs a base model (task vectors are taken against it)")
         n = len(self.input_models(cfg))

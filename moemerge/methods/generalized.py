@@ -73,14 +73,16 @@ def make_generalized(
         ParamSpec(name="lambda", scope="global", default=1.0, doc="scale of the merged task vector"),
     ]
     if sparsify != "none":
-        params.append(ParamSpec(name="density", scope="model", default=1.0, doc="fraction of each task vector kept"))
+        # methods.md: density 0 keeps nothing (the base), 1 keeps all; MergeKit clamps nothing
+        params.append(ParamSpec(name="density", scope="model", default=1.0, range=check_range(0, 1),
+                                doc="fraction of each task vector kept"))
         params.append(ParamSpec(name="int8_mask", scope="global", default=False, kind="bool",
                                 doc="MergeKit memory option; no effect here"))
     if sparsify == "outliers":
-        params.append(ParamSpec(name="gamma", scope="model", default=0.01, check=check_range(0, 1),
+        params.append(ParamSpec(name="gamma", scope="model", default=0.01, range=check_range(0, 1),
                                 doc="fraction of the largest magnitudes dropped"))
     if sparsify == "magprune":
-        params.append(ParamSpec(name="epsilon", scope="model", default=0.15, check=check_range(0, 1),
+        params.append(ParamSpec(name="epsilon", scope="model", default=0.15, range=check_range(0, 1),
                                 doc="spread of keep probabilities around density"))
     if rescale is not None:
         params.append(ParamSpec(name="rescale", scope="global", default=rescale, kind="bool",
@@ -268,7 +270,7 @@ def make_generalized(
         for i in sparse_inputs(p):
             dens, eps = density(p, i), float(p.per_input[i].get("epsilon", 0.15))
             if dens > 0 and not (dens - eps > 0 and dens + eps < 1):
-                return (f"input {i + 1}: density {dens} and epsilon {eps} need 0 < density - epsilon "
+                return (f"{name} input {i + 1}: density {dens} and epsilon {eps} need 0 < density - epsilon "
                         "and density + epsilon < 1 (keep probabilities must lie in (0, 1)); "
                         "change `density` or `epsilon`")
         return None

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from moemerge.methods.base import Chunk, Method, ParamSpec, TensorParams
+from moemerge.methods.base import Chunk, Method, ParamSpec, TensorParams, check_range
 
 __all__ = ["NEARSWAP"]
 
@@ -32,7 +32,8 @@ NEARSWAP = Method(
     name="nearswap",
     pretty_name="NearSwap",
     reference_url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-    params=(ParamSpec(name="t", scope="global", doc="distance below which the other model's value is taken"),),
+    params=(ParamSpec(name="t", scope="global", range=check_range(0, None),
+                      doc="distance below which the other model's value is taken"),),
     apply=_apply,
     base="required",
     min_inputs=1,

@@ -153,7 +153,7 @@ SCE = Method(
     name="sce",
     pretty_name="SCE",
     reference_url="https://arxiv.org/abs/2408.07990",
-    params=(ParamSpec(name="select_topk", scope="global", default=1.0, check=check_range(0, 1),
+    params=(ParamSpec(name="select_topk", scope="global", default=1.0, range=check_range(0, 1),
                       doc="fraction of non-zero-variance positions kept"),
             ParamSpec(name="int8_mask", scope="global", default=False, kind="bool",
                       doc="MergeKit memory option; no effect here")),

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from moemerge.methods._vectors import gram_dots, reduce_dots
-from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams
+from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams, check_range
 
 __all__ = ["SLERP", "slerp_coefficients"]
 
@@ -55,7 +55,8 @@ SLERP = Method(
     name="slerp",
     pretty_name="SLERP",
     reference_url="https://en.wikipedia.org/wiki/Slerp",
-    params=(ParamSpec(name="t", scope="global", doc="0 gives the base, 1 the other model"),),
+    params=(ParamSpec(name="t", scope="global", range=check_range(0, 1),
+                      doc="0 gives the base, 1 the other model (MergeKit's documented range)"),),
     apply=_apply,
     base="required",
     min_inputs=1,

@@ -159,7 +159,7 @@ MULTISLERP = Method(
     params=(
         ParamSpec(name="weight", scope="model", doc="weight of this model on the sphere"),
         ParamSpec(name="normalize_weights", scope="global", default=True, kind="bool"),
-        ParamSpec(name="eps", scope="global", default=1e-8, check=check_range(0, None, lo_open=True)),
+        ParamSpec(name="eps", scope="global", default=1e-8, range=check_range(0, None, lo_open=True)),
     ),
     apply=_multislerp_apply,
     base="optional",
@@ -173,8 +173,8 @@ KARCHER = Method(
     pretty_name="Karcher Mean",
     reference_url="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean",
     params=(
-        ParamSpec(name="max_iter", scope="global", default=10, kind="int", check=check_range(1, None)),
-        ParamSpec(name="tol", scope="global", default=1e-5, check=check_range(0, None, lo_open=True)),
+        ParamSpec(name="max_iter", scope="global", default=10, kind="int", range=check_range(1, None)),
+        ParamSpec(name="tol", scope="global", default=1e-5, range=check_range(0, None, lo_open=True)),
     ),
     apply=_karcher_apply,
     passes=_passes,

@@ -14,11 +14,13 @@ from moemerge.config import MergeConfig
 from moemerge.errors import MismatchError, PlanError
 from moemerge.io.checkpoint import TensorInfo, row_geometry
 from moemerge.io.dtypes import is_float, itemsize
+from moemerge.io.quant.base import QuantSpec
 from moemerge.methods import get_method
 from moemerge.methods.base import TensorParams
 from moemerge.planner.layout import lay_out_shards
 from moemerge.planner.params import count_layers, resolve_tensor_params
 from moemerge.planner.plan import Plan, TensorPlan, WorkUnit
+from moemerge.planner.quant import chunk_align, chunk_parts_bytes, layout_entries, placed, quant_for
 from moemerge.sizes import format_size
 
 __all__ = ["build_plan", "make_units", "DEFAULT_UNIT_BYTES", "MAX_LISTED", "BLOCK_ELEMS"]
@@ -33,6 +35,8 @@ MAX_LISTED = 12
 #: Elementwise methods compute in blocks of this many elements (1 MiB of fp32): small enough
 #: to stay in L2 cache, which measured 2.2x faster here than whole 32M-element chunks.
 BLOCK_ELEMS = 256 * 1024
+#: The requantizer's temporaries: a band of `io.quant_out.BAND_ELEMS` values, a few float32 copies.
+QUANT_BAND_BYTES = 16 << 20
 #: Double buffering: one chunk is read (and one written) while the previous one computes.
 _IN_FLIGHT = 2
 #: Averages over one run's snapshots (oldest first): non-float tensors come from the newest.
@@ -80,11 +84,15 @@ def build_plan(
     unit_bytes: int = DEFAULT_UNIT_BYTES,
     chunk_rows: int | None = None,
     out_format: str = "safetensors",
+    quant: Mapping[str, QuantSpec] | None = None,
+    keep: Mapping[str, TensorInfo] | None = None,
 ) -> Plan:
     """Plan a merge. `catalogs` maps each checkpoint location of `cfg` to its tensors.
 
     `chunk_rows` caps the rows per chunk below what the budget allows (tests use it to force
-    one-row or odd chunks on small tensors; the output must not change).
+    one-row or odd chunks on small tensors; the output must not change). `quant` names the
+    logical tensors written quantized (`planner.quant.resolve_output_quant`); `keep`, stored
+    tensors copied as the first source has them (a quantized layout's `input_scale`).
     """
     method = get_method(cfg.merge_method)
     sources = tuple(cfg.model_locations())
@@ -168,9 +176,16 @@ def build_plan(
             msg = method.check_tensor(params)
             if msg:
                 param_problems.append(f"tensor `{name}`: {msg}")
-        out_dtype = cfg.out_dtype or cfg.dtype or r.dtype
-        planned.append(dict(name=name, infos=infos, method=method.name, out_dtype=out_dtype, params=params))
+        # a dequantized input (io.quant) is served in float32 for exactness; unquantized it is bf16
+        out_dtype = cfg.out_dtype or cfg.dtype or ("BF16" if r.codec else r.dtype)
+        q = quant_for(quant, name, r.shape)
+        if q is not None:  # merged into float32, then quantized chunk by chunk (engine/requant.py)
+            out_dtype = "F32"
+        planned.append(dict(name=name, infos=infos, method=method.name, out_dtype=out_dtype, params=params, quant=q))
 
+    for info in (keep or {}).values():
+        planned.append(dict(name=info.name, infos=[info], method="copy", out_dtype=info.dtype, params=None,
+                            inputs=(0,), base=None))
     problems = unsupported + missing + mismatched + param_problems
     if problems:
         kind = MismatchError if (missing or mismatched) and not param_problems else PlanError
@@ -181,7 +196,8 @@ def build_plan(
 
     # -- memory: one global chunk size in elements, from the budget ------------------------
     in_elem = max((sum(itemsize(i.dtype) for i in p["infos"]) for p in planned), default=1)
-    out_elem = max((itemsize(p["out_dtype"]) for p in planned), default=1)
+    # a quantized tensor's output buffer holds its float32 values and then its stored parts
+    out_elem = max((itemsize(p["out_dtype"]) + (2 if p.get("quant") else 0) for p in planned), default=1)
     wide = any(
         p["method"] != "copy" and ("F64" in {i.dtype for i in p["infos"]} or p["out_dtype"] == "F64")
         for p in planned
@@ -196,6 +212,8 @@ def build_plan(
     else:
         fixed = 0
         per_elem = _IN_FLIGHT * in_elem + (working + temps) * comp_elem + _IN_FLIGHT * out_elem
+    if any(p.get("quant") for p in planned):
+        fixed += QUANT_BAND_BYTES  # the quantizer's temporaries, one band at a time
     chunk_cap = max(1, (memory_budget - fixed) // per_elem) if memory_budget > fixed else 1
     # a chunk is read whole by one task: no bigger than a work unit, so units stay bounded
     # (and a unit's worth of input is already far past where bigger reads go faster)
@@ -206,7 +224,8 @@ def build_plan(
         chunk_cap = min(chunk_cap, max(1, unit_bytes // in_elem // CHUNKS_PER_UNIT))
 
     tensors: list[TensorPlan] = []
-    shards, where = lay_out_shards([(p["name"], p["out_dtype"], p["infos"][0].shape) for p in planned], shard_size)
+    entries, glued = layout_entries(planned)  # a quantized tensor's parts in its place
+    shards, where = lay_out_shards(entries, shard_size, glued)
     chunk_elems = chunk_in = chunk_out = 0
     extra_passes = 0
     bytes_read = bytes_written = 0
@@ -215,9 +234,14 @@ def build_plan(
         r: TensorInfo = p["infos"][0]
         rows, row_len = row_geometry(r.shape)
         gran = method.row_granularity(r.shape, p["params"]) if p["method"] != "copy" else 1
+        # chunks fall on the scale blocks of every quantized input (io.quant: one band per read)
+        gran = math.lcm(gran, *(max(1, i.row_align) for i in p["infos"]))
         if out_format == "zarr" and len(r.shape) >= 3:
             # Zarr chunks are slabs along dim 0: a chunk must hold whole dim-0 slices
             gran = math.lcm(gran, max(1, math.prod(r.shape[1:-1])))
+        q = p.get("quant")
+        if q is not None:  # chunks are whole scale blocks
+            gran = math.lcm(gran, chunk_align(q))
         fit = (chunk_cap // max(1, row_len)) // gran * gran
         if rows == 0:
             rows_per_chunk = 1
@@ -229,26 +253,27 @@ def build_plan(
             rows_per_chunk = gran
             one_row.append(f"`{r.name}` ({format_size(row_len * in_elem * gran)} per row)")
         elems = rows_per_chunk * row_len
-        in_bytes = sum(i.nbytes for i in p["infos"])
+        in_bytes = sum(i.read_nbytes for i in p["infos"])  # as stored: quantized parts, not served bytes
         chunk_elems = max(chunk_elems, elems if p["method"] != "copy" else 0)
         chunk_in = max(chunk_in, elems * sum(itemsize(i.dtype) for i in p["infos"]))
-        chunk_out = max(chunk_out, elems * itemsize(p["out_dtype"]))
+        chunk_out = max(chunk_out, elems * itemsize(p["out_dtype"]) + (chunk_parts_bytes(q, rows_per_chunk) if q else 0))
         n_pass = 0
         if p["method"] != "copy":
             n_pass = len(method.passes(p["params"], r.shape))
         multi = rows > rows_per_chunk
         extra_passes += n_pass
         bytes_read += in_bytes * (1 + n_pass if multi else 1)
-        bytes_written += math.prod(r.shape) * itemsize(p["out_dtype"])
+        bytes_written += sum(x.nbytes for x in q.parts) if q else math.prod(r.shape) * itemsize(p["out_dtype"])
         compute = "F64" if (p["method"] != "copy" and comp_elem == 8 and (
             "F64" in {i.dtype for i in p["infos"]} or p["out_dtype"] == "F64")) else "F32"
-        fname, off = where[r.name]
+        fname, off = where[q.parts[0].name if q else r.name]
         tensors.append(TensorPlan(
             name=r.name, shape=r.shape, rows=rows, row_len=row_len, method=p["method"],
             inputs=p.get("inputs", inputs),
             base=p.get("base", base), in_dtypes=tuple(i.dtype for i in p["infos"]), out_dtype=p["out_dtype"],
             compute_dtype=compute, params=p["params"] or _COPY_PARAMS,
             rows_per_chunk=rows_per_chunk, out_file=fname, out_offset=off,
+            **({"quant": placed(q, where)} if q else {}),
         ))
     if one_row:
         notes.append(

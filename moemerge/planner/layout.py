@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 from moemerge.io.dtypes import itemsize
 from moemerge.io.safetensors_format import ShardLayout, build_header
@@ -19,11 +20,13 @@ def shard_name(i: int, n: int) -> str:
 
 
 def lay_out_shards(
-    tensors: list[tuple[str, str, tuple[int, ...]]], shard_size: int
+    tensors: list[tuple[str, str, tuple[int, ...]]], shard_size: int, glued: Collection[str] = ()
 ) -> tuple[list[ShardLayout], dict[str, tuple[str, int]]]:
     """Pack `(name, dtype, shape)` in order into shards of at most `shard_size` data bytes.
 
-    A tensor bigger than `shard_size` gets a shard of its own. Always sharded naming with an
+    A tensor bigger than `shard_size` gets a shard of its own; one named in `glued` stays in
+    the shard of the tensor before it (a quantized tensor's scales beside its codes, written
+    together chunk by chunk). Always sharded naming with an
     index (even for one shard): the index is the commit marker, so a half-written output is
     never loadable. Returns the shards and name -> (file, absolute offset).
     """
@@ -31,7 +34,7 @@ def lay_out_shards(
     size = 0
     for t in tensors:
         nbytes = math.prod(t[2]) * itemsize(t[1])
-        if groups[-1] and size + nbytes > shard_size:
+        if groups[-1] and size + nbytes > shard_size and t[0] not in glued:
             groups.append([])
             size = 0
         groups[-1].append(t)

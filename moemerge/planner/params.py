@@ -67,6 +67,11 @@ def resolve_tensor_params(
                     "(no filter rule matches it and there is no default); add a rule without `filter`"
                 )
                 continue
+            bad = spec.problem(v)
+            if bad:  # gradients and filters resolve here: every resolved value is checked
+                problems.append(f"tensor `{tensor}`: {method.name} parameter `{spec.name}` resolves to {v!r} "
+                                f"for {model.model}; {spec.name} {bad}")
+                continue
             values[spec.name] = _coerce(spec, v)
         per_input.append(values)
     glob: dict[str, Any] = {}
@@ -78,6 +83,11 @@ def resolve_tensor_params(
             v = spec.default
         if v is None:
             problems.append(f"tensor `{tensor}`: parameter `{spec.name}` has no value (no filter rule matches)")
+            continue
+        bad = spec.problem(v)
+        if bad:
+            problems.append(f"tensor `{tensor}`: {method.name} parameter `{spec.name}` resolves to {v!r}; "
+                            f"{spec.name} {bad}")
             continue
         glob[spec.name] = _coerce(spec, v)
     return TensorParams(per_input=tuple(per_input), glob=glob, seed=seed), problems

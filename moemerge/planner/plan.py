@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from moemerge.io.dtypes import itemsize
 from moemerge.io.safetensors_format import ShardLayout
+from moemerge.io.quant_out import OutQuant
 from moemerge.io.writer import TensorPlacement
 from moemerge.io.zarr_writer import ZarrArraySpec
 from moemerge.methods.base import TensorParams
@@ -38,7 +39,9 @@ class TensorPlan:
     rows_per_chunk: int
     out_file: str
     out_offset: int
-    """Absolute byte offset of the tensor's data in `out_file`."""
+    """Absolute byte offset of the tensor's data in `out_file` (a quantized one's first part)."""
+    quant: OutQuant | None = None
+    """Written quantized (`--quantize`): merged into `out_dtype` F32, then stored as these parts."""
 
     @property
     def sources_used(self) -> tuple[int, ...]:
@@ -52,6 +55,21 @@ class TensorPlan:
     def chunks(self) -> list[tuple[int, int]]:
         step = max(1, self.rows_per_chunk)
         return [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)]
+
+    def out_bytes(self, rows: int) -> int:
+        """Output buffer bytes for a chunk of `rows` rows (a quantized tensor: values, then parts)."""
+        values = rows * self.row_len * itemsize(self.out_dtype)
+        if self.quant is None:
+            return values
+        from moemerge.io.quant_out import parts_bytes
+
+        return values + parts_bytes(self.quant, 0, min(rows, self.rows))
+
+    def stored(self) -> list[tuple[str, str, str, tuple[int, ...]]]:
+        """(name, file, dtype, shape) of each tensor this one is stored as in the output."""
+        if self.quant is None:
+            return [(self.name, self.out_file, self.out_dtype, self.shape)]
+        return [(p.name, p.file, p.dtype, p.shape) for p in self.quant.places]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,11 +117,16 @@ class Plan:
 
     def placements(self) -> dict[str, TensorPlacement]:
         """Where each planned tensor goes in a safetensors output."""
-        return {
+        out = {
             t.name: TensorPlacement(name=t.name, file=t.out_file, offset=t.out_offset, dtype=t.out_dtype,
                                     shape=t.shape, row_bytes=t.row_len * itemsize(t.out_dtype))
-            for t in self.tensors
+            for t in self.tensors if t.quant is None
         }
+        for t in self.tensors:  # a quantized tensor is written as its parts
+            for p in t.quant.places if t.quant is not None else ():
+                out[p.name] = TensorPlacement(name=p.name, file=p.file, offset=p.offset, dtype=p.dtype,
+                                              shape=p.shape, row_bytes=p.row_bytes)
+        return out
 
     def zarr_arrays(self) -> list[ZarrArraySpec]:
         """Each planned tensor as a Zarr array (one engine chunk per Zarr chunk)."""

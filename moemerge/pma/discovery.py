@@ -20,6 +20,7 @@ from typing import Any
 from moemerge.errors import CheckpointError, ConfigError
 from moemerge.io import storage
 from moemerge.io.checkpoint import INDEX_NAME, SINGLE_NAME
+from moemerge.io.limits import MAX_JSON_BYTES, read_limited
 
 __all__ = ["Snapshot", "discover", "select", "interval_steps_from_tokens", "parse_step",
            "STEP_STYLES"]
@@ -98,8 +99,10 @@ def _completeness(fs: Any, url: str, path: str) -> str | None:
     # every shard it names must be there too.
     index_path = storage.join(path, INDEX_NAME)
     try:
-        doc = json.loads(storage.with_retries(lambda: fs.cat_file(index_path),
-                                              what=f"read {INDEX_NAME}", url=url))
+        doc = json.loads(storage.with_retries(
+            lambda: read_limited(fs, index_path, where=f"{url}/{INDEX_NAME}", limit=MAX_JSON_BYTES,
+                                 what=INDEX_NAME) or b"",
+            what=f"read {INDEX_NAME}", url=url))
         wanted = set(doc["weight_map"].values())
     except (CheckpointError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{INDEX_NAME} is not readable yet ({e})"

@@ -2,19 +2,25 @@
 
 Layout of a state at STATE (a local path or any fsspec URL, e.g. s3://bucket/pma/state):
 
-    STATE/pma-state.json     the pointer: {"format": 1, "version": 17, "path": "v000017"}
-    STATE/v000017/           one version: a Zarr v3 group written by io.zarr_writer, one
+    STATE/pma-state.json     the pointer: {"format": 1, "version": 17, "path": "v000017-3fa9c2d1"}
+    STATE/v000017-3fa9c2d1/  one version (the number, then a random tag: no two jobs ever pick the
+                             same name; plain `v000017` from older moemerge is read as well): a
+                             Zarr v3 group written by io.zarr_writer, one
                              float64 array per tensor and running quantity (`S:<tensor>` the
                              window sum, `W:<tensor>` the weighted sum, `E:<tensor>` the EMA),
                              each flattened to (rows, row_len) and chunked along rows; its
-                             `moemerge-manifest.json` (written last) holds the StateMeta.
+                             `moemerge-manifest.json` (written last) holds the StateMeta and
+                             `chunk_checksums` (crc32 of every stored chunk): a read of a missing
+                             or altered chunk fails (io.zarr_store), never reads as zeros.
 
 An update writes the next version beside the current one, and only when that version is
 complete (its manifest written) replaces the pointer: one atomic rename on local disk, one PUT
-on object storage (which has no rename, but shows a whole object or none). The old version is
-deleted after. A reader always follows the pointer, so a crash at any moment leaves the
-previous state valid; versions the pointer does not name are leftovers of a crash and are
-deleted by the next update.
+on object storage (which has no rename, but shows a whole object or none). The pointer is
+replaced only if it still names the version the update started from (compare-and-swap: re-read
+under the state's lock on local disk, a PUT with If-Match the ETag read at the start on S3).
+The old version is deleted after. A reader always follows the pointer, so a crash at any moment
+leaves the previous state valid; versions the pointer does not name are leftovers of a crash,
+deleted by the next update while it holds the state's lock (io.lease: one updater at a time).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from moemerge import __version__
 from moemerge.errors import CheckpointError, ConfigError, OutputError
 from moemerge.io import storage
 from moemerge.io.checkpoint import Checkpoint
+from moemerge.io.lease import is_lock_name
 from moemerge.io.dcp_names import DcpNames, parse_dcp_names
 from moemerge.io.writer import MANIFEST_NAME, atomic_write
 from moemerge.io.zarr_writer import ZarrArraySpec, ZarrModelWriter
@@ -45,7 +52,8 @@ STATE_FORMAT = 1
 #: Running quantities per method (methods.md "incremental forms"): SMA keeps the window sum S;
 #: WMA keeps S and W = sum(i * M_i), i = 1 for the oldest; EMA keeps its value E.
 METHOD_ARRAYS: dict[str, tuple[str, ...]] = {"sma": ("S",), "wma": ("S", "W"), "ema": ("E",)}
-_VERSION_DIR = re.compile(r"^v(\d{6,})$")
+#: `v000017-3fa9c2d1` (a random tag since the versions got unique names) or plain `v000017`
+_VERSION_DIR = re.compile(r"^v(\d{6,})(?:-[0-9a-f]{8,})?$")
 
 
 def array_name(kind: str, tensor: str) -> str:
@@ -159,6 +167,11 @@ class StateVersion:
     url: str
     sums: Checkpoint
 
+    @property
+    def name(self) -> str:
+        """The version's directory name, as the pointer gives it ('v000017-3fa9c2d1')."""
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
     def close(self) -> None:
         self.sums.close()
 
@@ -185,6 +198,9 @@ class StateStore:
             raise ConfigError(storage.redact(f"{url}: cannot use this state location ({e})", storage_options)) from e
         self.local = storage.is_local(self.fs)
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
+        #: the pointer's version path and ETag (object storage) when last read: what `commit`
+        #: requires to be still there (compare-and-swap); unset until read
+        self._seen: tuple[str | None, str | None] | None = None
 
     def __repr__(self) -> str:
         return f"StateStore({self.url!r})"
@@ -199,8 +215,9 @@ class StateStore:
     def _path(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
 
-    def version_url(self, version: int) -> str:
-        return f"{self.url}/{_version_dir(version)}"
+    def version_url(self, name: str) -> str:
+        """The URL of the version directory `name` (e.g. 'v000017-3fa9c2d1')."""
+        return f"{self.url}/{name}"
 
     def _call(self, fn: Any, what: str, error: type[Exception] = CheckpointError) -> Any:
         return storage.with_retries(fn, what=what, url=self.url, error=error)
@@ -221,12 +238,17 @@ class StateStore:
         path = self._path(POINTER_NAME)
         exists = self._call(lambda: self.fs.isfile(path), f"look up {POINTER_NAME}")
         if not exists:
-            entries = [e for e in self._entries() if not _VERSION_DIR.match(e)]
+            self._seen = (None, None)
+            entries = [e for e in self._entries() if not _VERSION_DIR.match(e) and not is_lock_name(e)]
             if entries:
                 raise ConfigError(
                     f"{self.url}: is not empty and holds no PMA state ({POINTER_NAME} is missing; "
                     f"found e.g. {sorted(entries)[0]!r}); give a new or empty location for the state")
             return None
+        etag = None
+        if not self.local and hasattr(self.fs, "call_s3"):  # the ETag first: a newer body fails the CAS
+            self.fs.invalidate_cache(path)
+            etag = self._call(lambda: self.fs.info(path).get("ETag"), f"look up {POINTER_NAME}")
         raw = self._call(lambda: self.fs.cat_file(path), f"read {POINTER_NAME}")
         try:
             doc = json.loads(raw)
@@ -239,6 +261,7 @@ class StateStore:
             raise CheckpointError(
                 f"{self.url}/{POINTER_NAME}: PMA state format {doc.get('format')!r}, this moemerge "
                 f"reads format {STATE_FORMAT}; upgrade moemerge or start a new state")
+        self._seen = (str(doc["path"]), etag)
         return doc
 
     def current(self) -> StateVersion | None:
@@ -257,6 +280,7 @@ class StateStore:
             raw = sums.side_file(MANIFEST_NAME)
             man = json.loads(raw) if raw is not None else None
             meta = StateMeta.from_json((man or {}).get("pma_state"), where=f"{url}/{MANIFEST_NAME}")
+            _check_reads(sums, man, self.url)
         except BaseException:
             sums.close()
             raise
@@ -278,44 +302,119 @@ class StateStore:
                                       error=OutputError):
             raise OutputError(f"{self.url}: is an object; the PMA state must be a prefix (directory)")
 
-    def clean_leftovers(self, keep: int | None) -> list[str]:
-        """Delete every version directory except `keep` (crash leftovers); return their names."""
+    def clean_leftovers(self, keep: str | None) -> list[str]:
+        """Delete every version directory except `keep` (the one the pointer names): crash
+        leftovers. Call only while holding the state's lock (another job's version in the
+        making would look the same); return the names deleted."""
         gone = []
         for name in self._entries():
-            m = _VERSION_DIR.match(name)
-            if m and int(m.group(1)) != keep:
+            if _VERSION_DIR.match(name) and name != keep:
                 self._call(lambda n=name: self.fs.rm(self._path(n), recursive=True),
                            f"delete the unfinished state version {name}", error=OutputError)
                 gone.append(name)
         return gone
 
     def begin(self, arrays: list[ZarrArraySpec], meta: StateMeta) -> ZarrModelWriter:
-        """A prepared writer for version `meta.version` (an empty new directory)."""
+        """A prepared writer for version `meta.version`, in a new directory of a name no other
+        job picks (`v000017-<random>`)."""
         if self.local:
             os.makedirs(self.root, exist_ok=True)
-        writer = ZarrModelWriter(self.version_url(meta.version), arrays,
-                                 attributes={"pma_state": meta.to_json()}, overwrite=True,
+        writer = ZarrModelWriter(self.version_url(_version_dir(meta.version)), arrays,
+                                 attributes={"pma_state": meta.to_json()}, overwrite=False,
                                  storage_options=self.storage_options,
-                                 compressors=_compressors() if self.compress else None)
+                                 compressors=_compressors() if self.compress else None,
+                                 checksums=True)  # every chunk's checksum in the manifest
         writer.prepare()
         return writer
 
-    def commit(self, writer: ZarrModelWriter, meta: StateMeta, previous: int | None) -> None:
-        """Finish the new version, switch the pointer to it, then delete `previous`."""
+    def commit(self, writer: ZarrModelWriter, meta: StateMeta, previous: str | None) -> None:
+        """Finish the new version, switch the pointer to it if it still names `previous` (the
+        version this update started from; None: no state), then delete `previous`.
+
+        A pointer that changed meanwhile (another job committed) is an OutputError: the new
+        version is deleted, the state is left as that other job made it.
+        """
+        name = writer.root.rstrip("/").rsplit("/", 1)[-1]
         writer.finish(side_files={}, index={}, manifest={"pma_state": meta.to_json(), "tensors": {}})
-        doc = {"format": STATE_FORMAT, "version": meta.version, "path": _version_dir(meta.version),
-               "state_id": meta.state_id}
+        doc = {"format": STATE_FORMAT, "version": meta.version, "path": name, "state_id": meta.state_id}
         data = json.dumps(doc, indent=1).encode()
         path = self._path(POINTER_NAME)
+        try:
+            self._swap_pointer(path, data, previous, name)
+        except BaseException:
+            if not self._names(name):  # unreferenced: delete it (a crash leftover otherwise)
+                try:
+                    self.fs.rm(self._path(name), recursive=True)
+                except Exception:
+                    pass
+            raise
+        if previous is not None and previous != name:
+            try:
+                self.fs.rm(self._path(previous), recursive=True)
+            except Exception:  # the new state is committed; the next update removes it
+                pass
+
+    def _names(self, name: str) -> bool:
+        """Whether the pointer names version `name` now (False if it cannot be read)."""
+        try:
+            self._seen = None
+            now = self.pointer()
+            return now is not None and now["path"] == name
+        except Exception:
+            return False
+
+    def _swap_pointer(self, path: str, data: bytes, previous: str | None, name: str) -> None:
+        """Replace the pointer by `data` only if it still names `previous` (compare-and-swap)."""
+        etag = self._seen[1] if self._seen is not None and self._seen[0] == previous else None
+        s3 = not self.local and hasattr(self.fs, "call_s3")
+        if s3 and (previous is None or etag):
+            # the server compares: If-None-Match for the first version, If-Match the ETag read
+            cond: dict[str, Any] = {"mode": "create"} if previous is None else {"IfMatch": etag}
+            try:
+                self._call(lambda: self.fs.pipe_file(path, data, **cond), f"write {POINTER_NAME}",
+                           error=OutputError)
+            except OutputError as e:
+                # a retried PUT whose first try went through also fails the condition: look
+                if _precondition_failed(e) and not self._names(name):
+                    raise self._moved(previous) from e
+                if not _precondition_failed(e):
+                    raise
+            return
+        # local (under the state's lock; the rename is atomic) or a store without conditional
+        # writes (under the state's lease): re-read right before the switch
+        self._seen = None
+        now = self.pointer()
+        if (now["path"] if now else None) != previous:
+            raise self._moved(previous)
         if self.local:
             atomic_write(path, data)
         else:  # no rename on object storage: one PUT shows the whole new pointer or the old one
             self._call(lambda: self.fs.pipe_file(path, data), f"write {POINTER_NAME}", error=OutputError)
-        if previous is not None and previous != meta.version:
-            try:
-                self.fs.rm(self._path(_version_dir(previous)), recursive=True)
-            except Exception:  # the new state is committed; the next update removes it
-                pass
+
+    def _moved(self, previous: str | None) -> OutputError:
+        try:
+            self._seen = None
+            now = self.pointer()
+            names = now["path"] if now else "nothing"
+        except Exception:
+            names = "another version"
+        return OutputError(
+            f"{self.url}/{POINTER_NAME}: another job committed the PMA state while this update ran (the "
+            f"pointer names {names}, this update started from {previous or 'no state'}); this update's "
+            "version was discarded and the state is as that job left it; rerun the update")
+
+
+def _check_reads(sums: Checkpoint, manifest: Any, url: str) -> None:
+    """Make every read of the state's sums complete and checked: a missing chunk, or one whose
+    bytes differ from the checksum its manifest recorded, fails (never reads as zeros)."""
+    hint = (f"the PMA state at {url} is damaged: rebuild it from its snapshots with `moemerge pma "
+            "update ... --recompute-every 1` (SMA/WMA), or start a new STATE location")
+    from moemerge.io.zarr_reader import ZarrCheckpoint
+
+    if isinstance(sums, ZarrCheckpoint):  # always, for a version written by `begin`
+        sums.damaged_hint = hint
+        recorded = manifest.get("chunk_checksums") if isinstance(manifest, dict) else None
+        sums.chunk_checksums = recorded if isinstance(recorded, dict) else None
 
 
 def new_meta(settings: StateSettings, steps: list[tuple[int, str]], *, skipped: list[int],
@@ -340,5 +439,13 @@ def _compressors() -> Any:
 
 
 def _version_dir(version: int) -> str:
-    return f"v{version:06d}"
+    """A new version's directory name: the number for people, a random tag so that no two jobs
+    (even two updates racing from one version) ever write the same directory."""
+    return f"v{version:06d}-{uuid.uuid4().hex[:8]}"
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    from moemerge.io.lease import _precondition_failed as failed
+
+    return failed(e) or isinstance(e.__cause__, FileExistsError)
 

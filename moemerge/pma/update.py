@@ -31,7 +31,9 @@ from moemerge.errors import CheckpointError, ConfigError, MismatchError
 from moemerge.io import storage
 from moemerge.io.checkpoint import Checkpoint
 from moemerge.io.dcp_names import DcpNames
+from moemerge.io.quant import dequantizing
 from moemerge.io.dtypes import is_float, itemsize, parse_dtype_name, to_torch
+from moemerge.io.lease import Lease, take_lease
 from moemerge.io.sidefiles import read_side_files, retag_config_dtype
 from moemerge.io.writer import CONFIG_COPY_NAME, MANIFEST_NAME, check_output
 from moemerge.io.zarr_writer import ZarrArraySpec
@@ -127,7 +129,13 @@ def update(
             raise ConfigError(f"--out-dtype: {out_dtype!r} is not a float dtype; use bfloat16, float16 or float32")
     store = StateStore(state_url, storage_options, compress=compress_state)
     store.check_writable()
-    cur = store.current()
+    # one updater per state (io.lease), taken before the state is read; released on any exit
+    state_lease = take_lease(state_url, storage_options, kind="state", what="moemerge pma update")
+    try:
+        cur = store.current()
+    except BaseException:
+        state_lease.release()
+        raise
     try:
         settings = resolve_settings(method=method, last=last, alpha=alpha, interval_steps=interval_steps,
                                     recorded=cur.meta.settings if cur else None, dcp=dcp)
@@ -146,10 +154,12 @@ def update(
                    shard=shard, out_format=out_format, out_dtype=out_dt, overwrite=overwrite,
                    storage_options=storage_options, notes=list(notes), progress=progress,
                    chunk_rows=chunk_rows)
+        job.leases.append(state_lease)
         return job.run(t0)
     finally:
         if cur is not None:
             cur.close()
+        state_lease.release()
 
 
 class _Job:
@@ -165,12 +175,18 @@ class _Job:
         self.out_dtype, self.overwrite, self.so = out_dtype, overwrite, storage_options
         self.notes = notes
         self.chunk_rows = chunk_rows
+        self.leases: list[Lease] = []  # the state's, then the output's: checked before each commit
         self.prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())
         self.opened: dict[str, Checkpoint] = {}
         self.bytes_read = 0
         self.state_read = 0
         self.state_written = 0
         self._count_lock = threading.Lock()  # counters are bumped from the read threads
+
+    def _check_leases(self) -> None:
+        """Fail before a commit if another job took over the state's or the output's lock."""
+        for lease in self.leases:
+            lease.check()
 
     def _count(self, attr: str, n: int) -> None:
         with self._count_lock:
@@ -185,8 +201,14 @@ class _Job:
             if s.url in self.opened:
                 continue
             try:
-                self.opened[s.url] = Checkpoint.open(s.url, self.so, names=self.settings.dcp)
+                ck = Checkpoint.open(s.url, self.so, names=self.settings.dcp)
             except CheckpointError as e:
+                problems.append(str(e))
+                continue
+            try:  # quantized snapshots (FP8, MXFP4) are averaged dequantized, never copied (io.quant)
+                self.opened[s.url] = dequantizing(ck)
+            except CheckpointError as e:
+                ck.close()
                 problems.append(str(e))
         return problems
 
@@ -274,6 +296,8 @@ class _Job:
         for t in p.tensors:
             gran = math.prod(t.shape[1:-1]) if self.out_format == "zarr" and len(t.shape) >= 3 else 1
             gran = max(1, gran)
+            # chunks fall on every opened snapshot's scale blocks (io.quant)
+            gran = math.lcm(gran, *(c.tensors[t.name].row_align for c in self.opened.values() if t.name in c.tensors))
             rows = (cap // max(1, t.row_len)) // gran * gran
             if self.chunk_rows:
                 rows = min(rows, max(gran, self.chunk_rows // gran * gran))
@@ -300,6 +324,7 @@ class _Job:
                                       "cannot read the snapshots:\n  " + "\n  ".join(problems))
             newest = self.opened[newest_snap.url]
             floats = self._check_tensors(newest, reads)
+            self.leases.append(take_lease(self.out, self.so, kind="output", what="moemerge pma update"))
             check_output(self.out, overwrite=self.overwrite or ours, storage_options=self.so,
                          inputs=[s.url for s in d.window])
             kinds = METHOD_ARRAYS[self.settings.method]
@@ -308,7 +333,7 @@ class _Job:
             if d.action == "noop":
                 meta = cur.meta  # type: ignore[union-attr]
             else:
-                self.store.clean_leftovers(keep=cur.meta.version if cur else None)
+                self.store.clean_leftovers(keep=cur.name if cur else None)  # under the state's lock
                 incr = d.action == "incremental"
                 since = (cur.meta.updates_since_recompute + 1) if (incr and cur) else 0
                 meta = new_meta(
@@ -327,21 +352,31 @@ class _Job:
 
             out_w = open_writer(self.out, plan, overwrite=True, storage_options=self.so)
             try:
+                from moemerge.io.space import check_space
+
+                check_space(out_w, plan.bytes_written)  # the output; the state's room is not counted
                 out_w.prepare()
                 self.prog.start(self._total(plan, floats, reads), f"pma update ({d.action})")
                 digests = self._pass(plan, floats, newest, state_w, out_w, n)
                 self.prog.stop()
                 if state_w is not None:
-                    self.store.commit(state_w, meta, previous=cur.meta.version if cur else None)
+                    self._check_leases()
+                    self.store.commit(state_w, meta, previous=cur.name if cur else None)
                     state_w = None
+                self._check_leases()
                 out_w.finish(**self._commit_docs(plan, newest, meta, digests))
-            except BaseException:
+            except BaseException as e:
                 if state_w is not None:
                     state_w.close()
                 out_w.close()
+                from moemerge.io.swap import note_state
+
+                note_state(e, out_w)  # what the output holds now, for the CLI's one line
                 raise
         finally:
             self._close_inputs()
+            for lease in self.leases[1:]:  # the output's (the state's is released by `update`)
+                lease.release()
         action = {"build": "recomputed" if cur else "built", "incremental": "updated", "noop": "output"}[d.action]
         msg = {
             "built": f"built the state from {n} snapshot(s), steps {d.window[0].step}..{d.window[-1].step}",

@@ -1,0 +1,103 @@
+"""FP8 scale math shared by every FP8 codec: scale groups of rows x column blocks.
+
+A group is (a row group, a column block): block FP8 has tile rows x tile columns, per-channel
+FP8 one row x all columns, per-tensor FP8 one group. `row_group[i]` is the group row of local
+row i (0..m-1); columns are cut every `col_block` (the last block may be partial).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["dequantize", "quantize", "group_amax"]
+
+
+def _expand(scales: torch.Tensor, row_group: torch.Tensor, cols: int, col_block: int) -> torch.Tensor:
+    """Per-element scale [n, cols] (float32) from group scales [m, tc]."""
+    per_row = scales.float()[row_group]  # [n, tc]
+    return per_row.repeat_interleave(col_block, dim=1)[:, :cols]
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, row_group: torch.Tensor, col_block: int) -> torch.Tensor:
+    """float32 [n, cols]: each code times its group's scale, one rounding (formats.md)."""
+    n, cols = codes.shape
+    values = codes.float()
+    per_row = scales.float()[row_group]
+    if cols % col_block == 0:  # the common case: no [n, cols] scale temporary
+        return values.view(n, -1, col_block).mul_(per_row.unsqueeze(-1)).view(n, cols)
+    return values.mul_(_expand(scales, row_group, cols, col_block))
+
+
+def group_amax(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block: int) -> torch.Tensor:
+    """max |v| per group, float32 [m, ceil(cols / col_block)]."""
+    n, cols = values.shape
+    tc = -(-cols // col_block)
+    a = values.abs()
+    if tc * col_block != cols:
+        a = torch.nn.functional.pad(a, (0, tc * col_block - cols))
+    per_row = a.view(n, tc, col_block).amax(-1)
+    if m == n:  # one row per group (per-channel scales)
+        return per_row
+    # groups are runs of consecutive rows (tile rows, one tensor): a few slices per chunk
+    counts = torch.bincount(row_group, minlength=m).tolist()
+    return torch.stack([p.amax(0) if len(p) else torch.zeros(tc) for p in torch.split(per_row, counts)])
+
+
+def _encode(values: torch.Tensor, scale: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
+    fmax = torch.finfo(fp8).max
+    # clamp: v / (amax / fmax) can land a rounding above fmax, and torch casts overflow to NaN
+    return (values / scale).clamp_(-fmax, fmax).to(fp8)
+
+
+def _inexact(values: torch.Tensor, scale_e: torch.Tensor, fp8: torch.dtype, row_group: torch.Tensor,
+             m: int, col_block: int) -> torch.Tensor:
+    """Per group: 1 where some value is not reproduced exactly by (code, scale), else 0."""
+    codes = _encode(values, scale_e, fp8)
+    bad = (codes.float() * scale_e != values).float()
+    return group_amax(bad, row_group, m, col_block)
+
+
+def quantize(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block: int, fp8: torch.dtype,
+             *, amax: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32,
+             search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [n, cols] fp8, scales [m, tc] scale_dtype) with fresh scales amax / fmax.
+
+    The scale is `amax / fmax` rounded once to the scale dtype (DeepSeek-V3's weight_quant,
+    compressed-tensors, fbgemm), 1.0 for an all-zero group (transformers' Fp8Quantize keeps
+    zeros stable so). Served values are code * scale rounded to float32, which loses up to 4
+    bits of an F32 scale: amax / fmax then lands one float32 step off the stored scale about
+    one time in ten. With `search`, where a neighbour one step away also maps back to amax,
+    the first of (amax / fmax, one step down, one step up) that reproduces every value of the
+    group exactly is taken: requantizing dequantized data gives its bytes back, and data no
+    scale reproduces (any real merge) gets amax / fmax as the reference does.
+    """
+    n, cols = values.shape
+    fmax = torch.finfo(fp8).max
+    if amax is None:
+        amax = group_amax(values, row_group, m, col_block)
+    tc = amax.shape[1]
+    c0 = torch.where(amax > 0, (amax.double() / fmax).to(scale_dtype).float(), torch.ones_like(amax))
+    if scale_dtype == torch.float32 and search:
+        down = torch.nextafter(c0, torch.zeros_like(c0))
+        up = torch.nextafter(c0, torch.full_like(c0, float("inf")))
+
+        def maps_back(c: torch.Tensor) -> torch.Tensor:
+            return ((c.double() * fmax).float() == amax) & (amax > 0)
+
+        v0, vd, vu = maps_back(c0), maps_back(down), maps_back(up)
+        if bool((vd | vu).any()):
+            chosen = c0.clone()
+            settled = torch.zeros_like(v0)
+            for cand, ok in ((c0, v0), (down, vd), (up, vu)):
+                if not bool((ok & ~settled).any()):
+                    continue
+                exact = _inexact(values, _expand(cand, row_group, cols, col_block), fp8, row_group, m,
+                                 col_block) == 0
+                take = ok & exact & ~settled
+                chosen = torch.where(take, cand, chosen)
+                settled |= take
+            c0 = chosen
+    scale = c0.to(scale_dtype)
+    codes = _encode(values, _expand(scale, row_group, cols, col_block), fp8)
+    assert scale.shape == (m, tc)
+    return codes, scale

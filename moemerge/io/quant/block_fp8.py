@@ -1,0 +1,124 @@
+"""Block-scaled FP8 (DeepSeek-V3/R1, Kimi K2, Qwen3-FP8; compressed-tensors `block`).
+
+`X` (F8_E4M3, [..., R, C]) + `X_scale_inv` (F32, [..., ceil(R/bR), ceil(C/bC)]): value =
+code * scale of its tile (`weight_block_size` [bR, bC]; edge tiles may be partial).
+compressed-tensors names the scale `X_scale` instead. Served as float32 (see `_fp8.quantize`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from moemerge.errors import CheckpointError
+from moemerge.io.checkpoint import TensorInfo
+from moemerge.io.dtypes import to_torch
+from moemerge.io.quant import _fp8
+from moemerge.io.quant.base import Codec, Part, QuantScheme, QuantSpec
+
+__all__ = ["BlockFP8"]
+
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
+def scale_suffix(scheme: QuantScheme) -> str:
+    """`_scale_inv` (DeepSeek, transformers `fp8`) or `_scale` (compressed-tensors)."""
+    return "_scale" if scheme.method == "compressed-tensors" else "_scale_inv"
+
+
+class BlockFP8(Codec):
+    name = "fp8-block"
+    reference_url = "https://github.com/huggingface/transformers/blob/main/src/transformers/integrations/finegrained_fp8.py"
+    methods = ("fp8", "compressed-tensors")
+
+    # -- geometry --------------------------------------------------------------------------
+
+    @staticmethod
+    def _dims(spec: QuantSpec) -> tuple[int, int, int, int]:
+        """(R, C, tile rows per matrix, tile columns)."""
+        br, bc = spec.scheme.block
+        r, c = spec.shape[-2], spec.shape[-1]
+        return r, c, -(-r // br), -(-c // bc)
+
+    def _tile_row(self, spec: QuantSpec, rows: torch.Tensor) -> torch.Tensor:
+        """Scale row (flattened) of each logical row."""
+        r, _, tr, _ = self._dims(spec)
+        return (rows // r) * tr + (rows % r) // spec.scheme.block[0]
+
+    def _tile_rows(self, spec: QuantSpec, r0: int, r1: int) -> tuple[int, int]:
+        r, _, tr, _ = self._dims(spec)
+        br = spec.scheme.block[0]
+        first = (r0 // r) * tr + (r0 % r) // br
+        last = ((r1 - 1) // r) * tr + ((r1 - 1) % r) // br
+        return first, last + 1
+
+    # -- the interface -----------------------------------------------------------------------
+
+    def layout(self, name: str, shape: tuple[int, ...], scheme: QuantScheme) -> QuantSpec:
+        if len(shape) < 2 or len(scheme.block) != 2:
+            raise ValueError(f"`{name}` {list(shape)}: block FP8 stores matrices (2-D or more) with a 2-D "
+                             f"weight_block_size, got {list(scheme.block)}")
+        br, bc = scheme.block
+        r = shape[-2]
+        tiles = (*shape[:-2], -(-r // br), -(-shape[-1] // bc))
+        # a ragged R inside a stack of matrices puts tile rows off a fixed stride: chunk whole matrices
+        align = br if (len(shape) == 2 or r % br == 0) else r
+        return QuantSpec(
+            codec=self.name, name=name, shape=tuple(shape), dtype="F32", scheme=scheme, row_align=align,
+            parts=(Part(role="weight", name=name, dtype=scheme.fp8, shape=tuple(shape)),
+                   Part(role="scale", name=name + scale_suffix(scheme), dtype="F32", shape=tiles)),
+        )
+
+    def find(self, tensors: Mapping[str, TensorInfo], scheme: QuantScheme, where: str) -> dict[str, QuantSpec]:
+        suffix = scale_suffix(scheme)
+        found: dict[str, QuantSpec] = {}
+        for n, t in tensors.items():
+            s = tensors.get(n + suffix)
+            if t.dtype not in FP8_DTYPES or s is None:
+                continue
+            try:
+                spec = self.layout(n, t.shape, QuantScheme(
+                    method=scheme.method, block=scheme.block, strategy=scheme.strategy, fp8=t.dtype,
+                    not_converted=scheme.not_converted, config=scheme.config))
+            except ValueError as e:
+                raise CheckpointError(f"{where}/{t.file}: FP8 tensor {e}") from e
+            want = spec.parts[1].shape
+            if s.dtype not in ("F32", "BF16") or s.shape != want:
+                raise CheckpointError(
+                    f"{where}/{s.file}: `{s.name}` is {s.dtype} {list(s.shape)}; a "
+                    f"{scheme.block[0]}x{scheme.block[1]} block scale of `{n}` {list(t.shape)} must be "
+                    f"F32 {list(want)} (weight_block_size {list(scheme.block)} in config.json)")
+            if s.dtype != "F32":
+                spec = QuantSpec(codec=spec.codec, name=n, shape=spec.shape, dtype=spec.dtype, scheme=spec.scheme,
+                                 row_align=spec.row_align,
+                                 parts=(spec.parts[0], Part(role="scale", name=s.name, dtype=s.dtype, shape=s.shape)))
+            found[n] = spec
+        return found
+
+    def part_rows(self, spec: QuantSpec, part: Part, r0: int, r1: int) -> tuple[int, int]:
+        if part.role == "weight":
+            return r0, r1
+        return self._tile_rows(spec, r0, r1)
+
+    def dequantize_rows(self, spec: QuantSpec, parts: Mapping[str, torch.Tensor], r0: int, r1: int) -> torch.Tensor:
+        first = self._tile_rows(spec, r0, r1)[0]
+        group = self._tile_row(spec, torch.arange(r0, r1)) - first
+        return _fp8.dequantize(parts["weight"], parts["scale"], group, spec.scheme.block[1])
+
+    def quantize_rows(self, spec: QuantSpec, values: torch.Tensor, r0: int, r1: int, *,
+                      amax: float | None = None) -> dict[str, torch.Tensor]:
+        self.check_aligned(spec, r0, r1)
+        first, last = self._tile_rows(spec, r0, r1)
+        group = self._tile_row(spec, torch.arange(r0, r1)) - first
+        scale_part = spec.part("scale")
+        codes, scale = _fp8.quantize(values.float(), group, last - first, spec.scheme.block[1],
+                                     to_torch(spec.scheme.fp8), scale_dtype=to_torch(scale_part.dtype))
+        return {"weight": codes, "scale": scale}
+
+    def quantization_config(self, scheme: QuantScheme) -> dict[str, Any]:
+        if scheme.config:
+            return dict(scheme.config)
+        return {"quant_method": "fp8", "fmt": "e4m3" if scheme.fp8 == "F8_E4M3" else "e5m2",
+                "activation_scheme": "dynamic", "weight_block_size": list(scheme.block)}

@@ -1,0 +1,110 @@
+"""A checkpoint view serving quantized tensors dequantized, band by band, parts hidden.
+
+Each read of rows r0..r1 of a quantized tensor is cut into bands on the codec's block rows
+(`QuantSpec.row_align`, a few MB of float32 each): per band, the parts' stored rows are read
+into per-thread scratch, dequantized and written into the caller's buffer in the served dtype.
+The extra memory is a band's parts and its float32 values per reading thread, however big the
+tensor or the chunk (an MXFP4 band is one expert: gpt-oss-120b's 2880 x 5760 is 66 MB).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import torch
+
+from moemerge.io.checkpoint import Checkpoint, TensorInfo
+from moemerge.io.dtypes import itemsize, to_torch
+from moemerge.io.quant.base import QuantScheme, QuantSpec
+
+__all__ = ["QuantizedView", "BAND_BYTES"]
+
+#: float32 bytes of one band's values (rounded to whole block rows, at least one).
+BAND_BYTES = 4 << 20
+
+
+class QuantizedView(Checkpoint):
+    """A checkpoint whose quantized tensors are served as `spec.dtype`; everything else as is."""
+
+    def __init__(self, inner: Checkpoint, scheme: QuantScheme, specs: dict[str, QuantSpec]) -> None:
+        from moemerge.io.quant import get_codec
+
+        hidden = {p.name for s in specs.values() for p in s.parts + s.extras}
+        tensors = {n: t for n, t in inner.tensors.items() if n not in hidden}
+        for n, spec in specs.items():
+            first = inner.tensors[spec.parts[0].name]
+            tensors[n] = TensorInfo(
+                name=n, dtype=spec.dtype, shape=spec.shape, file=first.file, start=first.start,
+                nbytes=math.prod(spec.shape) * itemsize(spec.dtype), codec=spec.codec,
+                stored_nbytes=spec.stored_nbytes, row_align=spec.row_align)
+        super().__init__(inner.url, inner.fs, inner.root, tensors, inner.files)
+        if hasattr(inner, "header_digests"):
+            self.header_digests = inner.header_digests
+        self.inner = inner
+        self.scheme = scheme
+        self.specs = specs
+        self._codecs = {s.codec: get_codec(s.codec) for s in specs.values()}
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"QuantizedView({self.inner!r}, {self.scheme.method}, quantized={len(self.specs)})"
+
+    @property
+    def quantized(self) -> dict[str, QuantSpec]:
+        """Logical name -> how it is stored (the same dict as `specs`)."""
+        return self.specs
+
+    @property
+    def quantization_config(self) -> dict[str, Any]:
+        """The input's `quantization_config` as read (empty for FP8 pairs without a config)."""
+        return dict(self.scheme.config)
+
+    def side_file(self, name: str) -> bytes | None:
+        return self.inner.side_file(name)
+
+    def config(self) -> dict[str, Any] | None:
+        return self.inner.config()
+
+    def _scratch(self, role: str, nbytes: int) -> memoryview:
+        bufs: dict[str, bytearray] | None = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = {}
+        buf = bufs.get(role)
+        if buf is None or len(buf) < nbytes:
+            buf = bufs[role] = bytearray(nbytes)
+        return memoryview(buf)[:nbytes]
+
+    def read_rows(self, name: str, r0: int, r1: int, out: memoryview) -> None:
+        spec = self.specs.get(name)
+        if spec is None:
+            self.inner.read_rows(name, r0, r1, out)
+            return
+        codec = self._codecs[spec.codec]
+        row_len = spec.row_len
+        served = to_torch(spec.dtype)
+        need = (r1 - r0) * row_len * served.itemsize
+        if len(out) < need:
+            raise ValueError(f"buffer of {len(out)} bytes is too small for {need}")
+        if r1 <= r0:
+            return
+        dst = torch.frombuffer(out, dtype=served, count=(r1 - r0) * row_len).view(r1 - r0, row_len)
+        align = max(1, spec.row_align)
+        band = max(1, BAND_BYTES // max(1, row_len * 4) // align) * align
+        a = r0
+        while a < r1:
+            b = min(r1, (a // align) * align + band)
+            parts = {}
+            for part in spec.parts:
+                p0, p1 = codec.part_rows(spec, part, a, b)
+                raw = self._scratch(part.role, (p1 - p0) * part.row_len * itemsize(part.dtype))
+                self.inner.read_rows(part.name, p0, p1, raw)
+                dt = to_torch(part.dtype)
+                parts[part.role] = torch.frombuffer(raw, dtype=torch.uint8).view(dt).view(p1 - p0, part.row_len) \
+                    if len(raw) else torch.empty(0, part.row_len, dtype=dt)
+            dst[a - r0:b - r0].copy_(codec.dequantize_rows(spec, parts, a, b))
+            a = b
+
+    def close(self) -> None:
+        self.inner.close()

@@ -277,17 +277,27 @@ def test_integer_tensors_that_differ_fail_mid_run(tmp_path: Path, ckpt_factory, 
     assert code == 0, err
     out = tmp_path / "out"
     args: tuple[str, ...] = ()
-    if previous == "finished":  # a failed --overwrite must not leave the old commit behind
+    before: dict[str, bytes] = {}
+    if previous == "finished":  # a failed --overwrite leaves the old finished merge as it was
         code, _, err = run_cli("run", _linear(tmp_path, ckpt_factory("c", _tensors(2)), ckpt_factory("d", _tensors(3))),
                                out, "--no-progress")
         assert code == 0 and (out / MANIFEST).exists(), err
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
         cfg = _linear(tmp_path, a, b)
         args = ("--overwrite",)
     code, _, err = run_cli("run", cfg, out, "--no-progress", *args)
-    assert_clean_failure(code, err, out, "model.rotary.position_ids", str(a), str(b))
+    if previous == "finished":
+        assert code != 0 and "Traceback" not in err and "model.rotary.position_ids" in err, err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert run_cli("verify", out)[0] == 0
+        # the new merge was being built beside the old one, and does not look finished
+        out = tmp_path / "out.moemerge-new"
+    else:
+        assert_clean_failure(code, err, out, "model.rotary.position_ids", str(a), str(b))
     # it failed mid-way: work had started (shards laid out), yet nothing looks finished
     assert list(out.glob("*.safetensors"))
     assert (out / ".moemerge-incomplete").exists()
+    assert not (out / INDEX).exists() and not (out / MANIFEST).exists()
 
 
 def test_weights_summing_to_zero_with_normalize(tmp_path: Path, good, run_cli) -> None:

@@ -175,7 +175,7 @@ def half_step(t: dict[str, torch.Tensor], name: str, want: torch.Tensor) -> torc
 
 
 def _run(cfg: dict, out: Path, **kw) -> moemerge.api.RunResult:
-    return moemerge.run(cfg, str(out), memory_budget="1MB", **kw)
+    return moemerge.run(cfg, str(out), **{"memory_budget": "1MB", **kw})
 
 
 def _one(path: Path) -> dict:
@@ -339,14 +339,15 @@ def test_dask_round_trip_with_split_tensors(tmp_path: Path, gen: torch.Generator
     assert math.isfinite(res.seconds)
 
 
-def _tiny_llama(path: Path, seed: int) -> Path:
+def _tiny_qwen3_moe(path: Path, seed: int) -> Path:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     # 128-multiples: transformers' CPU FP8 dequantizer derives the tile from rows // scale rows,
     # so a ragged tile grid (our fixtures above) would be misread by it, not by us
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
@@ -359,19 +360,34 @@ def test_fp8_block_output_loads_in_transformers(tmp_path: Path, monkeypatch: pyt
     pytest.importorskip("accelerate")  # transformers' FP8 loader needs it
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    a, b = _tiny_llama(tmp_path / "a", 1), _tiny_llama(tmp_path / "b", 2)
+    a, b = _tiny_qwen3_moe(tmp_path / "a", 1), _tiny_qwen3_moe(tmp_path / "b", 2)
     cfg = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 0.5}},
                                                 {"model": str(b), "parameters": {"weight": 0.5}}]}
     _run(cfg, tmp_path / "out", quantize="fp8-block")
     stored = _load_dir(tmp_path / "out")
-    assert stored["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert stored["model.layers.0.mlp.experts.3.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert stored["model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16  # the router stays bf16
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    # on a GPU transformers swaps every nn.Linear not listed for an FP8 one: the router and lm_head must be
+    assert {"lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"} <= set(qc["modules_to_not_convert"])
     # on CPU transformers' FineGrainedFP8 loader dequantizes to bf16: each weight must be ours
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype="auto").eval()
     sd = model.state_dict()
+    checked = 0
     for name in stored:
         if name.endswith("_scale_inv"):
             continue
-        assert torch.equal(sd[name], dequant64(stored, name).to(sd[name].dtype)), name
+        want = dequant64(stored, name).to(torch.bfloat16)
+        if ".experts." in name:  # transformers 5 fuses the experts in memory: [gate; up] and down
+            layer, e, proj = name.split(".")[2], int(name.split(".")[5]), name.split(".")[6]
+            fused = sd[f"model.layers.{layer}.mlp.experts.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"][e]
+            half = fused.shape[0] // 2
+            got = fused if proj == "down_proj" else (fused[:half] if proj == "gate_proj" else fused[half:])
+        else:
+            got = sd[name]
+        assert torch.equal(got, want), name
+        checked += 1
+    assert checked == len([n for n in stored if not n.endswith("_scale_inv")])
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 17, 42, 99, 3]])).logits
     assert torch.isfinite(logits).all()
@@ -482,3 +498,44 @@ def test_pma_update_output_of_quantized_snapshots_drops_quantization_config(
     code, _, err = run_cli("pma", "update", tmp_path / "state", str(tmp_path / "ckpt" / "step-*"),
                            "-o", tmp_path / "out", "--last", "2", "--quantize", "like-input")
     assert code == 1 and "--quantize is not supported" in err
+
+
+def test_resume_keeps_finished_quantized_tensors(tmp_path: Path, gen: torch.Generator,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from moemerge.errors import OutputError
+    from moemerge.io.checkpoint import Checkpoint
+    from moemerge.io.journal import JOURNAL_NAME
+    from moemerge.io.writer import LocalModelWriter
+
+    src = fp8_block_model(tmp_path / "in", gen)
+    clean = _run(_one(src), tmp_path / "clean", memory_budget="64MB")
+    out = tmp_path / "out"
+    monkeypatch.setattr(moemerge.api, "JOURNAL_EVERY", 1)  # journal after every tensor
+    real_write, seen = LocalModelWriter.write_rows, [0]
+
+    def failing(self, name, row_start, data):  # a full disk on the 10th write (of 11)
+        seen[0] += 1
+        if seen[0] == 10:
+            raise OutputError(f"{self.url}: simulated crash while writing `{name}`")
+        return real_write(self, name, row_start, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalModelWriter, "write_rows", failing)
+        with pytest.raises(OutputError, match="simulated crash"):
+            _run(_one(src), out, memory_budget="64MB")
+    done = {json.loads(ln).get("t") for ln in (out / JOURNAL_NAME).read_text().splitlines()[1:] if ln.strip()}
+    parts_done = done & {n + s for n in _LINEARS for s in ("", "_scale_inv")}
+    assert parts_done, done  # at least one quantized tensor (both parts) was finished
+    read: list[str] = []
+    real_read = Checkpoint.read_rows
+
+    def spy(self, name, r0, r1, buf):
+        read.append(name)
+        return real_read(self, name, r0, r1, buf)
+
+    monkeypatch.setattr(Checkpoint, "read_rows", spy)
+    res = _run(_one(src), out, memory_budget="64MB", resume=True)
+    assert not parts_done & set(read)  # its codes and scales were not read (or requantized) again
+    assert res.checksums == clean.checksums
+    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "clean").glob("*.safetensors")}

@@ -316,7 +316,7 @@ def run_dask(
     progress = progress or NullProgress()
     run_id = uuid.uuid4().hex[:12]
     ctx = TaskContext(run_id=run_id, opener=opener, target=target, device=device, in_cast=in_cast)
-    skip_ti = {ti for ti, t in enumerate(plan.tensors) if t.name in skip}
+    skip_ti = {ti for ti, t in enumerate(plan.tensors) if all(n in skip for n, *_ in t.stored())}
     tasks = build_graph(plan, by_shard=target.kind == "remote", prefix=f"moemerge-{run_id}", skip=skip_ti)
     link = getattr(client, "dashboard_link", None)
     if link:

@@ -31,6 +31,7 @@ def run_local(
     `on_written` hears of finished tensors as often as `written_every` says (a `Cadence`; an
     int: output bytes; see `run_jobs`): the resume journal.
     """
-    pieces = [(ti, 0, t.rows) for ti, t in enumerate(plan.tensors) if t.name not in skip]
+    # a quantized tensor is done when every stored part of it is
+    pieces = [(ti, 0, t.rows) for ti, t in enumerate(plan.tensors) if not all(n in skip for n, *_ in t.stored())]
     return run_jobs(plan, checkpoints, writer, pieces=pieces, progress=progress, device=device, in_cast=in_cast,
                     io_threads=io_threads, on_written=on_written, written_every=written_every).digests

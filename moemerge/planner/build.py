@@ -35,8 +35,9 @@ MAX_LISTED = 12
 #: Elementwise methods compute in blocks of this many elements (1 MiB of fp32): small enough
 #: to stay in L2 cache, which measured 2.2x faster here than whole 32M-element chunks.
 BLOCK_ELEMS = 256 * 1024
-#: The requantizer's temporaries: a band of `io.quant_out.BAND_ELEMS` values, a few float32 copies.
-QUANT_BAND_BYTES = 16 << 20
+#: Output bytes per element of a quantized tensor beyond its float32 values: its parts (~1 B)
+#: and the quantizer's float32 temporaries, per buffered chunk (engine/requant.py).
+QUANT_EXTRA_PER_ELEM = 10
 #: Double buffering: one chunk is read (and one written) while the previous one computes.
 _IN_FLIGHT = 2
 #: Averages over one run's snapshots (oldest first): non-float tensors come from the newest.
@@ -196,8 +197,10 @@ def build_plan(
 
     # -- memory: one global chunk size in elements, from the budget ------------------------
     in_elem = max((sum(itemsize(i.dtype) for i in p["infos"]) for p in planned), default=1)
-    # a quantized tensor's output buffer holds its float32 values and then its stored parts
-    out_elem = max((itemsize(p["out_dtype"]) + (2 if p.get("quant") else 0) for p in planned), default=1)
+    # a quantized tensor's output buffer holds its float32 values and then its stored parts, and
+    # the quantizer's float32 temporaries (a band of whole scale blocks, at most a chunk) come on top
+    out_elem = max((itemsize(p["out_dtype"]) + (QUANT_EXTRA_PER_ELEM if p.get("quant") else 0)
+                    for p in planned), default=1)
     wide = any(
         p["method"] != "copy" and ("F64" in {i.dtype for i in p["infos"]} or p["out_dtype"] == "F64")
         for p in planned
@@ -212,8 +215,6 @@ def build_plan(
     else:
         fixed = 0
         per_elem = _IN_FLIGHT * in_elem + (working + temps) * comp_elem + _IN_FLIGHT * out_elem
-    if any(p.get("quant") for p in planned):
-        fixed += QUANT_BAND_BYTES  # the quantizer's temporaries, one band at a time
     chunk_cap = max(1, (memory_budget - fixed) // per_elem) if memory_budget > fixed else 1
     # a chunk is read whole by one task: no bigger than a work unit, so units stay bounded
     # (and a unit's worth of input is already far past where bigger reads go faster)

@@ -138,7 +138,14 @@ def resolve_output_quant(mode: str | None, ckpts: Sequence[Checkpoint], logical:
             specs[n] = codec.layout(n, logical[n].shape, scheme)
         except ValueError as e:
             raise ConfigError(f"--quantize {mode}: {e}") from e
-    return OutputQuant(mode=mode, specs=specs, config=codec.quantization_config(scheme),
+    config = codec.quantization_config(scheme)
+    if mode == "fp8-block":
+        # transformers converts every nn.Linear not listed here (and, given a list, adds no
+        # default skips such as lm_head): list each matrix we leave unquantized, as Qwen3-FP8 does
+        config["modules_to_not_convert"] = sorted(
+            n[:-len(".weight")] for n, t in logical.items() if n.endswith(".weight") and len(t.shape) == 2
+            and n not in specs)
+    return OutputQuant(mode=mode, specs=specs, config=config,
                        note=f"output quantized as {mode} ({len(specs)} tensors, fresh scales)")
 
 

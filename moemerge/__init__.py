@@ -1,6 +1,6 @@
 """moemerge: out-of-core, streaming merges and checkpoint averaging of huge (MoE) checkpoints."""
 
-__version__ = "0.1.0"
+from moemerge.settings import VERSION as __version__  # first: modules still importing it from here
 
 from moemerge.api import inspect, plan, pma_config, run  # noqa: E402
 

@@ -1,48 +1,46 @@
-"""The Python API: `plan`, `run`, `inspect`, `pma` (the CLI is a thin shell over these)."""
+"""The Python API, which the CLI is a thin shell over: `plan` and `run` a merge, `inspect` a
+checkpoint, `pma_config` / `pma_job` / `pma_update` for averages over a training run, and
+`plan_split` (how a plan splits into Dask tasks). Defaults live in `moemerge.settings`."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
-import os
 import time
-from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from moemerge import __version__
 from moemerge.config import MergeConfig, load_config, parse_config
 from moemerge.engine import NullProgress, Progress, run_local
 from moemerge.errors import CheckpointError, ConfigError
 from moemerge.io.checkpoint import Checkpoint, TensorInfo
 from moemerge.io.quant import dequantizing
 from moemerge.io.journal import Journal, ResumeCheck
-from moemerge.io.lease import take_lease
-from moemerge.io.sidefiles import read_side_files, retag_config_dtype
+from moemerge.io.lease import Lease, take_lease
+from moemerge.io.sidefiles import read_side_files
 from moemerge.io.space import check_space
 from moemerge.io.swap import note_state
-from moemerge.io.writer import CONFIG_COPY_NAME, LocalModelWriter, ModelWriter, check_output
+from moemerge.io.output import OutputTarget, open_writer as io_open_writer, output_target
+from moemerge.io.writer import LocalModelWriter, ModelWriter, SupportsAdopt, SupportsFlush, check_output
 from moemerge.methods import average_weights
 from moemerge.planner import Plan, build_plan
-from moemerge.planner.quant import with_quant_config
+from moemerge.settings import (DEFAULT_ALPHA, DEFAULT_BUDGET, DEFAULT_PMA_METHOD, DEFAULT_SHARD_SIZE,
+                               JOURNAL_EVERY, JOURNAL_EVERY_SECONDS, JOURNAL_EVERY_TENSORS, JOURNAL_MIN_SECONDS,
+                               MIN_BUDGET, PMA_METHODS)
+from moemerge.settings import VERSION as __version__
 from moemerge.sizes import parse_size
 
-__all__ = ["plan", "run", "inspect", "pma_config", "RunResult", "DEFAULT_BUDGET", "DEFAULT_SHARD_SIZE"]
+if TYPE_CHECKING:
+    from moemerge.pma.choose import Chosen
+    from moemerge.pma.update import UpdateResult
 
-DEFAULT_BUDGET = "2GB"
-DEFAULT_SHARD_SIZE = "5GB"
-#: The smallest budget we accept: below it, per-call overheads dominate every chunk.
-MIN_BUDGET = 10**6
-#: The resume journal gets an entry (an fsync of the shards, then a line per finished tensor)
-#: when any of these is reached since the last: output bytes of finished tensors (2 GiB),
-#: finished tensors (a small output never reaches the bytes; at most one such entry per
-#: JOURNAL_MIN_SECONDS, as each costs fsyncs), seconds (`engine.cadence`).
-JOURNAL_EVERY = 2 << 30
-JOURNAL_EVERY_TENSORS = 64
-JOURNAL_EVERY_SECONDS = 30.0
-JOURNAL_MIN_SECONDS = 1.0
+__all__ = ["plan", "run", "inspect", "pma_config", "pma_job", "pma_update", "plan_split", "parse_weights",
+           "pma_dcp", "RunResult", "PmaJob", "DEFAULT_BUDGET", "DEFAULT_SHARD_SIZE"]
+
+# The defaults and limits live in `moemerge.settings`; the journal cadence is read from this
+# module's names at run time (tests shorten it by setting `moemerge.api.JOURNAL_EVERY`).
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,7 +103,7 @@ def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int
     units = {} if unit_size is None else {"unit_bytes": parse_size(unit_size, what="--unit-size", minimum=1)}
     side = ckpts[0].config() or {}
     hint = side.get("num_hidden_layers") if isinstance(side.get("num_hidden_layers"), int) else None
-    p = plan_with_quant(build_plan(
+    p: Plan = plan_with_quant(build_plan(
         cfg, {c.url: c.tensors for c in ckpts}, memory_budget=budget, shard_size=shard,
         seed=seed, n_layers_hint=hint, chunk_rows=chunk_rows, out_format=out_format, quant=oq.specs, keep=oq.keep, **units,
     ), oq)
@@ -133,34 +131,9 @@ def plan(config: MergeConfig | dict[str, Any] | str, *, memory_budget: str | int
 
 def open_writer(out: str, p: Plan, *, overwrite: bool, storage_options: dict[str, Any] | None = None,
                 attributes: dict[str, Any] | None = None) -> ModelWriter:
-    """The writer for `out` in the plan's format, on local disk or object storage.
-
-    `attributes` (JSON-able) are recorded in formats that keep metadata (Zarr root attributes).
-    """
-    if p.out_format == "zarr":
-        from moemerge.io.zarr_writer import ZarrModelWriter
-
-        arrays = p.zarr_arrays()
-        attrs = {"moemerge_version": __version__, "method": p.method, "sources": list(p.sources),
-                 "config_hash": p.config_hash, **(attributes or {})}
-        return ZarrModelWriter(out, arrays, attributes=attrs, overwrite=overwrite,
-                               storage_options=storage_options)
-    from moemerge.io.storage import is_local, resolve
-
-    if not is_local(resolve(out, storage_options)[0]):
-        from moemerge.io.s3_writer import RemoteModelWriter
-
-        return RemoteModelWriter(out, p.shards, p.placements(), overwrite=overwrite,
-                                 storage_options=storage_options)
-    return LocalModelWriter(out, p.shards, p.placements(), overwrite=overwrite)
-
-
-def _main_dtype(p: Plan) -> str:
-    by_bytes: Counter[str] = Counter()
-    for t in p.tensors:
-        if t.method != "copy" and t.quant is None:  # quantized ones are merged in F32, stored as parts
-            by_bytes[t.out_dtype] += t.numel
-    return by_bytes.most_common(1)[0][0] if by_bytes else "F32"
+    """The writer for `out` in the plan's format (`moemerge.io.output.open_writer`)."""
+    return io_open_writer(output_target(out, p.out_format, storage_options), p, overwrite=overwrite,
+                          attributes=attributes)
 
 
 def run(
@@ -207,6 +180,40 @@ def run(
     """
     t0 = time.monotonic()
     cfg = _as_config(config)
+    _check_run_options(workers=workers, scheduler=scheduler, device=device)
+    lease, ckpts = _lock_and_open(cfg, out, overwrite=overwrite,
+                                  what="moemerge pma" if "pma" in (manifest_extra or {}) else "moemerge run")
+    cluster = None
+    try:
+        the_plan = _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
+                         chunk_rows=chunk_rows, out_format=out_format, unit_size=unit_size, quantize=quantize)
+        if client is None and (workers or scheduler):  # reach the cluster before any output exists
+            from moemerge.engine.cluster import start_client
+
+            client, cluster = start_client(workers=workers, scheduler=scheduler, memory_budget=the_plan.memory_budget,
+                                           dashboard=dashboard)
+        output = _prepare_output(the_plan, cfg, ckpts, out, overwrite=overwrite, seed=seed, resume=resume)
+        try:
+            prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())
+            digests, resumed = _compute(the_plan, cfg, ckpts, output, client=client, own_cluster=cluster is not None,
+                                        progress=prog, device=device, resume=resume)
+            _commit(the_plan, output, digests, seed=seed, manifest_extra=manifest_extra, checks=(lease.check,))
+        except BaseException as e:
+            output.writer.close()
+            note_state(e, output.writer)  # what is on disk now, for the CLI's one line
+            raise
+    finally:
+        for c in ckpts:
+            c.close()
+        if cluster is not None:  # the LocalCluster we started for `workers`
+            client.close()
+            cluster.close()
+        lease.release()
+    return RunResult(out=out, plan=the_plan, seconds=time.monotonic() - t0, checksums=digests, resumed=resumed)
+
+
+def _check_run_options(*, workers: int | None, scheduler: str | None, device: str) -> None:
+    """`run`'s execution options, checked before anything is opened."""
     if workers is not None and scheduler:
         raise ConfigError("give --workers (start a local Dask cluster) or --scheduler (join one), not both")
     if workers is not None and workers < 1:
@@ -222,91 +229,82 @@ def run(
             raise ConfigError(f"--device {device}: not supported; use cpu or cuda")
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
+
+
+def _lock_and_open(cfg: MergeConfig, out: str, *, overwrite: bool, what: str) -> tuple[Lease, list[Checkpoint]]:
+    """Check that `out` may be written, take its lease (one writer at a time: a second job
+    stops here, having changed nothing; io.lease), check again under it, then open the inputs."""
     check_output(out, overwrite=overwrite, inputs=cfg.model_locations(), storage_options=cfg.storage_options)
-    # one writer at a time: a second job stops here, having changed nothing (io.lease)
-    lease = take_lease(out, cfg.storage_options, kind="output",
-                       what="moemerge pma" if "pma" in (manifest_extra or {}) else "moemerge run")
+    lease = take_lease(out, cfg.storage_options, kind="output", what=what)
     try:  # again under the lock: a job that held it may have just committed
         check_output(out, overwrite=overwrite, inputs=cfg.model_locations(), storage_options=cfg.storage_options)
-        ckpts = _open_all(cfg)
+        return lease, _open_all(cfg)
     except BaseException:
         lease.release()
         raise
-    cluster = None
-    try:
-        the_plan = _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
-                         chunk_rows=chunk_rows, out_format=out_format, unit_size=unit_size, quantize=quantize)
-        if client is None and (workers or scheduler):  # reach the cluster before any output exists
-            from moemerge.engine.cluster import start_client
 
-            client, cluster = start_client(workers=workers, scheduler=scheduler, memory_budget=the_plan.memory_budget,
-                                           dashboard=dashboard)
-        side = read_side_files(the_plan.side_source or ckpts[0].url, cfg.storage_options, model=True, tokenizer=False)
-        tok = read_side_files(the_plan.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
-        source = {k: v for k, v in cfg.source.items() if k != "storage_options"}
-        writer = open_writer(out, the_plan, overwrite=overwrite, storage_options=cfg.storage_options,
-                             attributes={"config": source})
-        journal = _journal(the_plan, writer, seed=seed, resume=resume, out=out, ckpts=ckpts)
-        check_space(writer, the_plan.bytes_written + sum(len(v) for v in (*side.values(), *tok.values())))
-        writer.prepare()
-        try:
-            prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())
-            done: dict[str, str] = {}
-            on_written = None
-            resumed: ResumeCheck | None = None
-            if journal is not None:
-                resumed = _recheck(journal, writer, prog) if resume else None  # before trusting `done`
-                journal.begin()
-                done, on_written = journal.done, _durable(writer, journal)
-            if client is not None:
-                digests = _run_on_dask(the_plan, cfg, writer, out, client=client, own_cluster=cluster is not None,
-                                       progress=prog, device=device, skip=done, on_written=on_written)
-            else:
-                digests = run_local(the_plan, ckpts, writer, progress=prog, device=device, in_cast=cfg.dtype,
-                                    skip=done, on_written=on_written, written_every=_cadence())
-            digests = {**done, **digests}
-            main_dtype = _main_dtype(the_plan)
-            if "config.json" in side:
-                side["config.json"] = with_quant_config(retag_config_dtype(side["config.json"], main_dtype),
-                                                        the_plan.extra.get("quantization_config"))
-            files = {**side, **tok}
-            files[CONFIG_COPY_NAME] = yaml.safe_dump(source, sort_keys=False).encode()
-            index = {
-                "metadata": {"total_size": the_plan.bytes_written, "moemerge_version": __version__},
-                "weight_map": {n: f for t in the_plan.tensors for n, f, _, _ in t.stored()},
-            }
-            manifest = {
-                "moemerge_version": __version__,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "method": the_plan.method,
-                "config_hash": the_plan.config_hash,
-                "config": source,
-                "inputs": list(the_plan.sources),
-                "seed": seed,
-                "dtype": main_dtype,
-                "files": {s.file: s.size for s in the_plan.shards},
-                "tensors": {
-                    n: {"file": f, "dtype": d, "shape": list(shape), "sha256": digests[n]}
-                    for t in the_plan.tensors for n, f, d, shape in t.stored()
-                },
-                **(manifest_extra or {}),
-            }
-            lease.check()  # taken over meanwhile (we were presumed dead): fail rather than commit
-            writer.finish(side_files=files, index=index, manifest=manifest)
-            if journal is not None:
-                journal.remove()  # committed: nothing left to resume
-        except BaseException as e:
-            writer.close()
-            note_state(e, writer)  # what is on disk now, for the CLI's one line
-            raise
-    finally:
-        for c in ckpts:
-            c.close()
-        if cluster is not None:  # the LocalCluster we started for `workers`
-            client.close()
-            cluster.close()
-        lease.release()
-    return RunResult(out=out, plan=the_plan, seconds=time.monotonic() - t0, checksums=digests, resumed=resumed)
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Output:
+    """An output laid out and ready for tensors: its writer, journal and the files copied beside."""
+
+    target: OutputTarget
+    writer: ModelWriter
+    journal: Journal | None
+    """The resume journal (local safetensors outputs only)."""
+    side_files: dict[str, bytes]
+    """config.json and tokenizer files, as read from their sources."""
+    source: dict[str, Any]
+    """The config as given, storage options left out (copied beside the output)."""
+
+
+def _prepare_output(p: Plan, cfg: MergeConfig, ckpts: list[Checkpoint], out: str, *, overwrite: bool, seed: int,
+                    resume: bool) -> _Output:
+    """Read the side files, open the writer and the journal, check free space, lay out the output."""
+    side = read_side_files(p.side_source or ckpts[0].url, cfg.storage_options, model=True, tokenizer=False)
+    tok = read_side_files(p.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
+    source = {k: v for k, v in cfg.source.items() if k != "storage_options"}
+    target = output_target(out, p.out_format, cfg.storage_options)  # the writer kind, decided once
+    writer = io_open_writer(target, p, overwrite=overwrite, attributes={"config": source})
+    journal = _journal(p, writer, seed=seed, resume=resume, out=out, ckpts=ckpts)
+    check_space(writer, p.bytes_written + sum(len(v) for v in (*side.values(), *tok.values())))
+    writer.prepare()
+    return _Output(target=target, writer=writer, journal=journal, side_files={**side, **tok}, source=source)
+
+
+def _compute(p: Plan, cfg: MergeConfig, ckpts: list[Checkpoint], output: _Output, *, client: Any,
+             own_cluster: bool, progress: Progress | NullProgress, device: str,
+             resume: bool) -> tuple[dict[str, str], ResumeCheck | None]:
+    """Compute and write every tensor not kept from an earlier run (`resume`), here or on the
+    Dask cluster behind `client`; every tensor's checksum back, and what was kept."""
+    writer, journal = output.writer, output.journal
+    done: dict[str, str] = {}
+    on_written = None
+    resumed: ResumeCheck | None = None
+    if journal is not None and isinstance(writer, LocalModelWriter):  # only those keep one (`_journal`)
+        resumed = _recheck(journal, writer, progress) if resume else None  # before trusting `done`
+        journal.begin()
+        done, on_written = journal.done, _durable(writer, journal)
+    if client is not None:
+        digests = _run_on_dask(p, cfg, writer, output.target, client=client, own_cluster=own_cluster,
+                               progress=progress, device=device, skip=done, on_written=on_written)
+    else:
+        digests = run_local(p, ckpts, writer, progress=progress, device=device, in_cast=cfg.dtype,
+                            skip=done, on_written=on_written, written_every=_cadence())
+    return {**done, **digests}, resumed
+
+
+def _commit(p: Plan, output: _Output, digests: dict[str, str], *, seed: int, manifest_extra: dict[str, Any] | None,
+            checks: Sequence[Callable[[], None]]) -> None:
+    """Side files, index, then the manifest (the commit, `engine.commit`); the journal goes last.
+    `checks` run right before the manifest (a lease taken over meanwhile: fail rather than commit)."""
+    from moemerge.engine.commit import commit_output
+
+    commit_output(output.writer, p, digests, side_files=output.side_files,
+                  config_copy=yaml.safe_dump(output.source, sort_keys=False).encode(), config=output.source,
+                  seed=seed, extra=manifest_extra, checks=checks)
+    if output.journal is not None:
+        output.journal.remove()  # committed: nothing left to resume
 
 
 def _journal(p: Plan, writer: ModelWriter, *, seed: int, resume: bool, out: str,
@@ -347,33 +345,30 @@ def _cadence() -> Any:
 def _durable(writer: ModelWriter, journal: Journal) -> Any:
     """`on_written` for the engines: flush the shards, then journal what they hold."""
     def record(digests: dict[str, str]) -> None:
-        writer.flush()  # type: ignore[attr-defined]
+        if isinstance(writer, SupportsFlush):  # a journal is kept only for writers that flush
+            writer.flush()
         journal.record(digests)
 
     return record
 
 
-def _run_on_dask(p: Plan, cfg: MergeConfig, writer: ModelWriter, out: str, *, client: Any, own_cluster: bool,
-                 progress: Progress | NullProgress, device: str, skip: dict[str, str],
+def _run_on_dask(p: Plan, cfg: MergeConfig, writer: ModelWriter, target: OutputTarget, *, client: Any,
+                 own_cluster: bool, progress: Progress | NullProgress, device: str, skip: dict[str, str],
                  on_written: Any) -> dict[str, str]:
     """Run the plan's tasks on the Dask cluster behind `client`; checksums back."""
     import functools
 
-    from moemerge.engine.cluster import OutputTarget, run_dask
-    from moemerge.io.storage import is_local, resolve
+    from moemerge.engine.cluster import OutputTarget as DaskTarget, run_dask
 
-    out = getattr(writer, "target", out)  # overwriting: the new output is built beside the old
-    fs, path = resolve(out, cfg.storage_options)
-    local = is_local(fs)
-    kind = "zarr" if p.out_format == "zarr" else ("local" if local else "remote")
-    target = OutputTarget(kind=kind, url=os.path.abspath(path) if local else out,
-                          storage_options=cfg.storage_options or None,
-                          flush_each_task=not own_cluster)  # others' workers may be other machines
-    digests = run_dask(p, client, opener=functools.partial(_open_all, cfg), target=target,
+    # workers open the output where the writer builds it (beside the old one when overwriting)
+    at = target.at(writer.target)
+    dask_target = DaskTarget(kind=at.kind, url=at.url, storage_options=at.storage_options or None,
+                             flush_each_task=not own_cluster)  # others' workers may be other machines
+    digests = run_dask(p, client, opener=functools.partial(_open_all, cfg), target=dask_target,
                        progress=progress, device=device, in_cast=cfg.dtype, skip=skip,
                        on_written=on_written, written_every=_cadence())
-    if kind == "remote":
-        writer.adopt([s.file for s in p.shards])  # type: ignore[attr-defined]
+    if isinstance(writer, SupportsAdopt):  # shards the workers streamed and completed themselves
+        writer.adopt([s.file for s in p.shards])
     return digests
 
 
@@ -387,7 +382,7 @@ def inspect(location: str, storage_options: dict[str, Any] | None = None) -> lis
 
 
 def pma_config(
-    snapshots: list[str], *, method: str = "sma", alpha: float = 0.2,
+    snapshots: list[str], *, method: str = DEFAULT_PMA_METHOD, alpha: float = DEFAULT_ALPHA,
     weights: list[float] | None = None, dtype: str | None = None, dcp: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[float]]:
     """A merge config averaging `snapshots` (oldest first), and the weight of each snapshot.
@@ -413,8 +408,8 @@ def pma_config(
         }
         eff = [w / total for w in weights]
     else:
-        if method not in ("sma", "wma", "ema"):
-            raise ConfigError(f"--method: unknown average {method!r}; use sma, wma or ema")
+        if method not in PMA_METHODS:
+            raise ConfigError(f"--method: unknown average {method!r}; use {', '.join(PMA_METHODS[:-1])} or {PMA_METHODS[-1]}")
         if method == "ema" and not 0 < alpha <= 1:
             raise ConfigError(f"--alpha: must be in (0, 1], got {alpha}")
         doc = {"merge_method": method, "models": [{"model": s} for s in snapshots]}
@@ -428,3 +423,135 @@ def pma_config(
     return doc, eff
 
 
+
+# -- what the CLI's `pma`, `pma update` and `plan --workers` decide, done here ----------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PmaJob:
+    """A `pma` average, decided: the snapshots chosen, their weights and the merge config."""
+
+    config: MergeConfig
+    chosen: Chosen
+    """The snapshots, oldest first, with their steps."""
+    weights: list[float]
+    """The effective (normalized) weight of each snapshot."""
+    title: str
+    """What is averaged: `sma`, `wma`, `ema` or `weights`."""
+    record: dict[str, Any]
+    """The manifest's `pma` entry (`run(..., manifest_extra={"pma": record})`)."""
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    """`--weights 1,2,3` -> [1.0, 2.0, 3.0]; None when not given."""
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError as e:
+        raise ConfigError(f"--weights: expected numbers separated by commas, got {text!r}") from e
+
+
+def pma_dcp(prefix: str | None, rename: Sequence[str] = ()) -> dict[str, Any] | None:
+    """The config's `dcp:` mapping from `--dcp-prefix P` / `--rename OLD=NEW` items, or None."""
+    renames: dict[str, str] = {}
+    for item in rename:
+        old, sep, new = item.partition("=")
+        if not sep or not old:
+            raise ConfigError(f"--rename {item!r}: expected OLD=NEW (a tensor-name prefix and its replacement)")
+        renames[old] = new
+    if prefix is None and not renames:
+        return None
+    return {"prefix": prefix, "rename": renames}
+
+
+def pma_job(
+    snapshots: Sequence[str], *, out: str | None, dry_run: bool = False, method: str | None = None,
+    alpha: float | None = None, weights: str | Sequence[float] | None = None, out_dtype: str | None = None,
+    dcp_prefix: str | None = None, rename: Sequence[str] = (), last: int | None = None,
+    interval_steps: int | None = None, interval_tokens: float | None = None,
+    tokens_per_step: float | None = None, before_step: int | None = None, step_regex: str | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> PmaJob:
+    """Choose the snapshots of a `pma` average (a list oldest first, or one glob/prefix), weigh
+    them and build the merge config; `weights` may be the `--weights` text. `on_note` hears the
+    notes of the choice as soon as it is made."""
+    from moemerge.pma.choose import Window, choose
+
+    method = method or DEFAULT_PMA_METHOD
+    alpha = DEFAULT_ALPHA if alpha is None else alpha
+    if not out and not dry_run:
+        raise ConfigError("pma: give the output directory with -o OUT (or --dry-run)")
+    given = parse_weights(weights) if isinstance(weights, str) or weights is None else list(weights)
+    dcp = pma_dcp(dcp_prefix, rename)
+    window = Window(last=last, interval_steps=interval_steps, interval_tokens=interval_tokens,
+                    tokens_per_step=tokens_per_step, before_step=before_step, step_regex=step_regex)
+    chosen = choose(list(snapshots), window, min_last=len(given) if given else None)
+    for n in chosen.notes:
+        if on_note is not None:
+            on_note(n)
+    snaps = list(chosen.urls)
+    doc, eff = pma_config(snaps, method=method, alpha=alpha, weights=given, dtype=out_dtype, dcp=dcp)
+    cfg = parse_config(doc, where="pma")
+    record = {"method": "weights" if given else method,
+              "alpha": alpha if method == "ema" and not given else None,
+              "snapshots": snaps, "steps": list(chosen.steps), "weights": eff,
+              "pattern": chosen.pattern, "selection": chosen.selection}
+    return PmaJob(config=cfg, chosen=chosen, weights=eff, title="weights" if given else method, record=record)
+
+
+def pma_update(
+    state: str, pattern: str, out: str, *, method: str | None = None, last: int | None = None,
+    alpha: float | None = None, interval_steps: int | None = None, interval_tokens: float | None = None,
+    tokens_per_step: float | None = None, before_step: int | None = None, step_regex: str | None = None,
+    recompute_every: int | None = None, memory_budget: str | int = DEFAULT_BUDGET,
+    shard_size: str | int = DEFAULT_SHARD_SIZE, out_format: str = "safetensors", out_dtype: str | None = None,
+    overwrite: bool = False, progress: bool = False, dcp_prefix: str | None = None, rename: Sequence[str] = (),
+    weights: str | Sequence[float] | None = None, dry_run: bool = False, quantize: str | None = None,
+    workers: int | None = None, scheduler: str | None = None,
+) -> UpdateResult:
+    """Update the running PMA state at `state` with the new snapshots of `pattern` and write the
+    average to `out` (`moemerge.pma.update`); settings left out come from the state. The flags
+    of `pma` that an update cannot honour (`weights`, `dry_run`, `quantize`, Dask) are refused."""
+    from moemerge.names import parse_dcp_names
+    from moemerge.pma.discovery import interval_steps_from_tokens
+    from moemerge.pma.update import update
+
+    if workers or scheduler:
+        raise ConfigError("pma update runs in one process (it reads only the new snapshots); --workers and "
+                          "--scheduler are for `moemerge run` and `moemerge pma`")
+    for flag, given in (("--weights", weights), ("--dry-run", dry_run), ("--quantize", quantize)):
+        if given:
+            raise ConfigError(f"pma update: {flag} is not supported; use `moemerge pma` for a one-off average")
+    interval = interval_steps
+    if interval_tokens is not None or tokens_per_step is not None:
+        if interval_tokens is None or tokens_per_step is None or interval is not None:
+            raise ConfigError("give --interval-tokens with --tokens-per-step, or --interval-steps alone")
+        interval = interval_steps_from_tokens(interval_tokens, tokens_per_step)
+    doc = pma_dcp(dcp_prefix, rename)
+    names = None if doc is None else parse_dcp_names(doc, where="--dcp-prefix/--rename")
+    return update(state, pattern, out, method=method, last=last, alpha=alpha, interval_steps=interval,
+                  before_step=before_step, step_regex=step_regex, recompute_every=recompute_every,
+                  memory_budget=memory_budget, shard_size=shard_size, out_format=out_format, out_dtype=out_dtype,
+                  overwrite=overwrite, progress=progress, dcp=names)
+
+
+def plan_split(p: Plan, workers: int, out: str | None = None) -> dict[str, Any]:
+    """How `p` splits into Dask tasks and what each of `workers` workers holds (sizes as text,
+    for `moemerge plan --workers`); the split depends on whether `out` is object storage."""
+    from moemerge.engine.cluster import worker_memory_limit
+    from moemerge.engine.graph import build_graph, graph_summary
+    from moemerge.sizes import format_size
+
+    remote = bool(out) and "://" in str(out) and not str(out).startswith("file://")
+    tasks = build_graph(p, by_shard=remote and p.out_format == "safetensors")
+    kinds = graph_summary(tasks)
+    work = sum(t.in_bytes for t in tasks)
+    return {
+        "tasks": kinds.pop("tasks"),
+        "by_kind": ", ".join(f"{k} {v:,}" for k, v in kinds.items()),
+        "bytes_per_task": format_size(work // max(1, len(tasks))),
+        "tasks_per_worker": f"~{-(-len(tasks) // workers):,}",
+        "worker_buffers": f"{format_size(p.peak_bytes)} (budget {format_size(p.memory_budget)} per worker)",
+        "worker_memory_limit": format_size(worker_memory_limit(p.memory_budget)),
+    }

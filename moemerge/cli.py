@@ -1,4 +1,5 @@
-"""The `moemerge` command: parses arguments, calls the API, prints. Decides nothing itself."""
+"""The `moemerge` command: parses arguments, calls the API, prints. Decides nothing itself:
+defaults come from `moemerge.settings`, checks and decisions from `moemerge.api`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from moemerge import __version__
 from moemerge.errors import MoemergeError
+from moemerge.settings import (DEFAULT_ALPHA, DEFAULT_BUDGET, DEFAULT_DEVICE, DEFAULT_LAST, DEFAULT_PMA_METHOD,
+                               DEFAULT_SHARD_SIZE, DEFAULT_UNIT_BYTES, OUT_FORMATS, PMA_METHODS,
+                               QUANTIZE_CHOICES, VERSION)
 
 __all__ = ["main"]
 
@@ -20,10 +23,11 @@ _out = Console(highlight=False, soft_wrap=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--memory-budget", default="2GB", help="memory for buffers, e.g. 128MB, 4GB (default 2GB)")
-    p.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--memory-budget", default=DEFAULT_BUDGET,
+                   help=f"memory for buffers, e.g. 128MB, 4GB (default {DEFAULT_BUDGET})")
+    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"largest output shard (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--seed", type=int, default=0, help="seed of random methods (DARE, DELLA)")
-    p.add_argument("--quantize", default=None, choices=["none", "like-input", "fp8-block", "mxfp4"],
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
                    help="write weights quantized with fresh scales: like-input (the first input's layout; the "
                         "default when all inputs are quantized alike), fp8-block (128x128 block FP8), mxfp4 "
                         "(gpt-oss experts), or none (out dtype, no quantization_config)")
@@ -31,8 +35,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _run_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a finished output")
-    p.add_argument("--device", default="cpu", help="where the math runs: cpu (default) or cuda")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "zarr"])
+    p.add_argument("--device", default=DEFAULT_DEVICE, help=f"where the math runs: cpu or cuda (default {DEFAULT_DEVICE})")
+    p.add_argument("--format", default=OUT_FORMATS[0], choices=OUT_FORMATS)
     _dask_opts(p)
     p.add_argument("--scheduler", default=None,
                    help="run on an existing Dask cluster (its address, e.g. tcp://10.0.0.5:8786)")
@@ -49,13 +53,14 @@ def _dask_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="run on a local Dask cluster of N worker processes (--memory-budget is per worker)")
     p.add_argument("--unit-size", default=None,
-                   help="input bytes per Dask task (default about 256MB); the output does not depend on it")
+                   help=f"input bytes per Dask task (default about {DEFAULT_UNIT_BYTES // 10**6}MB); the output "
+                        "does not depend on it")
 
 
 def _pma_select_opts(p: argparse.ArgumentParser) -> None:
     """The selection and method flags of `pma` (and `pma update`)."""
     p.add_argument("--last", type=int, default=None, metavar="N",
-                   help="average the newest N snapshots (default 10 for a pattern)")
+                   help=f"average the newest N snapshots (default {DEFAULT_LAST} for a pattern)")
     p.add_argument("--interval-steps", type=int, default=None, metavar="K",
                    help="keep snapshots at least K steps apart, counting back from the newest")
     p.add_argument("--interval-tokens", type=float, default=None, metavar="V",
@@ -66,9 +71,10 @@ def _pma_select_opts(p: argparse.ArgumentParser) -> None:
                    help="only snapshots before step S (PMA-init after a loss spike at S)")
     p.add_argument("--step-regex", default=None, metavar="RE",
                    help=r"regex with one group finding the step in a directory name, e.g. 'ckpt(\d+)'")
-    # defaults None so that `pma update` can tell a given setting from the state's (it applies sma / 0.2)
-    p.add_argument("--method", default=None, choices=["sma", "wma", "ema"], help="the average (default sma)")
-    p.add_argument("--alpha", type=float, default=None, help="EMA weight of the newest snapshot (default 0.2)")
+    # defaults None so that `pma update` can tell a given setting from the state's (the API applies the defaults)
+    p.add_argument("--method", default=None, choices=PMA_METHODS, help=f"the average (default {DEFAULT_PMA_METHOD})")
+    p.add_argument("--alpha", type=float, default=None,
+                   help=f"EMA weight of the newest snapshot (default {DEFAULT_ALPHA})")
     p.add_argument("--weights", default=None, help="explicit weights, comma-separated, oldest first (normalized)")
     p.add_argument("--out-dtype", default=None, help="output dtype (default: the inputs')")
     p.add_argument("--dcp-prefix", default=None, metavar="P",
@@ -79,7 +85,7 @@ def _pma_select_opts(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moemerge", description="Stream-merge huge model checkpoints in constant memory.")
-    ap.add_argument("--version", action="version", version=f"moemerge {__version__}")
+    ap.add_argument("--version", action="version", version=f"moemerge {VERSION}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="merge as a MergeKit YAML config says")
@@ -92,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("out", nargs="?", default=None, help="the output location (how Dask splits work depends on it)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "zarr"])
+    p.add_argument("--format", default=OUT_FORMATS[0], choices=OUT_FORMATS)
     _common(p)
     _dask_opts(p)
 
@@ -142,8 +148,8 @@ def _print_plan(plan: Any, header: str) -> None:
     t.add_row("read", format_size(plan.bytes_read))
     t.add_row("write", format_size(plan.bytes_written))
     t.add_row("statistics passes", f"{plan.passes}")
-    if plan.extra.get("quantize", "none") != "none":  # --quantize (or its default): the output's layout
-        t.add_row("quantize", str(plan.extra["quantize"]))
+    if (plan.quantize or "none") != "none":  # --quantize (or its default): the output's layout
+        t.add_row("quantize", plan.quantize)
     t.add_row("memory", f"buffers {format_size(plan.peak_bytes)} (budget {format_size(plan.memory_budget)})")
     # ~1 GB/s is what sequential reads reached on a plain cloud disk here; a rough guide only
     t.add_row("estimate", f"~{plan.bytes_read / 1e9:,.0f} s at 1 GB/s")
@@ -152,14 +158,6 @@ def _print_plan(plan: Any, header: str) -> None:
         _err.print(f"[yellow]warning:[/] {w}")
     for n in plan.notes:
         _err.print(f"note: {n}")
-
-
-def _no_dask(args: argparse.Namespace) -> None:
-    from moemerge.errors import ConfigError
-
-    if getattr(args, "workers", None) or getattr(args, "scheduler", None):
-        raise ConfigError("pma update runs in one process (it reads only the new snapshots); --workers and "
-                          "--scheduler are for `moemerge run` and `moemerge pma`")
 
 
 def _dask_kw(args: argparse.Namespace) -> dict[str, Any]:
@@ -191,11 +189,11 @@ def _report(res: Any) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
-    from moemerge.api import plan
+    from moemerge.api import plan, plan_split
 
     p = plan(args.config, memory_budget=args.memory_budget, shard_size=args.shard_size, seed=args.seed,
              unit_size=args.unit_size, out_format=args.format, quantize=args.quantize)
-    dask = _dask_split(p, args.workers, remote=_is_remote(args.out)) if args.workers else None
+    dask = plan_split(p, args.workers, args.out) if args.workers else None
     if args.json:
         _out.print_json(json.dumps({**p.summary(), **({"dask": dask} if dask else {})}))
         return
@@ -205,71 +203,6 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         for k, v in dask.items():
             t.add_row(k.replace("_", " "), str(v))
         _out.print(t)
-
-
-def _is_remote(out: str | None) -> bool:
-    return bool(out) and "://" in str(out) and not str(out).startswith("file://")
-
-
-def _dask_split(p: Any, workers: int, *, remote: bool) -> dict[str, Any]:
-    """How `p` splits into Dask tasks and what each of `workers` workers holds."""
-    from moemerge.engine.cluster import worker_memory_limit
-    from moemerge.engine.graph import build_graph, graph_summary
-    from moemerge.sizes import format_size
-
-    tasks = build_graph(p, by_shard=remote and p.out_format == "safetensors")
-    kinds = graph_summary(tasks)
-    work = sum(t.in_bytes for t in tasks)
-    return {
-        "tasks": kinds.pop("tasks"),
-        "by_kind": ", ".join(f"{k} {v:,}" for k, v in kinds.items()),
-        "bytes_per_task": format_size(work // max(1, len(tasks))),
-        "tasks_per_worker": f"~{-(-len(tasks) // workers):,}",
-        "worker_buffers": f"{format_size(p.peak_bytes)} (budget {format_size(p.memory_budget)} per worker)",
-        "worker_memory_limit": format_size(worker_memory_limit(p.memory_budget)),
-    }
-
-
-def _pma_weights(args: argparse.Namespace) -> list[float] | None:
-    from moemerge.errors import ConfigError
-
-    if not args.weights:
-        return None
-    try:
-        return [float(x) for x in args.weights.split(",")]
-    except ValueError as e:
-        raise ConfigError(f"--weights: expected numbers separated by commas, got {args.weights!r}") from e
-
-
-def _pma_window(args: argparse.Namespace) -> Any:
-    from moemerge.pma.choose import Window
-
-    return Window(last=args.last, interval_steps=args.interval_steps, interval_tokens=args.interval_tokens,
-                  tokens_per_step=args.tokens_per_step, before_step=args.before_step,
-                  step_regex=args.step_regex)
-
-
-def _pma_dcp(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The config's `dcp:` mapping from --dcp-prefix / --rename, or None."""
-    from moemerge.errors import ConfigError
-
-    rename: dict[str, str] = {}
-    for item in args.rename:
-        old, sep, new = item.partition("=")
-        if not sep or not old:
-            raise ConfigError(f"--rename {item!r}: expected OLD=NEW (a tensor-name prefix and its replacement)")
-        rename[old] = new
-    if args.dcp_prefix is None and not rename:
-        return None
-    return {"prefix": args.dcp_prefix, "rename": rename}
-
-
-def _dcp_names(args: argparse.Namespace) -> Any:
-    """--dcp-prefix / --rename as DcpNames, or None (the default mapping, or the state's)."""
-    from moemerge.io.dcp_names import parse_dcp_names
-
-    doc = _pma_dcp(args)
-    return None if doc is None else parse_dcp_names(doc, where="--dcp-prefix/--rename")
 
 
 def _print_snapshots(chosen: Any, weights: list[float], title: str) -> None:
@@ -283,72 +216,46 @@ def _print_snapshots(chosen: Any, weights: list[float], title: str) -> None:
 
 
 def _cmd_pma(args: argparse.Namespace) -> None:
-    from moemerge.api import plan, pma_config, run
-    from moemerge.config import parse_config
-    from moemerge.errors import ConfigError
-    from moemerge.pma.choose import choose
+    from moemerge.api import plan, pma_job, run
 
     if args.snapshots[0] == "update":  # `moemerge pma update STATE PATTERN -o OUT`
-        update = globals().get("_cmd_pma_update")
-        if update is None:
-            raise ConfigError("pma update: incremental averaging is not available in this version; "
-                              "run `moemerge pma PATTERN -o OUT` to average the window from scratch")
-        update(args)
+        _cmd_pma_update(args)
         return
-    args.method = args.method or "sma"
-    args.alpha = 0.2 if args.alpha is None else args.alpha
-    if not args.out and not args.dry_run:
-        raise ConfigError("pma: give the output directory with -o OUT (or --dry-run)")
-    weights = _pma_weights(args)
-    dcp = _pma_dcp(args)
-    chosen = choose(args.snapshots, _pma_window(args), min_last=len(weights) if weights else None)
-    for n in chosen.notes:
-        _err.print(f"note: {n}", markup=False)
-    snaps = list(chosen.urls)
-    doc, eff = pma_config(snaps, method=args.method, alpha=args.alpha, weights=weights, dtype=args.out_dtype,
-                          dcp=dcp)
-    cfg = parse_config(doc, where="pma")
-    _print_snapshots(chosen, eff, f"{'weights' if weights else args.method} over {len(snaps)} snapshot(s), "
-                                  "oldest first")
+    job = pma_job(args.snapshots, out=args.out, dry_run=args.dry_run, method=args.method, alpha=args.alpha,
+                  weights=args.weights, out_dtype=args.out_dtype, dcp_prefix=args.dcp_prefix, rename=args.rename,
+                  last=args.last, interval_steps=args.interval_steps, interval_tokens=args.interval_tokens,
+                  tokens_per_step=args.tokens_per_step, before_step=args.before_step, step_regex=args.step_regex,
+                  on_note=lambda n: _err.print(f"note: {n}", markup=False))
+    _print_snapshots(job.chosen, job.weights, f"{job.title} over {len(job.chosen.urls)} snapshot(s), oldest first")
     if args.dry_run:
-        _print_plan(plan(cfg, memory_budget=args.memory_budget, shard_size=args.shard_size,
+        _print_plan(plan(job.config, memory_budget=args.memory_budget, shard_size=args.shard_size,
                          quantize=args.quantize), "plan")
         return
-    record = {"method": "weights" if weights else args.method,
-              "alpha": args.alpha if args.method == "ema" and not weights else None,
-              "snapshots": snaps, "steps": list(chosen.steps), "weights": eff,
-              "pattern": chosen.pattern, "selection": chosen.selection}
-    res = run(cfg, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size, seed=args.seed,
+    res = run(job.config, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size, seed=args.seed,
               overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-              out_format=args.format, manifest_extra={"pma": record}, resume=args.resume, quantize=args.quantize,
+              out_format=args.format, manifest_extra={"pma": job.record}, resume=args.resume, quantize=args.quantize,
               **_dask_kw(args))
     _report(res)
 
 
 def _cmd_pma_update(args: argparse.Namespace) -> None:
     """`moemerge pma update STATE PATTERN -o OUT [flags]` (flags left out come from the state)."""
+    from moemerge.api import pma_update
     from moemerge.errors import ConfigError
-    from moemerge.pma.discovery import interval_steps_from_tokens
-    from moemerge.pma.update import update
+    from moemerge.sizes import format_size
 
-    _no_dask(args)
     if len(args.snapshots) != 3 or not args.out:
         raise ConfigError("pma update: usage is `moemerge pma update STATE PATTERN -o OUT` (STATE: where the "
                           "running state lives; PATTERN: a quoted glob or prefix of snapshot directories)")
-    for flag, given in (("--weights", args.weights), ("--dry-run", args.dry_run), ("--quantize", args.quantize)):
-        if given:
-            raise ConfigError(f"pma update: {flag} is not supported; use `moemerge pma` for a one-off average")
-    interval = args.interval_steps
-    if args.interval_tokens is not None or args.tokens_per_step is not None:
-        if args.interval_tokens is None or args.tokens_per_step is None or interval is not None:
-            raise ConfigError("give --interval-tokens with --tokens-per-step, or --interval-steps alone")
-        interval = interval_steps_from_tokens(args.interval_tokens, args.tokens_per_step)
     _, state, pattern = args.snapshots
-    res = update(state, pattern, args.out, method=args.method, last=args.last, alpha=args.alpha,
-                 interval_steps=interval, before_step=args.before_step, step_regex=args.step_regex,
-                 recompute_every=args.recompute_every, memory_budget=args.memory_budget,
-                 shard_size=args.shard_size, out_format=args.format, out_dtype=args.out_dtype,
-                 overwrite=args.overwrite, progress=not args.no_progress, dcp=_dcp_names(args))
+    res = pma_update(state, pattern, args.out, method=args.method, last=args.last, alpha=args.alpha,
+                     interval_steps=args.interval_steps, interval_tokens=args.interval_tokens,
+                     tokens_per_step=args.tokens_per_step, before_step=args.before_step,
+                     step_regex=args.step_regex, recompute_every=args.recompute_every,
+                     memory_budget=args.memory_budget, shard_size=args.shard_size, out_format=args.format,
+                     out_dtype=args.out_dtype, overwrite=args.overwrite, progress=not args.no_progress,
+                     dcp_prefix=args.dcp_prefix, rename=args.rename, weights=args.weights, dry_run=args.dry_run,
+                     quantize=args.quantize, workers=args.workers, scheduler=args.scheduler)
     for n in res.notes:
         _err.print(f"note: {n}", markup=False)
     if res.action != "noop":
@@ -358,8 +265,6 @@ def _cmd_pma_update(args: argparse.Namespace) -> None:
         for step, w in zip(res.steps, res.weights):
             t.add_row(str(step), f"{w:.6f}")
         _out.print(t)
-    from moemerge.sizes import format_size
-
     _out.print(f"{res.message} (state version {res.version}); read {format_size(res.bytes_read)} of snapshots "
                f"and {format_size(res.state_bytes_read)} of state in {res.seconds:.1f}s", markup=False)
 

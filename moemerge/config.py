@@ -2,6 +2,7 @@
 
 A value in `parameters:` is a number/bool/string, a list of numbers (a gradient over layers),
 or a list of `{filter: STR, value: V}` rules; `methods.md` ("Parameters") gives the rules.
+Parameters are checked here against the `ParamSpec`s each method declares.
 """
 
 from __future__ import annotations
@@ -10,13 +11,18 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import yaml
 
 from moemerge.errors import ConfigError
-from moemerge.io.dcp_names import DcpNames, parse_dcp_names
 from moemerge.io.dtypes import parse_dtype_name
+from moemerge.names import DcpNames, parse_dcp_names
+from moemerge.settings import QUANTIZE_CHOICES
+
+if TYPE_CHECKING:
+    from moemerge.methods.base import Method, ParamSpec
 
 __all__ = [
     "Scalar",
@@ -28,6 +34,9 @@ __all__ = [
     "load_config",
     "parse_config",
     "resolve_value",
+    "param_problem",
+    "input_models",
+    "check_method_config",
 ]
 
 Scalar = Union[float, int, bool, str]
@@ -280,13 +289,12 @@ def _parse_dtype(v: Any, key: str) -> str | None:
 
 
 def _parse_non_float(value: Any, where: str) -> Literal["equal", "last"] | None:
-    if value is None or value in ("equal", "last"):
-        return value
+    if value is None:
+        return None
+    if value == "equal" or value == "last":
+        return "equal" if value == "equal" else "last"
     raise ConfigError(f"{where}: `non_float` must be 'equal' (copy, must match in every input) or "
                       f"'last' (copy from the last listed model), got {value!r}")
-
-
-QUANTIZE_CHOICES = ("none", "like-input", "fp8-block", "mxfp4")
 
 
 def _parse_quantize(value: Any, out_dtype: Any, where: str) -> Any:
@@ -366,8 +374,104 @@ def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
         dcp=None if doc.get("dcp") is None else parse_dcp_names(doc["dcp"], where="dcp"),
         source=dict(doc),
     )
-    method.validate_config(cfg)
+    check_method_config(cfg, method)
     return cfg
+
+
+def param_problem(spec: ParamSpec, v: Any) -> str | None:
+    """What is wrong with one value of parameter `spec` (e.g. 'must be in [0, 1]'), or None."""
+    if spec.kind == "bool":
+        return None if isinstance(v, bool) or v in (0, 1) else "must be true or false"
+    if isinstance(v, str) or isinstance(v, bool):
+        return f"must be a number in {spec.range}"
+    x = float(v)
+    if not math.isfinite(x):
+        return "must be a finite number"
+    if spec.kind == "int" and x != int(x):
+        return f"must be an integer in {spec.range}"
+    if x not in spec.range:
+        return f"must be in {spec.range}"
+    return None
+
+
+def input_models(cfg: MergeConfig, method: Method) -> list[int]:
+    """Indices into cfg.models of the inputs of `method` (the base excluded for base methods)."""
+    if method.base == "none":
+        return list(range(len(cfg.models)))
+    return [i for i, m in enumerate(cfg.models) if m.model != cfg.base_model]
+
+
+def _written_values(v: ParamValue, path: str) -> list[tuple[Scalar, str, str]]:
+    """(value, where in the config, which tensors it applies to) of every written value."""
+    if isinstance(v, Gradient):
+        pts = ", ".join(f"{x:g}" for x in v.points)
+        return [(x, f"{path}[{j}]", f"layer gradient [{pts}], entry {j}") for j, x in enumerate(v.points)]
+    if isinstance(v, tuple):
+        out: list[tuple[Scalar, str, str]] = []
+        for j, rule in enumerate(v):
+            scope = "tensors without a rule above" if rule.filter is None else f"tensors matching {rule.filter!r}"
+            for x, at, what in _written_values(rule.value, f"{path}[{j}].value"):
+                out.append((x, at, scope if what == "every tensor" else f"{scope}, {what}"))
+        return out
+    return [(v, path, "every tensor")]
+
+
+def _param_problems(method: Method, where: str, params: Mapping[str, ParamValue], scope_ok: set[str],
+                    model: str | None) -> list[str]:
+    """Unknown names, misplaced global parameters and out-of-range values of one `parameters:`."""
+    problems: list[str] = []
+    known = {p.name for p in method.params} | set(method.ignored_params)
+    for key, v in params.items():
+        if key not in known:
+            problems.append(
+                f"`{where}.{key}`: unknown parameter for {method.name}; "
+                f"valid: {', '.join(sorted(known)) or '(none)'}"
+            )
+            continue
+        spec = method.spec(key)
+        if spec is None:
+            continue
+        if spec.scope not in scope_ok:
+            problems.append(f"`{where}.{key}`: {key} is a global parameter; set it under top-level `parameters`")
+        whose = f"model {model}" if model else ("every model" if spec.scope == "model" else "the merge")
+        for x, at, applies in _written_values(v, f"{where}.{key}"):
+            msg = param_problem(spec, x)
+            if msg:
+                problems.append(f"`{at}`: {method.name} parameter `{key}` is {x!r} for {whose} "
+                                f"({applies}); {key} {msg}")
+    return problems
+
+
+def check_method_config(cfg: MergeConfig, method: Method) -> None:
+    """Check parameter names, values and the input contract of `cfg` for `method`; every
+    problem is listed in one ConfigError."""
+    problems = _param_problems(method, "parameters", cfg.parameters, {"model", "global"}, None)
+    for i, m in enumerate(cfg.models):
+        problems += _param_problems(method, f"models[{i}].parameters", m.parameters, {"model"}, m.model)
+    if method.base == "required" and not cfg.base_model:
+        problems.append(f"`base_model`: {method.name} needs a base model (task vectors are taken against it)")
+    n = len(input_models(cfg, method))
+    besides = " besides base_model" if method.base != "none" else ""
+    if n < method.min_inputs:
+        problems.append(f"`models`: {method.name} needs at least {method.min_inputs} model(s){besides}, got {n}")
+    if method.max_inputs is not None and n > method.max_inputs:
+        problems.append(f"`models`: {method.name} takes at most {method.max_inputs} model(s){besides}, got {n}")
+    for spec in method.params:
+        if spec.default is not None or spec.scope != "model":
+            continue
+        for i, m in enumerate(cfg.models):
+            if m.model == cfg.base_model and method.base != "none":
+                continue
+            if spec.name not in m.parameters and spec.name not in cfg.parameters:
+                problems.append(
+                    f"`models[{i}].parameters.{spec.name}`: required by {method.name} "
+                    f"for {m.model} (or set it under top-level `parameters`)"
+                )
+    for spec in method.params:
+        if spec.default is None and spec.scope == "global" and spec.name not in cfg.parameters:
+            problems.append(f"`parameters.{spec.name}`: required by {method.name}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems) if len(problems) > 1 else problems[0])
 
 
 def resolve_value(value: ParamValue, tensor: str, layer: int | None, n_layers: int) -> Scalar | None:

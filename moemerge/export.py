@@ -7,23 +7,22 @@ byte those a safetensors run of the same merge writes.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
 import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from moemerge import __version__
 from moemerge.errors import CheckpointError
 from moemerge.io.checkpoint import Checkpoint
 from moemerge.io.dtypes import itemsize
 from moemerge.io.lease import take_lease
 from moemerge.io.safetensors_format import ShardLayout
 from moemerge.io.sidefiles import read_side_files
-from moemerge.io.writer import CONFIG_COPY_NAME, MANIFEST_NAME, LocalModelWriter, TensorPlacement, check_output
+from moemerge.io.manifest import MANIFEST_NAME, Manifest, TensorEntry
+from moemerge.io.writer import CONFIG_COPY_NAME, LocalModelWriter, TensorPlacement, check_output
 from moemerge.io.zarr_reader import ZarrCheckpoint
 from moemerge.planner.layout import lay_out_shards
+from moemerge.settings import DEFAULT_SHARD_SIZE, VERSION
 from moemerge.sizes import parse_size
 
 __all__ = ["export", "ExportResult", "COPY_BYTES"]
@@ -44,7 +43,7 @@ def _layout(order: list[tuple[str, str, tuple[int, ...]]], planned: dict[str, st
             shard_size: int | None) -> tuple[list[ShardLayout], dict[str, tuple[str, int]]]:
     """Shards for `order`: re-packed to `shard_size`, or (None) the shards the merge planned."""
     if shard_size is not None or not all(planned.get(n) for n, _, _ in order):
-        return lay_out_shards(order, shard_size or parse_size("5GB", what="--shard-size", minimum=1))
+        return lay_out_shards(order, shard_size or parse_size(DEFAULT_SHARD_SIZE, what="--shard-size", minimum=1))
     groups: list[list[tuple[str, str, tuple[int, ...]]]] = []
     for t in order:
         if not groups or planned[groups[-1][-1][0]] != planned[t[0]]:
@@ -82,15 +81,13 @@ def export(store: str, out: str, *, shard_size: str | int | None = None, overwri
     try:
         if not isinstance(ck, ZarrCheckpoint):
             raise CheckpointError(f"{store}: not a moemerge Zarr output (no zarr.json); nothing to export")
-        raw = ck.side_file(MANIFEST_NAME)
-        manifest = json.loads(raw) if raw else {}
-        listed = manifest.get("tensors") if isinstance(manifest, dict) else None
-        if not isinstance(listed, dict):
-            raise CheckpointError(f"{store}/{MANIFEST_NAME}: has no `tensors` map; the output is damaged")
+        where_man = f"{store}/{MANIFEST_NAME}"
+        manifest = Manifest.from_json(ck.side_file(MANIFEST_NAME) or b"{}", where=where_man)
+        listed = manifest.listed(where_man)
         # the manifest lists tensors in plan order: the order `moemerge run` lays shards out in
         names = [n for n in listed if n in ck.tensors] + sorted(set(ck.tensors) - set(listed))
         order = [(n, ck.tensors[n].dtype, ck.tensors[n].shape) for n in names]
-        planned = {n: m.get("file") for n, m in listed.items() if isinstance(m, dict)}
+        planned = {n: m.file for n, m in listed.items() if m.file}
         size = None if shard_size is None else parse_size(shard_size, what="--shard-size", minimum=1)
         shards, where = _layout(order, planned, size)
         places = {
@@ -106,7 +103,7 @@ def export(store: str, out: str, *, shard_size: str | int | None = None, overwri
         try:
             digests = _copy(ck, names, writer)
             for n in names:
-                want = listed.get(n, {}).get("sha256") if isinstance(listed.get(n), dict) else None
+                want = listed[n].sha256 if n in listed else None
                 if want and want != digests[n]:
                     raise CheckpointError(
                         f"{store}/{ck.array(n)}: tensor `{n}` does not match its manifest "
@@ -118,19 +115,16 @@ def export(store: str, out: str, *, shard_size: str | int | None = None, overwri
                 files[CONFIG_COPY_NAME] = cfg_copy
             total = sum(ck.tensors[n].nbytes for n in names)
             index = {
-                "metadata": {"total_size": total, "moemerge_version": __version__},
+                "metadata": {"total_size": total, "moemerge_version": VERSION},
                 "weight_map": {n: where[n][0] for n in names},
             }
-            man = copy.deepcopy(manifest)
-            man.pop("format", None)
-            man["files"] = {s.file: s.size for s in shards}
-            man["tensors"] = {
-                n: {**{k: v for k, v in (listed.get(n) or {}).items() if k != "array"},
-                    "file": where[n][0], "dtype": ck.tensors[n].dtype,
-                    "shape": list(ck.tensors[n].shape), "sha256": digests[n]}
-                for n in names
-            }
-            man["exported_from"] = store
+            # the merge's manifest, now of safetensors shards (a Zarr array is no longer named)
+            man = manifest.updated(
+                format=None, files={s.file: s.size for s in shards},
+                tensors={n: replace(listed.get(n, TensorEntry()), file=where[n][0], dtype=ck.tensors[n].dtype,
+                                    shape=ck.tensors[n].shape, sha256=digests[n], array=None)
+                         for n in names},
+                exported_from=store)
             lease.check()  # taken over meanwhile: fail rather than commit
             writer.finish(side_files=files, index=index, manifest=man)
         except BaseException as e:

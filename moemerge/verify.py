@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 
 from moemerge.errors import CheckpointError
 from moemerge.io.checkpoint import Checkpoint
-from moemerge.io.writer import MANIFEST_NAME
+from moemerge.io.manifest import MANIFEST_NAME, Manifest
 
 __all__ = ["verify"]
 
@@ -26,17 +25,11 @@ def verify(out: str) -> int:
         raw = ck.side_file(MANIFEST_NAME)
         if raw is None:
             raise CheckpointError(f"{out}: no {MANIFEST_NAME}; the run did not finish (or this is not a moemerge output)")
-        try:
-            manifest = json.loads(raw)
-        except ValueError as e:
-            raise CheckpointError(f"{out}/{MANIFEST_NAME}: not valid JSON ({e}); the output is damaged") from e
-        expected = manifest.get("tensors") if isinstance(manifest, dict) else None
-        if not isinstance(expected, dict) or not all(
-            isinstance(m, dict) and isinstance(m.get("sha256"), str) for m in expected.values()
-        ):
-            raise CheckpointError(
-                f"{out}/{MANIFEST_NAME}: has no `tensors` map of name -> {{sha256: ...}}; the output is damaged"
-            )
+        where = f"{out}/{MANIFEST_NAME}"
+        expected = Manifest.from_json(raw, where=where).listed(where)
+        unsummed = [n for n, m in expected.items() if m.sha256 is None]
+        if unsummed:
+            raise CheckpointError(f"{where}: tensor `{unsummed[0]}` has no sha256; the output is damaged")
         missing = sorted(set(expected) - set(ck.tensors))
         if missing:
             raise CheckpointError(f"{out}: tensor `{missing[0]}` is in the manifest but not in the shards")
@@ -46,7 +39,7 @@ def verify(out: str) -> int:
             h = hashlib.sha256()
             for _, view in ck.iter_rows(name, buf):
                 h.update(view)
-            if h.hexdigest() != meta["sha256"]:
+            if h.hexdigest() != meta.sha256:
                 raise CheckpointError(f"{out}/{t.file}: tensor `{name}` does not match its manifest checksum (corrupted)")
         return len(expected)
     finally:

@@ -243,8 +243,8 @@ def test_graph_of_a_100b_moe_layout_is_in_the_thousands() -> None:
     assert max(per_task) <= 300 << 20 and sum(per_task) == plan.bytes_read
     covered: dict[int, int] = {}
     for t in tasks:
-        for ti, r0, r1 in t.pieces:
-            covered[ti] = covered.get(ti, 0) + (r1 - r0)
+        for p in t.pieces:
+            covered[p.ti] = covered.get(p.ti, 0) + (p.r1 - p.r0)
     assert covered == {ti: t.rows for ti, t in enumerate(plan.tensors)}  # every row exactly once
 
 

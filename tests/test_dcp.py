@@ -32,7 +32,7 @@ from moemerge.errors import CheckpointError, ConfigError
 from moemerge.io import storage
 from moemerge.io.checkpoint import Checkpoint
 from moemerge.io.dcp import DcpCheckpoint
-from moemerge.io.dcp_names import DcpNames, parse_dcp_names, select_names
+from moemerge.names import DcpNames, parse_dcp_names, select_names
 from tests.conftest import write_checkpoint
 from tests.reference_methods import fp32_bound
 

@@ -22,7 +22,8 @@ from typing import Any, Literal
 from moemerge.engine.buffers import PoolCache
 from moemerge.engine.cadence import Cadence, Tally
 from moemerge.engine.graph import Task, build_graph
-from moemerge.engine.pipeline import fold_partial, run_jobs
+from moemerge.engine.jobs import Piece
+from moemerge.engine.pipeline import JobsResult, fold_partial, run_jobs
 from moemerge.engine.progress import NullProgress, Progress
 from moemerge.errors import ConfigError, MergeRuntimeError, MoemergeError
 from moemerge.io.checkpoint import Checkpoint
@@ -129,15 +130,11 @@ _POOLS = PoolCache()
 
 
 def _open_target(target: OutputTarget, plan: Plan) -> Any:
-    if target.kind == "local":
-        from moemerge.io.writer import LocalModelWriter
+    if target.kind == "remote":
+        return None  # object-storage shards: one writer per shard task
+    from moemerge.io.output import OutputTarget as Where, attach_writer
 
-        return LocalModelWriter.attach(target.url, plan.shards, plan.placements())
-    if target.kind == "zarr":
-        from moemerge.io.zarr_writer import ZarrModelWriter
-
-        return ZarrModelWriter.attach(target.url, plan.zarr_arrays(), storage_options=target.storage_options)
-    return None  # object-storage shards: one writer per shard task
+    return attach_writer(Where(kind=target.kind, url=target.url, storage_options=target.storage_options), plan)
 
 
 def _opened(ctx: TaskContext, plan: Plan) -> tuple[Sequence[Checkpoint], Any]:
@@ -183,7 +180,7 @@ def _device(device: str) -> str:
     return f"cuda:{idx % max(1, torch.cuda.device_count())}"
 
 
-def _jobs(ctx: TaskContext, plan: Plan, writer: Any, pieces: Sequence[tuple[int, int, int]], **kw: Any) -> Any:
+def _jobs(ctx: TaskContext, plan: Plan, writer: Any, pieces: Sequence[Piece], **kw: Any) -> JobsResult:
     ckpts, _ = _opened(ctx, plan)
     res = run_jobs(plan, ckpts, writer, pieces=pieces, device=_device(ctx.device), in_cast=ctx.in_cast,
                    pools=_POOLS, **kw)
@@ -192,7 +189,7 @@ def _jobs(ctx: TaskContext, plan: Plan, writer: Any, pieces: Sequence[tuple[int,
     return res
 
 
-def _t_full(ctx: TaskContext, plan: Plan, pieces: tuple[tuple[int, int, int], ...],
+def _t_full(ctx: TaskContext, plan: Plan, pieces: tuple[Piece, ...],
             shard: str | None) -> dict[str, str]:
     """A unit (or shard) of whole tensors, every pass and the apply: their checksums."""
     if ctx.target.kind != "remote":
@@ -215,7 +212,7 @@ def _t_full(ctx: TaskContext, plan: Plan, pieces: tuple[tuple[int, int, int], ..
 SKIPPED = "moemerge:pass-skipped"
 
 
-def _t_map(ctx: TaskContext, plan: Plan, pieces: tuple[tuple[int, int, int], ...], ti: int, k: int,
+def _t_map(ctx: TaskContext, plan: Plan, pieces: tuple[Piece, ...], ti: int, k: int,
            stats: dict[str, Any] | None) -> list[Any]:
     t = plan.tensors[ti]
     sp = get_method(plan.method).passes(t.params, t.shape)[k]
@@ -240,7 +237,7 @@ def _t_reduce(plan: Plan, ti: int, k: int, stats: dict[str, Any] | None, parts: 
     return {**(stats or {}), sp.name: sp.reduce(acc)}
 
 
-def _t_apply(ctx: TaskContext, plan: Plan, pieces: tuple[tuple[int, int, int], ...], ti: int,
+def _t_apply(ctx: TaskContext, plan: Plan, pieces: tuple[Piece, ...], ti: int,
              stats: dict[str, Any] | None) -> None:
     _jobs(ctx, plan, _opened(ctx, plan)[1], pieces, stage="apply", stats_in={ti: stats or {}})
 

@@ -14,14 +14,10 @@ import torch
 from moemerge.errors import MergeRuntimeError
 from moemerge.io.dtypes import itemsize, to_torch
 from moemerge.methods.base import Method
-from moemerge.planner.build import BLOCK_ELEMS
+from moemerge.engine.constants import ALIGN, BLOCK_ELEMS
 from moemerge.planner.plan import Plan, TensorPlan
 
 __all__ = ["ALIGN", "ChunkView", "segments", "typed_views", "scratch_2d", "copy_equal", "apply_into"]
-
-#: Each input's bytes start at a multiple of this in a read buffer, so that typed views
-#: (`uint8 -> bfloat16/float32/float64`) are aligned.
-ALIGN = 64
 
 
 def segments(t: TensorPlan, r0: int, r1: int) -> list[tuple[int, int]]:

@@ -19,7 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
-from moemerge.engine.jobs import n_passes
+from moemerge.engine.jobs import Piece, as_pieces, n_passes
 from moemerge.io.dtypes import itemsize
 from moemerge.methods import get_method
 from moemerge.planner.plan import Plan
@@ -33,8 +33,8 @@ TaskKind = Literal["unit", "map", "reduce", "apply", "hash", "shard"]
 class Task:
     key: str
     kind: TaskKind
-    pieces: tuple[tuple[int, int, int], ...] = ()
-    """Row ranges `(tensor index, r0, r1)` the task reads."""
+    pieces: tuple[Piece, ...] = ()
+    """Row ranges the task reads."""
     deps: tuple[str, ...] = ()
     """Keys whose results this task takes, in order."""
     ti: int = -1
@@ -46,17 +46,17 @@ class Task:
     """The output shard a `shard` task streams."""
 
 
-def _piece_bytes(plan: Plan, piece: tuple[int, int, int]) -> int:
-    t = plan.tensors[piece[0]]
-    return (piece[2] - piece[1]) * t.row_len * sum(itemsize(d) for d in t.in_dtypes)
+def _piece_bytes(plan: Plan, piece: Piece) -> int:
+    t = plan.tensors[piece.ti]
+    return (piece.r1 - piece.r0) * t.row_len * sum(itemsize(d) for d in t.in_dtypes)
 
 
-def _full_bytes(plan: Plan, pieces: tuple[tuple[int, int, int], ...]) -> int:
+def _full_bytes(plan: Plan, pieces: tuple[Piece, ...]) -> int:
     """Bytes a `unit`/`shard` task reads: a multi-chunk tensor is read once per pass, then applied."""
     method = get_method(plan.method)
     total = 0
     for p in pieces:
-        t = plan.tensors[p[0]]
+        t = plan.tensors[p.ti]
         reads = 1 + n_passes(t, method) if len(t.chunks) > 1 else 1
         total += reads * _piece_bytes(plan, p)
     return total
@@ -69,37 +69,37 @@ def build_graph(plan: Plan, *, by_shard: bool = False, prefix: str = "moemerge",
     method = get_method(plan.method)
     tasks: list[Task] = []
     if by_shard:
-        by_file: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+        by_file: dict[str, list[Piece]] = defaultdict(list)
         for ti, t in sorted(enumerate(plan.tensors), key=lambda it: (it[1].out_file, it[1].out_offset)):
-            by_file[t.out_file].append((ti, 0, t.rows))
+            by_file[t.out_file].append(Piece(ti=ti, r0=0, r1=t.rows))
         for s in plan.shards:
-            pieces = tuple(p for p in by_file.get(s.file, ()) if p[0] not in skip)
+            pieces = tuple(p for p in by_file.get(s.file, ()) if p.ti not in skip)
             tasks.append(Task(f"{prefix}-shard-{s.file}", "shard", pieces, in_bytes=_full_bytes(plan, pieces),
                               shard=s.file))
         return tasks
-    split: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    split: dict[int, list[Piece]] = defaultdict(list)
     for u, unit in enumerate(plan.units):
-        pieces = tuple(p for p in unit.pieces if p[0] not in skip)
+        pieces = tuple(p for p in as_pieces(unit.pieces) if p.ti not in skip)
         if not pieces:
             continue
-        whole = all(r0 == 0 and r1 == plan.tensors[ti].rows for ti, r0, r1 in pieces)
+        whole = all(p.r0 == 0 and p.r1 == plan.tensors[p.ti].rows for p in pieces)
         if whole:
             tasks.append(Task(f"{prefix}-unit-{u}", "unit", pieces, in_bytes=_full_bytes(plan, pieces)))
         else:
             (piece,) = pieces  # the planner gives a split tensor's pieces units of their own
-            split[piece[0]].append(piece)
-    for ti, pieces in split.items():
+            split[piece.ti].append(piece)
+    for ti, parts in split.items():
         t = plan.tensors[ti]
         stats_key: tuple[str, ...] = ()
         for k in range(n_passes(t, method)):
-            maps = [Task(f"{prefix}-map-{ti}-{k}-{p[1]}", "map", (p,), stats_key, ti, k, _piece_bytes(plan, p))
-                    for p in pieces]
+            maps = [Task(f"{prefix}-map-{ti}-{k}-{p.r0}", "map", (p,), stats_key, ti, k, _piece_bytes(plan, p))
+                    for p in parts]
             tasks.extend(maps)
             reduce = Task(f"{prefix}-reduce-{ti}-{k}", "reduce", (), stats_key + tuple(m.key for m in maps), ti, k)
             tasks.append(reduce)
             stats_key = (reduce.key,)
-        applies = [Task(f"{prefix}-apply-{ti}-{p[1]}", "apply", (p,), stats_key, ti, in_bytes=_piece_bytes(plan, p))
-                   for p in pieces]
+        applies = [Task(f"{prefix}-apply-{ti}-{p.r0}", "apply", (p,), stats_key, ti, in_bytes=_piece_bytes(plan, p))
+                   for p in parts]
         tasks.extend(applies)
         tasks.append(Task(f"{prefix}-hash-{ti}", "hash", (), tuple(a.key for a in applies), ti))
     return tasks

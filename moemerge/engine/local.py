@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 
 from moemerge.engine.cadence import Cadence
+from moemerge.engine.jobs import whole_pieces
 from moemerge.engine.pipeline import Writer, run_jobs
 from moemerge.engine.progress import NullProgress, Progress
 from moemerge.io.checkpoint import Checkpoint
@@ -32,6 +33,6 @@ def run_local(
     int: output bytes; see `run_jobs`): the resume journal.
     """
     # a quantized tensor is done when every stored part of it is
-    pieces = [(ti, 0, t.rows) for ti, t in enumerate(plan.tensors) if not all(n in skip for n, *_ in t.stored())]
+    pieces = [p for p in whole_pieces(plan) if not all(n in skip for n, *_ in plan.tensors[p.ti].stored())]
     return run_jobs(plan, checkpoints, writer, pieces=pieces, progress=progress, device=device, in_cast=in_cast,
                     io_threads=io_threads, on_written=on_written, written_every=written_every).digests

@@ -27,23 +27,46 @@ from moemerge.engine.buffers import BufferPool, Cancelled, PoolCache
 from moemerge.engine.cadence import Cadence, Tally
 from moemerge.engine.compute import ALIGN, ChunkView, apply_into, copy_equal, scratch_2d, segments, typed_views
 from moemerge.engine.finite import check_finite, first_read
-from moemerge.engine.jobs import Job, Stage, plan_jobs
+from moemerge.engine.jobs import Job, Piece, Ready, Segment, Stage, Written, plan_jobs, whole_pieces
 from moemerge.engine.requant import requantize
 from moemerge.engine.progress import NullProgress, Progress
-from moemerge.io.checkpoint import Checkpoint
 from moemerge.io.dtypes import to_torch
 from moemerge.methods import get_method
 from moemerge.methods.base import Method, StatPass
-from moemerge.planner.build import BLOCK_ELEMS
-from moemerge.planner.plan import Plan
+from moemerge.engine.constants import BLOCK_ELEMS
+from moemerge.planner.plan import Plan, TensorPlan
 
-__all__ = ["run_jobs", "JobsResult", "EMPTY_SHA256"]
+__all__ = ["run_jobs", "JobsResult", "EMPTY_SHA256", "Writer", "RowReader", "ChunkKernel"]
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 class Writer(Protocol):
     def write_rows(self, name: str, row_start: int, data: memoryview) -> None: ...
+
+
+class RowReader(Protocol):
+    """What the read-ahead needs of an input: rows of a tensor into a buffer (a `Checkpoint`)."""
+
+    def read_rows(self, name: str, r0: int, r1: int, out: memoryview) -> None: ...
+
+
+class ChunkKernel(Protocol):
+    """Computes the float tensors' chunks instead of the plan's method (pma update's running
+    sums): fills one output buffer with any number of segments.
+
+    `raws` are typed views of every source's rows in `t.sources_used` order; `slabs` the
+    plan's `working_copies` compute buffers of `BLOCK_ELEMS` elements of the compute dtype.
+    """
+
+    def out_bytes(self, t: TensorPlan, rows: int) -> int:
+        """Output buffer bytes for a chunk of `rows` rows of `t`."""
+        ...
+
+    def fill(self, t: TensorPlan, r0: int, r1: int, raws: list[torch.Tensor], slabs: list[torch.Tensor],
+             out: torch.Tensor) -> list[Segment]:
+        """Compute rows [r0, r1) of `t` into the byte buffer `out`; return what to write."""
+        ...
 
 
 @dataclass(slots=True)
@@ -62,20 +85,22 @@ def fold_partial(sp: StatPass, acc: list[Any], part: Any) -> None:
         acc.append(part)
 
 
-def _buffer_needs(plan: Plan, method: Method, pieces: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+def _buffer_needs(plan: Plan, method: Method, pieces: list[Piece],
+                  kernel: ChunkKernel | None = None) -> tuple[int, int, int]:
     """(read, write, compute elements) buffer sizes for these pieces: the plan's at most.
 
     A Dask task of small tensors needs far less than the plan's largest chunk; allocating (and
     touching) only that keeps per-task overhead proportional to the task.
     """
     need_in = need_out = need_elems = 0
-    for ti, r0, r1 in pieces:
-        t = plan.tensors[ti]
-        rows = min(t.rows_per_chunk, r1 - r0) if len(t.chunks) > 1 else t.rows
+    for p in pieces:
+        t = plan.tensors[p.ti]
+        rows = min(t.rows_per_chunk, p.r1 - p.r0) if len(t.chunks) > 1 else t.rows
         need_in = max(need_in, sum(n for _, n in segments(t, 0, rows)))
-        need_out = max(need_out, t.out_bytes(rows))
+        computed = kernel is not None and t.method != "copy"
+        need_out = max(need_out, kernel.out_bytes(t, rows) if computed else t.out_bytes(rows))  # type: ignore[union-attr]
         need_elems = max(need_elems, rows * t.row_len if t.method != "copy" else 0)
-    if method.elementwise:
+    if method.elementwise or kernel is not None:
         need_elems = min(need_elems, BLOCK_ELEMS)
     return (min(need_in, plan.chunk_in_bytes), min(need_out, plan.chunk_out_bytes),
             min(need_elems, plan.chunk_elems))
@@ -83,10 +108,10 @@ def _buffer_needs(plan: Plan, method: Method, pieces: list[tuple[int, int, int]]
 
 def run_jobs(
     plan: Plan,
-    checkpoints: Sequence[Checkpoint],
+    checkpoints: Sequence[RowReader],
     writer: Writer | None,
     *,
-    pieces: Iterable[tuple[int, int, int]] | None = None,
+    pieces: Iterable[Piece] | None = None,
     stage: Stage = "full",
     stats_in: Mapping[int, dict[str, Any]] | None = None,
     reduce: bool = True,
@@ -97,6 +122,9 @@ def run_jobs(
     pools: PoolCache | None = None,
     on_written: Callable[[dict[str, str]], None] | None = None,
     written_every: int | Cadence = 1 << 30,
+    kernel: ChunkKernel | None = None,
+    aux_writer: Writer | None = None,
+    title: str | None = None,
 ) -> JobsResult:
     """Run the jobs of `pieces` (all tensors by default) for `stage`; see `JobsResult`.
 
@@ -106,36 +134,45 @@ def run_jobs(
     `on_written(digests)` is called from the writer thread with the tensors finished since its
     last call, as often as `written_every` says (a `Cadence`; an int: output bytes) and at the
     end (the resume journal).
+
+    `kernel` computes the float tensors instead of the plan's method (full stage only); the
+    segments it marks `aux` go to `aux_writer`, unhashed. `title` names the run on the
+    progress bar.
     """
-    piece_list = list(pieces) if pieces is not None else [(ti, 0, t.rows) for ti, t in enumerate(plan.tensors)]
+    piece_list = list(pieces) if pieces is not None else whole_pieces(plan)
     return _Pipeline(plan, checkpoints, writer, piece_list, stage=stage, stats_in=stats_in, reduce=reduce,
                      progress=progress or NullProgress(), device=device, in_cast=in_cast, io_threads=io_threads,
-                     pools=pools, on_written=on_written, written_every=written_every).run()
+                     pools=pools, on_written=on_written, written_every=written_every, kernel=kernel,
+                     aux_writer=aux_writer, title=title).run()
 
 
 class _Pipeline:
     """One `run_jobs`: its buffers, queues and threads, and the calling thread's compute loop."""
 
-    def __init__(self, plan: Plan, checkpoints: Sequence[Checkpoint], writer: Writer | None,
-                 pieces: list[tuple[int, int, int]], *, stage: Stage, stats_in: Mapping[int, dict[str, Any]] | None,
+    def __init__(self, plan: Plan, checkpoints: Sequence[RowReader], writer: Writer | None,
+                 pieces: list[Piece], *, stage: Stage, stats_in: Mapping[int, dict[str, Any]] | None,
                  reduce: bool, progress: Progress | NullProgress, device: str, in_cast: str | None,
                  io_threads: int, pools: PoolCache | None, on_written: Callable[[dict[str, str]], None] | None,
-                 written_every: int | Cadence) -> None:
+                 written_every: int | Cadence, kernel: ChunkKernel | None = None, aux_writer: Writer | None = None,
+                 title: str | None = None) -> None:
         self.plan, self.checkpoints, self.writer, self.pieces = plan, checkpoints, writer, pieces
+        self.kernel, self.aux_writer, self.title = kernel, aux_writer, title
         self.method = get_method(plan.method)
         self.stage, self.reduce, self.progress, self.device = stage, reduce, progress, device
         self.cast = to_torch(in_cast) if in_cast else None
         self.pools, self.on_written, self.cadence = pools, on_written, Cadence.of(written_every)
         self.result = JobsResult()
-        need_in, need_out, need_elems = _buffer_needs(plan, self.method, pieces)
+        if kernel is not None and stage != "full":
+            raise ValueError(f"a chunk kernel runs whole jobs (stage 'full'), not stage {stage!r}")
+        need_in, need_out, need_elems = _buffer_needs(plan, self.method, pieces, kernel)
         comp_bytes = 8 if any(t.compute_dtype == "F64" for t in plan.tensors) else 4
         self.in_pool = self._take("read", 2, need_in + ALIGN * len(plan.sources))
         self.out_pool = self._take("write", 2, need_out)
         self.slab_pool = self._take("compute", plan.working_copies, need_elems * comp_bytes + 8)
         self.slabs = [self.slab_pool.acquire() for _ in range(plan.working_copies)]
         self.stop = threading.Event()
-        self.ready: queue.Queue[Any] = queue.Queue(maxsize=2)  # (job, read buffer or None) | None
-        self.writes: queue.Queue[Any] = queue.Queue(maxsize=2)  # (name, row, bytes, buffer, first, last) | None
+        self.ready: queue.Queue[Ready | None] = queue.Queue(maxsize=2)  # None: no more
+        self.writes: queue.Queue[Written | None] = queue.Queue(maxsize=2)
         self.errors: list[BaseException] = []
         self.readers = ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(plan.sources))),
                                           thread_name_prefix="moemerge-read")
@@ -154,7 +191,7 @@ class _Pipeline:
 
     def _read(self, job: Job, buf: torch.Tensor) -> None:
         t = self.plan.tensors[job.ti]
-        mv = memoryview(buf.numpy())
+        mv = buf.numpy().data
         futs = [
             self.readers.submit(self.checkpoints[src].read_rows, t.name, job.r0, job.r1, mv[off:off + n])
             for src, (off, n) in zip(t.sources_used, segments(t, job.r0, job.r1))
@@ -190,7 +227,7 @@ class _Pipeline:
                         self._read(job, buf)
                     while not self.stop.is_set():
                         try:
-                            self.ready.put((job, buf), timeout=0.1)
+                            self.ready.put(Ready(job=job, buf=buf), timeout=0.1)
                             break
                         except queue.Full:
                             continue
@@ -231,43 +268,53 @@ class _Pipeline:
                     self.errors.append(e)
                     self.stop.set()
                 return
-            segs, buf, first, last = item  # segments: one, or a quantized tensor's parts
             try:
-                for name, r0, off, nbytes in segs:
+                for seg in item.segments:
                     if self.stop.is_set():
                         break
-                    mv = memoryview(buf.numpy())[off:off + nbytes]
-                    if first:
-                        hashes[name] = hashlib.sha256()
-                    h = hashes.get(name)
+                    mv = item.buf.numpy().data[seg.offset:seg.offset + seg.nbytes]
+                    if seg.aux:  # not part of the output: written elsewhere, not hashed
+                        if self.aux_writer is not None:
+                            self.aux_writer.write_rows(seg.name, seg.row, mv)
+                        continue
+                    if item.first:
+                        hashes[seg.name] = hashlib.sha256()
+                    h = hashes.get(seg.name)
                     pending: Future[None] | None = self.hasher.submit(h.update, mv) if h is not None else None
                     if self.writer is not None:
-                        self.writer.write_rows(name, r0, mv)
+                        self.writer.write_rows(seg.name, seg.row, mv)
                     if pending is not None:
                         pending.result()
-                    tally.add(nbytes, tensors=0)
-                    if last and h is not None:
-                        self.result.digests[name] = finished[name] = hashes.pop(name).hexdigest()
+                    tally.add(seg.nbytes, tensors=0)
+                    if item.last and h is not None:
+                        self.result.digests[seg.name] = finished[seg.name] = hashes.pop(seg.name).hexdigest()
                         if tally.add(0):  # one more finished tensor
                             report()
             except BaseException as e:
                 self.errors.append(e)
                 self.stop.set()
             finally:
-                self.out_pool.release(buf)
+                self.out_pool.release(item.buf)
 
-    def _emit(self, job: Job, fill: Callable[[torch.Tensor], int]) -> None:
-        """Fill an output buffer (`fill` returns the bytes it wrote) and queue it for writing;
-        a quantized tensor's values are requantized into its parts first (engine/requant.py)."""
+    def _emit(self, job: Job, fill: Callable[[torch.Tensor], int | list[Segment]]) -> None:
+        """Fill an output buffer and queue it for writing. `fill` returns the bytes it wrote
+        (the tensor's rows; a quantized tensor's values are requantized into its parts first,
+        engine/requant.py) or the segments to write (a chunk kernel's)."""
         t = self.plan.tensors[job.ti]
         out = self.out_pool.acquire(self.stop)
         try:
-            nbytes = fill(out)
-            segs = [(t.name, job.r0, 0, nbytes)] if t.quant is None else requantize(t, job.r0, job.r1, out, nbytes)
+            filled = fill(out)
+            if isinstance(filled, list):
+                segs = filled
+            elif t.quant is None:
+                segs = [Segment(name=t.name, row=job.r0, offset=0, nbytes=filled)]
+            else:
+                segs = [Segment(name=n, row=r, offset=o, nbytes=b)
+                        for n, r, o, b in requantize(t, job.r0, job.r1, out, filled)]
         except BaseException:
             self.out_pool.release(out)
             raise
-        item = (segs, out, job.r0 == 0, job.last)
+        item = Written(segments=tuple(segs), buf=out, first=job.r0 == 0, last=job.last)
         while True:
             if self.stop.is_set():
                 raise Cancelled()
@@ -297,6 +344,10 @@ class _Pipeline:
 
             self._emit(job, fill_copy)
             return
+        if self.kernel is not None:
+            kernel = self.kernel
+            self._emit(job, lambda out: kernel.fill(t, job.r0, job.r1, raws, self.slabs, out))
+            return
         if first_read(method, t, job.kind, job.k):  # NaN/Inf: statistics methods refuse (finite.py)
             check_finite(plan, method, t, raws, job.r0, job.r1)
         comp = to_torch(t.compute_dtype)
@@ -323,19 +374,19 @@ class _Pipeline:
     def run(self) -> JobsResult:
         plan = self.plan
         if self.stage in ("full", "apply"):
-            for ti, r0, _ in self.pieces:
-                t = plan.tensors[ti]
-                if (t.rows == 0 or t.numel == 0) and r0 == 0:
+            for p in self.pieces:
+                t = plan.tensors[p.ti]
+                if (t.rows == 0 or t.numel == 0) and p.r0 == 0:
                     self.result.digests[t.name] = EMPTY_SHA256
         # Elementwise math is memory-bound: a second torch thread only competes with the read
         # and write threads' kernel copies on small machines (and spin-waits when they hold
         # the CPU).
         threads_before = torch.get_num_threads()
-        if self.method.elementwise:
+        if self.method.elementwise or self.kernel is not None:
             torch.set_num_threads(1)
         reader = threading.Thread(target=self._prefetch, name="moemerge-prefetch", daemon=True)
         writer = threading.Thread(target=self._write_loop, name="moemerge-write", daemon=True)
-        self.progress.start(plan.bytes_read, f"{plan.method} -> {len(plan.shards)} shard(s)")
+        self.progress.start(plan.bytes_read, self.title or f"{plan.method} -> {len(plan.shards)} shard(s)")
         reader.start()
         writer.start()
         errors = self.errors
@@ -352,7 +403,7 @@ class _Pipeline:
                     continue
                 if item is None or errors:
                     break
-                job, buf = item
+                job, buf = item.job, item.buf
                 try:
                     self._compute(job, buf)
                 finally:

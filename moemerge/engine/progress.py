@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from moemerge.sizes import format_size
 
-__all__ = ["Progress", "NullProgress", "make_progress"]
+__all__ = ["Progress", "NullProgress"]
 
 
 class NullProgress:
@@ -36,8 +36,8 @@ class Progress:
         self._t0 = 0.0
         self._last = 0.0
         self._lock = threading.Lock()
-        self._bar = None
-        self._task = None
+        self._bar: Any = None  # a rich Progress once started on a terminal
+        self._task: Any = None
         self.label = ""
 
     def __repr__(self) -> str:
@@ -91,7 +91,3 @@ class Progress:
             self._bar = None
         elif self.total:
             self._log(time.monotonic())
-
-
-def make_progress(show: bool) -> Progress | NullProgress:
-    return Progress() if show else NullProgress()

@@ -1,6 +1,7 @@
-"""Open a safetensors checkpoint directory (sharded or single file), headers only.
+"""Read a safetensors checkpoint (a sharded directory, one model.safetensors, a bare file),
+headers only; `Checkpoint.open(url)` opens any format (io.formats).
 
-`Checkpoint.open(url)` reads the index and every shard header (two small reads per shard),
+The safetensors reader reads the index and every shard header (two small reads per shard),
 validates them, and then serves exact row ranges of any tensor into a caller's buffer.
 """
 
@@ -21,7 +22,7 @@ from moemerge.io.limits import MAX_JSON_BYTES, check_tensor_count, loads_unique,
 from moemerge.io.safetensors_format import parse_header, parse_header_length
 
 if TYPE_CHECKING:
-    from moemerge.io.dcp_names import DcpNames
+    from moemerge.names import DcpNames
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorInfo", "Checkpoint", "row_geometry"]
 
@@ -76,15 +77,6 @@ class TensorInfo:
         return self.row_len * itemsize(self.dtype)
 
 
-def _isfile(fs: Any, url: str, path: str) -> bool:
-    """fs.isfile with retries; permission and network failures name the checkpoint."""
-    return bool(storage.with_retries(lambda: fs.isfile(path), what=f"look up {path}", url=url))
-
-
-def _isdir(fs: Any, url: str, path: str) -> bool:
-    return bool(storage.with_retries(lambda: fs.isdir(path), what=f"look up {path}", url=url))
-
-
 class Checkpoint:
     """A checkpoint directory: its tensors (from headers) and range reads of their rows."""
 
@@ -109,43 +101,35 @@ class Checkpoint:
     @classmethod
     def open(cls, url: str, storage_options: dict[str, Any] | None = None, *,
              names: DcpNames | None = None) -> Checkpoint:
-        """Read and validate the index and every shard header of the checkpoint at `url`.
+        """Open the checkpoint at `url` in whichever format it is (`io.formats.FORMATS`: a
+        moemerge Zarr output, a .safetensors file, a Hugging Face safetensors directory, a
+        PyTorch DCP directory), reading and validating its headers only.
 
-        A directory with a `.metadata` file is a PyTorch DCP checkpoint; `names` picks and
-        renames its model keys (None: the `model.` keys, see `moemerge.io.dcp_names`).
+        `names` picks and renames a DCP checkpoint's model keys (None: the `model.` keys, see
+        `moemerge.names`).
         """
-        try:
-            fs, root = storage.resolve(url, storage_options)
-        except Exception as e:  # bad protocol, missing driver, bad options
-            raise CheckpointError(f"{url}: cannot open this location ({e})") from e
-        root = root.rstrip("/") or root
-        index_path = storage.join(root, INDEX_NAME)
-        single_path = storage.join(root, SINGLE_NAME)
-        if _isfile(fs, url, storage.join(root, "zarr.json")):  # a moemerge Zarr output
-            from moemerge.io.zarr_reader import ZarrCheckpoint
+        from moemerge.io.formats import open_checkpoint
 
-            return ZarrCheckpoint.open_store(url, fs, root, storage_options)
-        if _isfile(fs, url, root) and root.endswith(".safetensors"):
-            # a bare .safetensors file is a one-shard checkpoint
-            parent, name = root.rsplit("/", 1) if "/" in root else ("", root)
-            ckpt = cls(url, fs, parent, {}, {})
-            ckpt._bare = True
-            return ckpt._loaded(lambda: {name: None})
-        if not _isdir(fs, url, root):
-            raise CheckpointError(f"{url}: checkpoint directory does not exist")
+        return open_checkpoint(url, storage_options, names=names)
+
+    @classmethod
+    def open_file(cls, url: str, fs: Any, path: str) -> Checkpoint:
+        """A bare .safetensors file at `path`: a one-shard checkpoint."""
+        parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+        ckpt = cls(url, fs, parent, {}, {})
+        ckpt._bare = True
+        return ckpt._loaded(lambda: {name: None})
+
+    @classmethod
+    def open_index(cls, url: str, fs: Any, root: str) -> Checkpoint:
+        """A Hugging Face directory of shards listed in its model.safetensors.index.json."""
         ckpt = cls(url, fs, root, {}, {})
-        if _isfile(fs, url, index_path):
-            return ckpt._loaded(lambda: ckpt._read_index(index_path))
-        if _isfile(fs, url, single_path):
-            return ckpt._loaded(lambda: {SINGLE_NAME: None})
-        if _isfile(fs, url, storage.join(root, ".metadata")):  # PyTorch DCP / Megatron torch_dist
-            from moemerge.io.dcp import DcpCheckpoint
+        return ckpt._loaded(lambda: ckpt._read_index(storage.join(root, INDEX_NAME)))
 
-            return DcpCheckpoint.open_dir(url, fs, root, names)
-        raise CheckpointError(
-            f"{url}: no {INDEX_NAME}, {SINGLE_NAME} or DCP .metadata here; point at a Hugging Face "
-            "model directory with safetensors weights or a PyTorch DCP checkpoint directory"
-        )
+    @classmethod
+    def open_single(cls, url: str, fs: Any, root: str) -> Checkpoint:
+        """A Hugging Face directory holding one model.safetensors."""
+        return cls(url, fs, root, {}, {})._loaded(lambda: {SINGLE_NAME: None})
 
     def _loaded(self, files: Callable[[], dict[str, list[str] | None]]) -> Checkpoint:
         """Load the shard headers `files()` names; close what was opened if any is bad."""

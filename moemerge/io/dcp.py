@@ -1,7 +1,7 @@
 """Read a PyTorch Distributed Checkpoint (DCP; also Megatron `torch_dist`) as a checkpoint.
 
 `DcpCheckpoint.open_dir` unpickles `.metadata` with a restricted unpickler, keeps the model keys
-(never optimizer state; see `dcp_names`), checks that each tensor's chunks tile its global
+(never optimizer state; see `moemerge.names`), checks that each tensor's chunks tile its global
 shape and locates every chunk's raw bytes (two small reads per chunk). `read_rows` then reads
 exactly the bytes of the requested rows from each chunk that holds part of them and places
 them in row-major order. Only bytes of model chunks are ever read.
@@ -24,11 +24,11 @@ from moemerge.errors import CheckpointError
 from moemerge.io import storage
 from moemerge.io.checkpoint import Checkpoint, TensorInfo
 from moemerge.io.dcp_layout import check_coverage, locate_chunk, st_dtype
-from moemerge.io.dcp_names import DcpNames, select_names
 from moemerge.io.dcp_pickle import ChunkMeta, DcpMetadata, StorageEntry, TensorMeta, load_metadata
 from moemerge.io.dtypes import itemsize
 from moemerge.io.limits import check_tensor_count
 from moemerge.io.safetensors_format import ShardHeader
+from moemerge.names import DcpNames, select_names
 
 __all__ = ["METADATA_NAME", "EXTRA_STATE", "DcpCheckpoint"]
 

@@ -215,7 +215,7 @@ def _data_at(rf: RangeFile, e: ZipEntry) -> int:
     if len(header) < 30 or header[:4] != _ZIP_MAGIC:
         raise zipfile.BadZipFile(f"no local file header at byte {e.header_offset}")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return e.header_offset + 30 + name_len + extra_len
+    return int(e.header_offset + 30 + name_len + extra_len)
 
 
 def _member(rf: RangeFile, e: ZipEntry) -> bytes:

@@ -183,11 +183,12 @@ def _dims(v: Any, what: str) -> tuple[int, ...]:
 
 
 def _convert(md: Any) -> DcpMetadata:
-    if not isinstance(md, _Metadata) or not isinstance(getattr(md, "state_dict_metadata", None), dict):
+    sdm = getattr(md, "state_dict_metadata", None) if isinstance(md, _Metadata) else None
+    if not isinstance(sdm, dict):
         raise ValueError("it does not hold a DCP Metadata object with a state_dict_metadata mapping")
     tensors: dict[str, TensorMeta] = {}
     byte_keys: list[str] = []
-    for key, entry in md.state_dict_metadata.items():
+    for key, entry in sdm.items():
         if not isinstance(key, str):
             raise ValueError(f"key {key!r} is not a string")
         if isinstance(entry, _BytesStorageMetadata):

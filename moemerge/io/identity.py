@@ -14,6 +14,7 @@ from typing import Any
 from moemerge.errors import CheckpointError
 from moemerge.io import storage
 from moemerge.io.checkpoint import INDEX_NAME, Checkpoint
+from moemerge.io.formats import unwrap
 
 __all__ = ["input_identity", "changed_input"]
 
@@ -58,10 +59,8 @@ def input_identity(ckpts: list[Checkpoint]) -> dict[str, dict[str, Any]]:
     """
     jobs: list[tuple[str, Any, str, str | None, bool]] = []
     for ck in ckpts:
-        inner = ck
-        while isinstance(getattr(inner, "inner", None), Checkpoint):  # a dequantizing view: its files
-            inner = inner.inner  # type: ignore[attr-defined]
-        headers: dict[str, str] = getattr(inner, "header_digests", {})
+        inner = unwrap(ck)  # a dequantizing view: the files of the checkpoint it wraps
+        headers = inner.header_digests
         for name, optional in _files(inner):
             path = storage.join(inner.root, name) if inner.root else name
             shown = inner.url if getattr(inner, "_bare", False) else f"{inner.url.rstrip('/')}/{name}"

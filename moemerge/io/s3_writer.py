@@ -23,7 +23,8 @@ from moemerge.io.checkpoint import INDEX_NAME
 from moemerge.io.s3_uploads import abort_stale_uploads
 from moemerge.io.safetensors_format import ShardLayout
 from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
-from moemerge.io.writer import CONFIG_COPY_NAME, MANIFEST_NAME, MARKER_NAME, TensorPlacement, check_output
+from moemerge.io.manifest import MANIFEST_NAME, Manifest
+from moemerge.io.writer import CONFIG_COPY_NAME, MARKER_NAME, TensorPlacement, as_manifest, check_output
 
 __all__ = ["RemoteModelWriter", "S3_MIN_PART", "S3_MAX_PARTS", "DEFAULT_PART_SIZE"]
 
@@ -408,8 +409,9 @@ class RemoteModelWriter:
             if sink.done:
                 self._committed.append(p.file)
 
-    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: dict[str, Any]) -> None:
+    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: Manifest) -> None:
         """Complete header-only shards, then write side files, the index, the manifest (commit)."""
+        manifest = as_manifest(manifest)
         with self._lock:
             for s in self.shards:
                 if s.file in self._elsewhere:
@@ -425,7 +427,7 @@ class RemoteModelWriter:
             for name, data in side_files.items():
                 self._put(name, data)
             self._put(INDEX_NAME, json.dumps(index, indent=2).encode())
-            self._put(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+            self._put(MANIFEST_NAME, manifest.to_json())
             self._finished = True
             self._sinks.clear()
             self._shutdown()

@@ -111,7 +111,7 @@ def parse_header_length(prefix: bytes, *, file_size: int, where: str) -> int:
             f"{where}: header length {n} runs past the end of the {file_size}-byte file "
             "(truncated or corrupt; re-copy the file)"
         )
-    return n
+    return int(n)
 
 
 class _DuplicateKey(ValueError):

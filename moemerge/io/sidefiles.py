@@ -39,11 +39,11 @@ def read_side_files(url: str, storage_options: dict[str, Any] | None, *, model: 
         ) from e
     except NotADirectoryError:
         return out
-    for e in sorted(entries, key=lambda e: str(e["name"])):
-        p = str(e["name"])
+    for entry in sorted(entries, key=lambda x: str(x["name"])):
+        p = str(entry["name"])
         name = p.rstrip("/").rsplit("/", 1)[-1]
         wanted = (model and name in MODEL_FILES) or (tokenizer and is_tokenizer_file(name))
-        if wanted and e.get("type") == "file":
+        if wanted and entry.get("type") == "file":
             # the listing's size is checked before a byte is read (a 500 MB config.json took
             # 8.4 GB to handle and was copied into the output)
             data = read_limited(fs, p, where=f"{url.rstrip('/')}/{name}", limit=side_file_limit(name), what=name)

@@ -15,21 +15,22 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from moemerge.errors import OutputError
 from moemerge.io import storage
 from moemerge.io.checkpoint import INDEX_NAME
+from moemerge.io.manifest import MANIFEST_NAME, Manifest
 from moemerge.io.safetensors_format import ShardLayout
 from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
 
 __all__ = [
     "MANIFEST_NAME", "MARKER_NAME", "CONFIG_COPY_NAME", "TensorPlacement", "ModelWriter",
-    "LocalModelWriter", "check_output",
+    "SupportsFlush", "SupportsReadBack", "SupportsAdopt", "SupportsComplete", "LocalModelWriter",
+    "check_output", "as_manifest",
 ]
 
-MANIFEST_NAME = "moemerge-manifest.json"
 MARKER_NAME = ".moemerge-incomplete"
 CONFIG_COPY_NAME = "moemerge-config.yml"
 
@@ -58,19 +59,61 @@ class ModelWriter(Protocol):
 
     `write_rows` may be called from any thread, for any tensor and row range, once per range.
     `finish` writes the side files, then the index, then the manifest (the commit). `close`
-    without `finish` abandons the output: it must never look finished.
+    without `finish` abandons the output: it must never look finished. `target` is where the
+    output is being built (a sibling of the final location while overwriting, io.swap);
+    `describe()` says what the location holds now (for a message after a failure).
+
+    Optional powers are the `Supports*` protocols below (check with `isinstance`).
     """
+
+    target: str
 
     def prepare(self) -> None: ...
 
     def write_rows(self, name: str, row_start: int, data: memoryview) -> None: ...
 
-    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: dict[str, Any]) -> None: ...
+    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: Manifest) -> None: ...
+
+    def describe(self) -> str: ...
 
     def close(self) -> None: ...
 
 
-def check_output(url: str, *, overwrite: bool, inputs: list[str] = (),  # type: ignore[assignment]
+@runtime_checkable
+class SupportsFlush(Protocol):
+    """Puts what it wrote on disk now (before a journal entry, or before another process
+    commits what a Dask worker wrote)."""
+
+    def flush(self) -> None: ...
+
+
+@runtime_checkable
+class SupportsReadBack(Protocol):
+    """Reads back the bytes written for a tensor, in order, a bounded block at a time."""
+
+    def read_back(self, name: str) -> Iterator[memoryview]: ...
+
+
+@runtime_checkable
+class SupportsAdopt(Protocol):
+    """Takes shards other processes wrote and completed (Dask workers) as part of the output."""
+
+    def adopt(self, files: list[str]) -> None: ...
+
+
+@runtime_checkable
+class SupportsComplete(Protocol):
+    """Checks that one shard was written whole and makes it visible (a streamed shard)."""
+
+    def complete(self, file: str) -> None: ...
+
+
+def as_manifest(manifest: Manifest | dict[str, Any]) -> Manifest:
+    """`manifest` as a Manifest: callers that still build the JSON object give a dict."""
+    return manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest, where=MANIFEST_NAME)
+
+
+def check_output(url: str, *, overwrite: bool, inputs: Sequence[str] = (),
                  storage_options: dict[str, Any] | None = None) -> str:
     """Check before any work that `url` can take the output; return its path (local: absolute).
 
@@ -121,7 +164,7 @@ def check_output(url: str, *, overwrite: bool, inputs: list[str] = (),  # type: 
     return path
 
 
-def _check_remote_output(url: str, fs: Any, path: str, *, overwrite: bool, inputs: list[str],
+def _check_remote_output(url: str, fs: Any, path: str, *, overwrite: bool, inputs: Sequence[str],
                          storage_options: dict[str, Any] | None) -> str:
     root = path.rstrip("/")
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -220,7 +263,7 @@ def atomic_write(path: str, data: bytes) -> None:
 
 
 class LocalModelWriter:
-    """Shard files on a local (or shared) filesystem, filled by `write(file, offset, data)`.
+    """Shard files on a local (or shared) filesystem, filled by `write_rows(name, row_start, data)`.
 
     Thread-safe: writes are positional (`pwrite`), so units may finish in any order.
     """
@@ -231,7 +274,7 @@ class LocalModelWriter:
         if not storage.is_local(storage.resolve(url)[0]):
             # check_output accepts remote URLs now; this writer would create a local "bucket/key"
             raise OutputError(f"{url}: not a local path; remote outputs take RemoteModelWriter "
-                              "(moemerge.api.open_writer picks the writer)")
+                              "(moemerge.io.output.open_writer picks the writer)")
         from moemerge.io import swap
 
         path = os.path.abspath(storage.resolve(url)[1])
@@ -347,8 +390,9 @@ class LocalModelWriter:
         self._pwrite(fd, data, offset, p.file)
         start_writeback(fd, offset, len(data))
 
-    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: dict[str, Any]) -> None:
+    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: Manifest) -> None:
         """Flush shards, write side files, then the index, then the manifest (the commit)."""
+        manifest = as_manifest(manifest)
         try:
             for fd in self._fds.values():
                 os.fsync(fd)
@@ -356,7 +400,7 @@ class LocalModelWriter:
             for name, data in side_files.items():
                 atomic_write(os.path.join(self.path, name), data)
             atomic_write(os.path.join(self.path, INDEX_NAME), json.dumps(index, indent=2).encode())
-            atomic_write(os.path.join(self.path, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
+            atomic_write(os.path.join(self.path, MANIFEST_NAME), manifest.to_json())
             os.remove(os.path.join(self.path, MARKER_NAME))
             if self.path != self.final:
                 from moemerge.io import swap

@@ -19,17 +19,12 @@ from moemerge.io import storage
 from moemerge.io.checkpoint import Checkpoint, TensorInfo
 from moemerge.io.dtypes import DTYPES, itemsize
 from moemerge.io.limits import check_tensor_count
-from moemerge.io.writer import MANIFEST_NAME
+from moemerge.io.manifest import MANIFEST_NAME, Manifest
 from moemerge.io.zarr_store import ATTR, DAMAGED_STORE_HINT, open_store, storage_dtype, tensor_name
 
-__all__ = ["ZarrCheckpoint", "is_zarr_store"]
+__all__ = ["ZarrCheckpoint"]
 
 ZARR_JSON = "zarr.json"
-
-
-def is_zarr_store(fs: Any, root: str) -> bool:
-    """Whether `root` is a Zarr v3 node (has a zarr.json); moemerge's or not."""
-    return bool(fs.isfile(storage.join(root, ZARR_JSON)))
 
 
 class ZarrCheckpoint(Checkpoint):
@@ -77,12 +72,11 @@ class ZarrCheckpoint(Checkpoint):
                 f"{url}: this Zarr output is unfinished (no consolidated metadata or no "
                 f"{MANIFEST_NAME}); the run that wrote it failed or was killed: run it again"
             )
-        try:
-            manifest = json.loads(fs.cat_file(storage.join(root, MANIFEST_NAME)))
-            listed = manifest.get("tensors") if isinstance(manifest, dict) else None
-        except ValueError:
-            listed = None
-        listed = listed if isinstance(listed, dict) else {}
+        try:  # the tensors' plan order and shards; a damaged manifest leaves both to `verify`
+            listed = dict(Manifest.from_json(fs.cat_file(storage.join(root, MANIFEST_NAME)),
+                                             where=f"{url}/{MANIFEST_NAME}").tensors or {})
+        except CheckpointError:
+            listed = {}
         position = {n: i for i, n in enumerate(listed)}
         found: list[tuple[str, str, str, tuple[int, ...]]] = []
         check_tensor_count(len(cons.get("metadata") or {}), where=url)
@@ -104,8 +98,8 @@ class ZarrCheckpoint(Checkpoint):
         found.sort(key=lambda f: (position.get(f[0], len(position)), f[0]))
         tensors: dict[str, TensorInfo] = {}
         for i, (name, path, dtype, shape) in enumerate(found):
-            meta = listed.get(name)
-            shard = meta.get("file") if isinstance(meta, dict) else None
+            entry = listed.get(name)
+            shard = entry.file if entry is not None else None
             tensors[name] = TensorInfo(name=name, dtype=dtype, shape=shape,
                                        file=shard if isinstance(shard, str) else path, start=i,
                                        nbytes=math.prod(shape) * itemsize(dtype))

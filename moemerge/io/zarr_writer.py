@@ -22,14 +22,15 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from moemerge.errors import OutputError
 from moemerge.io import storage
-from moemerge.io.writer import MANIFEST_NAME, MARKER_NAME, atomic_write
+from moemerge.io.manifest import MANIFEST_NAME, Manifest
+from moemerge.io.writer import MARKER_NAME, as_manifest, atomic_write
 from moemerge.io.zarr_store import ATTR, FORMAT_VERSION, array_path, open_store, storage_dtype
 
 __all__ = ["ZarrArraySpec", "ZarrModelWriter", "zarr_chunks"]
@@ -137,11 +138,11 @@ class ZarrModelWriter:
         arr = zarr.open_array(open_store(self.url, self.storage_options, read_only=True),
                               path=array_path(name), mode="r", zarr_format=3)
         if not a.shape:
-            yield memoryview(np.ascontiguousarray(arr[()]).reshape(-1)).cast("B")
+            yield np.ascontiguousarray(arr[()]).reshape(-1).data.cast("B")
             return
         step = zarr_chunks(a.shape, a.rows_per_chunk)[0]
         for d0 in range(0, a.shape[0], step):
-            yield memoryview(np.ascontiguousarray(arr[d0:d0 + step]).reshape(-1)).cast("B")
+            yield np.ascontiguousarray(arr[d0:d0 + step]).reshape(-1).data.cast("B")
 
     def _path(self, name: str) -> str:
         return storage.join(self.root, name)
@@ -263,7 +264,7 @@ class ZarrModelWriter:
         except Exception as e:
             raise OutputError(f"{self.url}: tensor `{name}`: writing rows from {row_start} failed ({e})") from e
 
-    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: dict[str, Any]) -> None:
+    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: Manifest) -> None:
         """Side files, then consolidated metadata, then the manifest (the commit).
 
         `index` (the safetensors weight map) has no place in a Zarr store and is not written;
@@ -272,20 +273,18 @@ class ZarrModelWriter:
         import zarr
 
         del index
-        man = copy.deepcopy(manifest)
-        man["format"] = "zarr"
-        man["files"] = {}
-        for name, meta in man.get("tensors", {}).items():
-            meta["array"] = array_path(name)
-        if self.recorded is not None:
-            man["chunk_checksums"] = dict(sorted(self.recorded.items()))
+        given = as_manifest(manifest)
+        arrays = {} if given.tensors is None else {
+            "tensors": {n: replace(e, array=array_path(n)) for n, e in given.tensors.items()}}
+        recorded = {} if self.recorded is None else {"chunk_checksums": dict(sorted(self.recorded.items()))}
+        man = given.updated(format="zarr", files={}, **arrays, **recorded)
         try:
             for name, data in side_files.items():
                 self._put(name, data)
             with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec yet"
                 warnings.simplefilter("ignore")
                 zarr.consolidate_metadata(self._store)
-            self._put(MANIFEST_NAME, json.dumps(man, indent=1).encode())
+            self._put(MANIFEST_NAME, man.to_json())
             self.fs.rm(self._path(MARKER_NAME))
             if self.root != self.final_root:  # overwriting: swap the finished new store in
                 from moemerge.io import swap

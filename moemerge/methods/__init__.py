@@ -39,18 +39,10 @@ REGISTRY: dict[str, Method] = {
     )
 }
 
-#: MergeKit methods that are planned but not built yet: a clear error instead of "unknown".
-_PLANNED: tuple[str, ...] = ()
-
 
 def get_method(name: str) -> Method:
     """The registered method `name`; a ConfigError listing valid names otherwise."""
     m = REGISTRY.get(name)
     if m is not None:
         return m
-    if name in _PLANNED:
-        raise ConfigError(
-            f"`merge_method`: {name} is not implemented yet in this version; "
-            f"available: {', '.join(sorted(REGISTRY))}"
-        )
     raise ConfigError(f"`merge_method`: unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")

@@ -14,11 +14,12 @@ import torch
 
 from moemerge.methods._kernels import weighted_sum
 from moemerge.methods.base import Chunk, Method, ParamSpec, TensorParams, check_range
+from moemerge.settings import DEFAULT_ALPHA
 
 __all__ = ["SMA", "WMA", "EMA", "average_weights"]
 
 
-def average_weights(method: str, n: int, alpha: float = 0.2) -> list[float]:
+def average_weights(method: str, n: int, alpha: float = DEFAULT_ALPHA) -> list[float]:
     """Weights of the n snapshots (oldest first) for `sma`, `wma` or `ema`; they sum to 1.
 
     Example: average_weights("ema", 3, 0.5) == [0.25, 0.25, 0.5].
@@ -35,12 +36,12 @@ def average_weights(method: str, n: int, alpha: float = 0.2) -> list[float]:
 
 def _make(name: str, pretty: str) -> Method:
     def apply(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> torch.Tensor:
-        alpha = float(params.glob.get("alpha", 0.2))
+        alpha = float(params.glob.get("alpha", DEFAULT_ALPHA))
         return weighted_sum(chunk, average_weights(name, chunk.n_inputs, alpha))
 
     params: tuple[ParamSpec, ...] = ()
     if name == "ema":
-        params = (ParamSpec(name="alpha", scope="global", default=0.2, range=check_range(0, 1, lo_open=True),
+        params = (ParamSpec(name="alpha", scope="global", default=DEFAULT_ALPHA, range=check_range(0, 1, lo_open=True),
                             doc="weight of the newest snapshot in each EMA step"),)
     return Method(
         name=name,

@@ -11,14 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
-
-from moemerge.errors import ConfigError
-
-if TYPE_CHECKING:
-    from moemerge.config import MergeConfig, ParamValue, Scalar
 
 __all__ = ["Interval", "FINITE", "ParamSpec", "TensorParams", "Chunk", "StatPass", "Method", "check_range"]
 
@@ -54,7 +49,9 @@ FINITE = Interval()
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ParamSpec:
-    """One parameter a method takes, with MergeKit's name, default and valid range."""
+    """One parameter a method takes, with MergeKit's name, default and valid range.
+
+    Methods only declare their parameters; `moemerge.config` checks configs against them."""
 
     name: str
     scope: Literal["model", "global"]
@@ -64,24 +61,9 @@ class ParamSpec:
     kind: Literal["float", "bool", "int"] = "float"
     range: Interval = FINITE
     """Valid values (MergeKit 0.1.5's meaning, methods.md); outside is a ConfigError before
-    work, never clamped. Checked on every value written in the config (each gradient entry,
-    each filter rule) and again on every value the planner resolves for a tensor."""
+    work, never clamped. `config.param_problem` checks every value written in the config (each
+    gradient entry, each filter rule) and the planner every value it resolves for a tensor."""
     doc: str = ""
-
-    def problem(self, v: Any) -> str | None:
-        """What is wrong with one resolved value (e.g. 'must be in [0, 1]'), or None."""
-        if self.kind == "bool":
-            return None if isinstance(v, bool) or v in (0, 1) else "must be true or false"
-        if isinstance(v, str) or isinstance(v, bool):
-            return f"must be a number in {self.range}"
-        x = float(v)
-        if not math.isfinite(x):
-            return "must be a finite number"
-        if self.kind == "int" and x != int(x):
-            return f"must be an integer in {self.range}"
-        if x not in self.range:
-            return f"must be in {self.range}"
-        return None
 
 
 def check_range(lo: float | None, hi: float | None, *, lo_open: bool = False, hi_open: bool = False) -> Interval:
@@ -191,84 +173,3 @@ class Method:
             if p.name == name:
                 return p
         return None
-
-    def validate_config(self, cfg: MergeConfig) -> None:
-        """Check parameter names, values and the input contract of a config for this method."""
-        from moemerge.config import FilterRule, Gradient
-
-        problems: list[str] = []
-        known = {p.name for p in self.params} | set(self.ignored_params)
-
-        def values(v: ParamValue, path: str) -> list[tuple[Scalar, str, str]]:
-            """(value, where in the config, which tensors it applies to) of every written value."""
-            if isinstance(v, Gradient):
-                pts = ", ".join(f"{x:g}" for x in v.points)
-                return [(x, f"{path}[{j}]", f"layer gradient [{pts}], entry {j}") for j, x in enumerate(v.points)]
-            if isinstance(v, tuple):
-                out: list[tuple[Scalar, str, str]] = []
-                for j, rule in enumerate(v):
-                    assert isinstance(rule, FilterRule)
-                    scope = "tensors without a rule above" if rule.filter is None else f"tensors matching {rule.filter!r}"
-                    for x, at, what in values(rule.value, f"{path}[{j}].value"):
-                        out.append((x, at, scope if what == "every tensor" else f"{scope}, {what}"))
-                return out
-            return [(v, path, "every tensor")]
-
-        def check(where: str, params: Mapping[str, ParamValue], scope_ok: set[str], model: str | None) -> None:
-            for key, v in params.items():
-                if key not in known:
-                    problems.append(
-                        f"`{where}.{key}`: unknown parameter for {self.name}; "
-                        f"valid: {', '.join(sorted(known)) or '(none)'}"
-                    )
-                    continue
-                spec = self.spec(key)
-                if spec is None:
-                    continue
-                if spec.scope not in scope_ok:
-                    problems.append(f"`{where}.{key}`: {key} is a global parameter; set it under top-level `parameters`")
-                whose = f"model {model}" if model else ("every model" if spec.scope == "model" else "the merge")
-                for x, at, applies in values(v, f"{where}.{key}"):
-                    msg = spec.problem(x)
-                    if msg:
-                        problems.append(f"`{at}`: {self.name} parameter `{key}` is {x!r} for {whose} "
-                                        f"({applies}); {key} {msg}")
-
-        check("parameters", cfg.parameters, {"model", "global"}, None)
-        for i, m in enumerate(cfg.models):
-            check(f"models[{i}].parameters", m.parameters, {"model"}, m.model)
-        if self.base == "required" and not cfg.base_model:
-            problems.append(f"`base_model`: {self.name} needs a base model (task vectors are taken against it)")
-        n = len(self.input_models(cfg))
-        if n < self.min_inputs:
-            problems.append(
-                f"`models`: {self.name} needs at least {self.min_inputs} model(s)"
-                f"{' besides base_model' if self.base != 'none' else ''}, got {n}"
-            )
-        if self.max_inputs is not None and n > self.max_inputs:
-            problems.append(
-                f"`models`: {self.name} takes at most {self.max_inputs} model(s)"
-                f"{' besides base_model' if self.base != 'none' else ''}, got {n}"
-            )
-        for spec in self.params:
-            if spec.default is not None or spec.scope != "model":
-                continue
-            for i, m in enumerate(cfg.models):
-                if m.model == cfg.base_model and self.base != "none":
-                    continue
-                if spec.name not in m.parameters and spec.name not in cfg.parameters:
-                    problems.append(
-                        f"`models[{i}].parameters.{spec.name}`: required by {self.name} "
-                        f"for {m.model} (or set it under top-level `parameters`)"
-                    )
-        for spec in self.params:
-            if spec.default is None and spec.scope == "global" and spec.name not in cfg.parameters:
-                problems.append(f"`parameters.{spec.name}`: required by {self.name}")
-        if problems:
-            raise ConfigError("invalid config:\n  " + "\n  ".join(problems) if len(problems) > 1 else problems[0])
-
-    def input_models(self, cfg: MergeConfig) -> list[int]:
-        """Indices into cfg.models of the inputs (the base excluded for base methods)."""
-        if self.base == "none":
-            return list(range(len(cfg.models)))
-        return [i for i, m in enumerate(cfg.models) if m.model != cfg.base_model]

@@ -43,7 +43,6 @@ __all__ = [
     "low_histogram",
     "pick_high_bin",
     "pick_threshold",
-    "abs_bits",
     "uniform",
     "random_keep",
     "stream_key",
@@ -242,11 +241,6 @@ def exact_abs_sums(d: torch.Tensor, keep: torch.Tensor) -> tuple[int, int]:
 def exact_value(partial: int) -> float:
     """The correctly rounded float of a sum of `exact_row_sum` partials."""
     return partial / (1 << _SCALE_BITS)  # int / int is correctly rounded in Python
-
-
-def abs_bits(x: torch.Tensor) -> torch.Tensor:
-    """Bit patterns (int32) of |x| for float32 x: they order like the values."""
-    return x.abs().view(torch.int32)
 
 
 def high_histogram(bits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

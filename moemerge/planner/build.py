@@ -7,34 +7,30 @@ is collected and raised once, so a user fixes a config in one round.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from moemerge.config import MergeConfig
+from moemerge.config import MergeConfig, input_models
+from moemerge.engine.constants import BLOCK_ELEMS  # a leaf module: imports nothing
 from moemerge.errors import MismatchError, PlanError
 from moemerge.io.checkpoint import TensorInfo, row_geometry
 from moemerge.io.dtypes import is_float, itemsize
 from moemerge.io.quant.base import QuantSpec
 from moemerge.methods import get_method
-from moemerge.methods.base import TensorParams
+from moemerge.methods.base import Method, TensorParams
 from moemerge.planner.layout import lay_out_shards
 from moemerge.planner.params import count_layers, resolve_tensor_params
-from moemerge.planner.plan import Plan, TensorPlan, WorkUnit
+from moemerge.planner.plan import Plan, PlannedTensor, TensorPlan, WorkUnit
 from moemerge.planner.quant import chunk_align, chunk_parts_bytes, layout_entries, placed, quant_for
+from moemerge.settings import DEFAULT_UNIT_BYTES
 from moemerge.sizes import format_size
 
-__all__ = ["build_plan", "make_units", "DEFAULT_UNIT_BYTES", "MAX_LISTED", "BLOCK_ELEMS"]
+__all__ = ["build_plan", "make_units", "chunk_rows_for", "DEFAULT_UNIT_BYTES", "MAX_LISTED"]
 
 #: Chunks per work unit for elementwise methods (pipeline depth inside one Dask task).
 CHUNKS_PER_UNIT = 4
-#: DESIGN "Work units and scale": about 256 MB of input per unit keeps a 100B+ model in the
-#: thousands of units (Dask's per-task overhead stays negligible).
-DEFAULT_UNIT_BYTES = 256 * 10**6
 #: How many problems of one kind an error lists before summarizing the rest.
 MAX_LISTED = 12
-#: Elementwise methods compute in blocks of this many elements (1 MiB of fp32): small enough
-#: to stay in L2 cache, which measured 2.2x faster here than whole 32M-element chunks.
-BLOCK_ELEMS = 256 * 1024
 #: Output bytes per element of a quantized tensor beyond its float32 values: its parts (~1 B)
 #: and the quantizer's float32 temporaries, per buffered chunk (engine/requant.py).
 QUANT_EXTRA_PER_ELEM = 10
@@ -74,6 +70,45 @@ def _listed(problems: list[str]) -> str:
     return "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Roles:
+    """Which sources a merge reads: indices into the plan's sources."""
+
+    sources: tuple[str, ...]
+    model_idx: list[int]
+    """Indices into cfg.models of the method's inputs (the base excluded)."""
+    inputs: tuple[int, ...]
+    base: int | None
+    used: tuple[int, ...]
+    """Base first when there is one, then the inputs: the order of a tensor's `infos`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Selection:
+    """Every output tensor decided, and every problem found on the way (raised together)."""
+
+    planned: tuple[PlannedTensor, ...]
+    warnings: tuple[str, ...]
+    unsupported: tuple[str, ...]
+    missing: tuple[str, ...]
+    mismatched: tuple[str, ...]
+    param_problems: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Sizing:
+    """The buffer sizes every tensor's chunks share, from the budget."""
+
+    in_elem: int
+    """Input bytes per element (all sources, largest tensor)."""
+    comp_elem: int
+    """Compute bytes per element: 8 when any merged tensor is F64, else 4."""
+    working: int
+    temps: int
+    chunk_cap: int
+    """Elements per chunk at most."""
+
+
 def build_plan(
     cfg: MergeConfig,
     catalogs: Mapping[str, Mapping[str, TensorInfo]],
@@ -94,15 +129,71 @@ def build_plan(
     one-row or odd chunks on small tensors; the output must not change). `quant` names the
     logical tensors written quantized (`planner.quant.resolve_output_quant`); `keep`, stored
     tensors copied as the first source has them (a quantized layout's `input_scale`).
+
+    In steps: which sources play which role, which tensors are made how (`_select`; every
+    problem raised at once), buffer sizes from the budget (`_size`), then each tensor's
+    chunking and place in the output (`_tensor_plans`).
     """
     method = get_method(cfg.merge_method)
+    roles = _roles(cfg, method)
+    sel = _select(cfg, method, roles, catalogs, seed=seed, n_layers_hint=n_layers_hint, quant=quant, keep=keep)
+    problems = list(sel.unsupported + sel.missing + sel.mismatched + sel.param_problems)
+    if problems:
+        kind = MismatchError if (sel.missing or sel.mismatched) and not sel.param_problems else PlanError
+        problems = _grouped(problems)
+        if len(problems) == 1:
+            raise kind(problems[0])
+        raise kind(f"cannot plan this merge ({len(problems)} problems):\n  {_listed(problems)}")
+    sizing = _size(method, sel.planned, n_inputs=len(roles.inputs), memory_budget=memory_budget,
+                   unit_bytes=unit_bytes)
+    entries, glued = layout_entries(sel.planned)  # a quantized tensor's parts in its place
+    shards, where = lay_out_shards(entries, shard_size, glued)
+    tensors, totals, one_row = _tensor_plans(method, sel.planned, sizing, where, out_format=out_format,
+                                             chunk_rows=chunk_rows)
+    notes: list[str] = []
+    if one_row:
+        notes.append(
+            f"{len(one_row)} tensor(s) have rows too big for the budget and are processed one row "
+            f"at a time: {', '.join(one_row[:5])}{' ...' if len(one_row) > 5 else ''}"
+        )
+    chunk_elems = min(totals.chunk_elems, BLOCK_ELEMS) if method.elementwise else totals.chunk_elems
+    peak = (_IN_FLIGHT * totals.chunk_in + (sizing.working + sizing.temps) * chunk_elems * sizing.comp_elem
+            + _IN_FLIGHT * totals.chunk_out)
+    if peak > memory_budget:
+        notes.append(
+            f"buffers need {format_size(peak)}, above the {format_size(memory_budget)} budget, "
+            "because single rows are that big"
+        )
+    side = cfg.base_model or cfg.models[0].model
+    tok = cfg.tokenizer_source
+    tok_source = side if tok in (None, "base") else tok
+    return Plan(
+        method=method.name, sources=roles.sources, tensors=tuple(tensors), shards=tuple(shards),
+        units=tuple(make_units(tensors, unit_bytes)), memory_budget=memory_budget,
+        working_copies=sizing.working, chunk_elems=chunk_elems, chunk_in_bytes=totals.chunk_in,
+        chunk_out_bytes=totals.chunk_out, peak_bytes=peak, bytes_read=totals.bytes_read,
+        bytes_written=totals.bytes_written, passes=totals.passes, warnings=sel.warnings,
+        notes=tuple(notes), side_source=side, tokenizer_source=tok_source,
+        config_hash=cfg.config_hash(), out_format=out_format,
+    )
+
+
+def _roles(cfg: MergeConfig, method: Method) -> _Roles:
     sources = tuple(cfg.model_locations())
-    model_idx = method.input_models(cfg)
+    model_idx = input_models(cfg, method)
     inputs = tuple(sources.index(cfg.models[i].model) for i in model_idx)
     base = sources.index(cfg.base_model) if (method.base != "none" and cfg.base_model) else None
     used = ((base,) if base is not None else ()) + inputs
+    return _Roles(sources=sources, model_idx=model_idx, inputs=inputs, base=base, used=used)
+
+
+def _select(cfg: MergeConfig, method: Method, roles: _Roles, catalogs: Mapping[str, Mapping[str, TensorInfo]], *,
+            seed: int, n_layers_hint: int | None, quant: Mapping[str, QuantSpec] | None,
+            keep: Mapping[str, TensorInfo] | None) -> _Selection:
+    """How each output tensor is made (a method, or a copy) from which stored tensors, in the
+    first source's file order; and every problem found (missing, mismatched, bad parameters)."""
+    sources, inputs, base, used = roles.sources, roles.inputs, roles.base, roles.used
     warnings: list[str] = []
-    notes: list[str] = []
     if cfg.base_model and method.base == "none" and cfg.base_model not in [m.model for m in cfg.models]:
         warnings.append(
             f"base_model is not merged by {method.name} (list it under `models` to include it); "
@@ -131,7 +222,7 @@ def build_plan(
                 f"(e.g. `{sorted(extra)[0]}`)"
             )
 
-    planned: list[dict[str, Any]] = []
+    planned: list[PlannedTensor] = []
     for name in names:
         infos: list[TensorInfo] = []
         for s in used:
@@ -152,8 +243,8 @@ def build_plan(
             continue
         newest = infos[-1]
         if take_last and (not is_float(newest.dtype) or name.endswith("_extra_state")):
-            planned.append(dict(name=name, infos=[newest], method="copy", out_dtype=newest.dtype,
-                                params=None, inputs=inputs[-1:], base=None))
+            planned.append(PlannedTensor(name=name, infos=(newest,), method="copy", out_dtype=newest.dtype,
+                                         inputs=inputs[-1:], base=None))
             continue
         for s, info in zip(used, infos):
             if info.shape != r.shape:
@@ -169,9 +260,10 @@ def build_plan(
                     f"{sources[ref]} has {r.dtype}; integer tensors must match exactly"
                 )
         if not is_float(r.dtype):
-            planned.append(dict(name=name, infos=infos, method="copy", out_dtype=r.dtype, params=None))
+            planned.append(PlannedTensor(name=name, infos=tuple(infos), method="copy", out_dtype=r.dtype,
+                                         inputs=inputs, base=base))
             continue
-        params, probs = resolve_tensor_params(method, cfg, model_idx, name, n_layers, seed)
+        params, probs = resolve_tensor_params(method, cfg, roles.model_idx, name, n_layers, seed)
         param_problems += probs
         if not probs:
             msg = method.check_tensor(params)
@@ -182,32 +274,27 @@ def build_plan(
         q = quant_for(quant, name, r.shape)
         if q is not None:  # merged into float32, then quantized chunk by chunk (engine/requant.py)
             out_dtype = "F32"
-        planned.append(dict(name=name, infos=infos, method=method.name, out_dtype=out_dtype, params=params, quant=q))
+        planned.append(PlannedTensor(name=name, infos=tuple(infos), method=method.name, out_dtype=out_dtype,
+                                     inputs=inputs, base=base, params=params, quant=q))
 
     for info in (keep or {}).values():
-        planned.append(dict(name=info.name, infos=[info], method="copy", out_dtype=info.dtype, params=None,
-                            inputs=(0,), base=None))
-    problems = unsupported + missing + mismatched + param_problems
-    if problems:
-        kind = MismatchError if (missing or mismatched) and not param_problems else PlanError
-        problems = _grouped(problems)
-        if len(problems) == 1:
-            raise kind(problems[0])
-        raise kind(f"cannot plan this merge ({len(problems)} problems):\n  {_listed(problems)}")
+        planned.append(PlannedTensor(name=info.name, infos=(info,), method="copy", out_dtype=info.dtype,
+                                     inputs=(0,), base=None))
+    return _Selection(planned=tuple(planned), warnings=tuple(warnings), unsupported=tuple(unsupported),
+                      missing=tuple(missing), mismatched=tuple(mismatched), param_problems=tuple(param_problems))
 
-    # -- memory: one global chunk size in elements, from the budget ------------------------
-    in_elem = max((sum(itemsize(i.dtype) for i in p["infos"]) for p in planned), default=1)
+
+def _size(method: Method, planned: Sequence[PlannedTensor], *, n_inputs: int, memory_budget: int,
+          unit_bytes: int) -> _Sizing:
+    """One global chunk size in elements, from the budget: every buffer is sized for it."""
+    in_elem = max((sum(itemsize(i.dtype) for i in p.infos) for p in planned), default=1)
     # a quantized tensor's output buffer holds its float32 values and then its stored parts, and
     # the quantizer's float32 temporaries (a band of whole scale blocks, at most a chunk) come on top
-    out_elem = max((itemsize(p["out_dtype"]) + (QUANT_EXTRA_PER_ELEM if p.get("quant") else 0)
+    out_elem = max((itemsize(p.out_dtype) + (QUANT_EXTRA_PER_ELEM if p.quant else 0)
                     for p in planned), default=1)
-    wide = any(
-        p["method"] != "copy" and ("F64" in {i.dtype for i in p["infos"]} or p["out_dtype"] == "F64")
-        for p in planned
-    )
-    comp_elem = 8 if wide else 4
-    working = max((method.working_copies(len(inputs)) for p in planned if p["method"] != "copy"), default=0)
-    temps = method.temporaries(len(inputs)) if any(p["method"] != "copy" for p in planned) else 0
+    comp_elem = 8 if any(_wide(p) for p in planned) else 4
+    working = max((method.working_copies(n_inputs) for p in planned if p.method != "copy"), default=0)
+    temps = method.temporaries(n_inputs) if any(p.method != "copy" for p in planned) else 0
     if method.elementwise:
         # compute buffers are fixed cache-sized blocks, not chunk-sized
         fixed = working * BLOCK_ELEMS * comp_elem
@@ -223,87 +310,92 @@ def build_plan(
         # chunking never costs an elementwise method a read: a few chunks per unit keep a
         # task's reads, math and writes overlapped (one-chunk tasks run them one after another)
         chunk_cap = min(chunk_cap, max(1, unit_bytes // in_elem // CHUNKS_PER_UNIT))
+    return _Sizing(in_elem=in_elem, comp_elem=comp_elem, working=working, temps=temps, chunk_cap=chunk_cap)
 
+
+def _wide(p: PlannedTensor) -> bool:
+    """A merged (not copied) tensor with F64 among its inputs or as its output: computed in F64."""
+    return p.method != "copy" and ("F64" in {i.dtype for i in p.infos} or p.out_dtype == "F64")
+
+
+@dataclass(slots=True)
+class _Totals:
+    """What the tensor plans add up to (largest chunks, bytes moved, extra passes)."""
+
+    chunk_elems: int = 0
+    chunk_in: int = 0
+    chunk_out: int = 0
+    passes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+def _tensor_plans(method: Method, planned: Sequence[PlannedTensor], sizing: _Sizing,
+                  where: Mapping[str, tuple[str, int]], *, out_format: str,
+                  chunk_rows: int | None) -> tuple[list[TensorPlan], _Totals, list[str]]:
+    """Each tensor's chunking and place in the output; the totals; the tensors whose rows
+    (row groups) are too big for the budget, processed one at a time."""
     tensors: list[TensorPlan] = []
-    entries, glued = layout_entries(planned)  # a quantized tensor's parts in its place
-    shards, where = lay_out_shards(entries, shard_size, glued)
-    chunk_elems = chunk_in = chunk_out = 0
-    extra_passes = 0
-    bytes_read = bytes_written = 0
+    totals = _Totals()
     one_row: list[str] = []
     for p in planned:
-        r: TensorInfo = p["infos"][0]
+        r = p.infos[0]
         rows, row_len = row_geometry(r.shape)
-        gran = method.row_granularity(r.shape, p["params"]) if p["method"] != "copy" else 1
+        gran = method.row_granularity(r.shape, p.params or _COPY_PARAMS) if p.method != "copy" else 1
         # chunks fall on the scale blocks of every quantized input (io.quant: one band per read)
-        gran = math.lcm(gran, *(max(1, i.row_align) for i in p["infos"]))
+        gran = math.lcm(gran, *(max(1, i.row_align) for i in p.infos))
         if out_format == "zarr" and len(r.shape) >= 3:
             # Zarr chunks are slabs along dim 0: a chunk must hold whole dim-0 slices
             gran = math.lcm(gran, max(1, math.prod(r.shape[1:-1])))
-        q = p.get("quant")
+        q = p.quant
         if q is not None:  # chunks are whole scale blocks
             gran = math.lcm(gran, chunk_align(q))
-        fit = (chunk_cap // max(1, row_len)) // gran * gran
-        if rows == 0:
-            rows_per_chunk = 1
-        elif fit >= gran:
-            rows_per_chunk = min(fit, rows)
-            if chunk_rows:
-                rows_per_chunk = min(rows_per_chunk, max(gran, chunk_rows // gran * gran))
-        else:  # even one row (group) is above the budget share: go one at a time, and say so
-            rows_per_chunk = gran
-            one_row.append(f"`{r.name}` ({format_size(row_len * in_elem * gran)} per row)")
+        rows_per_chunk, fits = chunk_rows_for(rows, row_len, gran, sizing.chunk_cap, chunk_rows)
+        if not fits:  # even one row (group) is above the budget share: one at a time, and say so
+            one_row.append(f"`{r.name}` ({format_size(row_len * sizing.in_elem * gran)} per row)")
         elems = rows_per_chunk * row_len
-        in_bytes = sum(i.read_nbytes for i in p["infos"])  # as stored: quantized parts, not served bytes
-        chunk_elems = max(chunk_elems, elems if p["method"] != "copy" else 0)
-        chunk_in = max(chunk_in, elems * sum(itemsize(i.dtype) for i in p["infos"]))
-        chunk_out = max(chunk_out, elems * itemsize(p["out_dtype"]) + (chunk_parts_bytes(q, rows_per_chunk) if q else 0))
-        n_pass = 0
-        if p["method"] != "copy":
-            n_pass = len(method.passes(p["params"], r.shape))
+        in_bytes = sum(i.read_nbytes for i in p.infos)  # as stored: quantized parts, not served bytes
+        totals.chunk_elems = max(totals.chunk_elems, elems if p.method != "copy" else 0)
+        totals.chunk_in = max(totals.chunk_in, elems * sum(itemsize(i.dtype) for i in p.infos))
+        totals.chunk_out = max(totals.chunk_out, elems * itemsize(p.out_dtype)
+                               + (chunk_parts_bytes(q, rows_per_chunk) if q else 0))
+        n_pass = len(method.passes(p.params or _COPY_PARAMS, r.shape)) if p.method != "copy" else 0
         multi = rows > rows_per_chunk
-        extra_passes += n_pass
-        bytes_read += in_bytes * (1 + n_pass if multi else 1)
-        bytes_written += sum(x.nbytes for x in q.parts) if q else math.prod(r.shape) * itemsize(p["out_dtype"])
-        compute = "F64" if (p["method"] != "copy" and comp_elem == 8 and (
-            "F64" in {i.dtype for i in p["infos"]} or p["out_dtype"] == "F64")) else "F32"
+        totals.passes += n_pass
+        totals.bytes_read += in_bytes * (1 + n_pass if multi else 1)
+        totals.bytes_written += sum(x.nbytes for x in q.parts) if q else math.prod(r.shape) * itemsize(p.out_dtype)
+        compute = "F64" if (sizing.comp_elem == 8 and _wide(p)) else "F32"
         fname, off = where[q.parts[0].name if q else r.name]
         tensors.append(TensorPlan(
-            name=r.name, shape=r.shape, rows=rows, row_len=row_len, method=p["method"],
-            inputs=p.get("inputs", inputs),
-            base=p.get("base", base), in_dtypes=tuple(i.dtype for i in p["infos"]), out_dtype=p["out_dtype"],
-            compute_dtype=compute, params=p["params"] or _COPY_PARAMS,
+            name=r.name, shape=r.shape, rows=rows, row_len=row_len, method=p.method, inputs=p.inputs,
+            base=p.base, in_dtypes=tuple(i.dtype for i in p.infos), out_dtype=p.out_dtype,
+            compute_dtype=compute, params=p.params or _COPY_PARAMS,
             rows_per_chunk=rows_per_chunk, out_file=fname, out_offset=off,
             **({"quant": placed(q, where)} if q else {}),
         ))
-    if one_row:
-        notes.append(
-            f"{len(one_row)} tensor(s) have rows too big for the budget and are processed one row "
-            f"at a time: {', '.join(one_row[:5])}{' ...' if len(one_row) > 5 else ''}"
-        )
-    if method.elementwise:
-        chunk_elems = min(chunk_elems, BLOCK_ELEMS)
-    peak = _IN_FLIGHT * chunk_in + (working + temps) * chunk_elems * comp_elem + _IN_FLIGHT * chunk_out
-    if peak > memory_budget:
-        notes.append(
-            f"buffers need {format_size(peak)}, above the {format_size(memory_budget)} budget, "
-            "because single rows are that big"
-        )
-    side = cfg.base_model or cfg.models[0].model
-    tok = cfg.tokenizer_source
-    tok_source = side if tok in (None, "base") else tok
-    return Plan(
-        method=method.name, sources=sources, tensors=tuple(tensors), shards=tuple(shards),
-        units=tuple(make_units(tensors, unit_bytes)), memory_budget=memory_budget,
-        working_copies=working, chunk_elems=chunk_elems, chunk_in_bytes=chunk_in,
-        chunk_out_bytes=chunk_out, peak_bytes=peak, bytes_read=bytes_read,
-        bytes_written=bytes_written, passes=extra_passes, warnings=tuple(warnings),
-        notes=tuple(notes), side_source=side, tokenizer_source=tok_source,
-        config_hash=cfg.config_hash(), out_format=out_format,
-    )
+    return tensors, totals, one_row
 
 
 _COPY_PARAMS = TensorParams(per_input=(), glob={})
+
+
+def chunk_rows_for(rows: int, row_len: int, gran: int, chunk_cap: int,
+                   chunk_rows: int | None = None) -> tuple[int, bool]:
+    """(rows per chunk, whether a row group fits) for a tensor of `rows` rows of `row_len`
+    elements, chunks of at most `chunk_cap` elements in whole groups of `gran` rows, capped at
+    `chunk_rows` when given. A group bigger than the cap is taken one at a time (False).
+
+    Example: chunk_rows_for(10, 100, 1, 450) == (4, True).
+    """
+    fit = (chunk_cap // max(1, row_len)) // gran * gran
+    if rows == 0:
+        return 1, True
+    if fit < gran:
+        return gran, False
+    n = min(fit, rows)
+    if chunk_rows:
+        n = min(n, max(gran, chunk_rows // gran * gran))
+    return n, True
 
 
 def make_units(tensors: list[TensorPlan], unit_bytes: int) -> list[WorkUnit]:

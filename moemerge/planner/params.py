@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from moemerge.config import MergeConfig, resolve_value
+from moemerge.config import MergeConfig, param_problem, resolve_value
 from moemerge.methods.base import Method, ParamSpec, TensorParams
 
 __all__ = ["layer_index", "count_layers", "resolve_tensor_params"]
@@ -67,7 +67,7 @@ def resolve_tensor_params(
                     "(no filter rule matches it and there is no default); add a rule without `filter`"
                 )
                 continue
-            bad = spec.problem(v)
+            bad = param_problem(spec, v)
             if bad:  # gradients and filters resolve here: every resolved value is checked
                 problems.append(f"tensor `{tensor}`: {method.name} parameter `{spec.name}` resolves to {v!r} "
                                 f"for {model.model}; {spec.name} {bad}")
@@ -84,7 +84,7 @@ def resolve_tensor_params(
         if v is None:
             problems.append(f"tensor `{tensor}`: parameter `{spec.name}` has no value (no filter rule matches)")
             continue
-        bad = spec.problem(v)
+        bad = param_problem(spec, v)
         if bad:
             problems.append(f"tensor `{tensor}`: {method.name} parameter `{spec.name}` resolves to {v!r}; "
                             f"{spec.name} {bad}")

@@ -4,16 +4,38 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
+from moemerge.io.checkpoint import TensorInfo
 from moemerge.io.dtypes import itemsize
 from moemerge.io.safetensors_format import ShardLayout
+from moemerge.io.quant.base import QuantSpec
 from moemerge.io.quant_out import OutQuant
 from moemerge.io.writer import TensorPlacement
 from moemerge.io.zarr_writer import ZarrArraySpec
 from moemerge.methods.base import TensorParams
 
-__all__ = ["TensorPlan", "ShardLayout", "WorkUnit", "Plan"]
+__all__ = ["PlannedTensor", "TensorPlan", "ShardLayout", "WorkUnit", "Plan"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlannedTensor:
+    """An output tensor as the planner decides it, before chunking and layout (`build_plan`)."""
+
+    name: str
+    infos: tuple[TensorInfo, ...]
+    """Its stored tensor in each source read, in `TensorPlan.sources_used` order."""
+    method: str
+    """Registered method name, or `copy`."""
+    out_dtype: str
+    inputs: tuple[int, ...]
+    """Source indices, as `TensorPlan.inputs`."""
+    base: int | None
+    params: TensorParams | None = None
+    """Resolved parameters of a merged tensor; None for a copy."""
+    quant: QuantSpec | None = None
+    """Written quantized as this spec (`planner.quant`); None: written as `out_dtype`."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,11 +131,14 @@ class Plan:
     side_source: str | None = None
     """The checkpoint whose config/tokenizer files are copied to the output."""
     tokenizer_source: str | None = None
-    out_dtype_name: str | None = None
     config_hash: str = ""
     out_format: str = "safetensors"
     """`safetensors` (sharded HF directory) or `zarr` (one array per tensor)."""
-    extra: dict[str, object] = field(default_factory=dict)
+    quantize: str | None = None
+    """The output quantization chosen (`--quantize` or its default, `planner.quant`): `none`,
+    `like-input`, `fp8-block`, `mxfp4`; None when not decided (a plan from `build_plan` alone)."""
+    quantization_config: dict[str, Any] | None = None
+    """The output config.json's `quantization_config`; None: none (removed if the input had one)."""
 
     def placements(self) -> dict[str, TensorPlacement]:
         """Where each planned tensor goes in a safetensors output."""
@@ -160,5 +185,6 @@ class Plan:
             "peak_buffer_bytes": self.peak_bytes,
             "warnings": list(self.warnings),
             "notes": list(self.notes),
-            **self.extra,
+            **({"quantize": self.quantize, "quantization_config": self.quantization_config}
+               if self.quantize is not None else {}),
         }

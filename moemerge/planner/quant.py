@@ -15,11 +15,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moemerge.errors import ConfigError
 from moemerge.io.checkpoint import Checkpoint, TensorInfo
 from moemerge.io.quant.base import QuantScheme, QuantSpec
+
+if TYPE_CHECKING:
+    from moemerge.planner.plan import PlannedTensor
 
 __all__ = ["OutputQuant", "QUANTIZE_MODES", "resolve_output_quant", "input_layout", "with_quant_config"]
 
@@ -150,15 +153,16 @@ def resolve_output_quant(mode: str | None, ckpts: Sequence[Checkpoint], logical:
 
 
 def plan_with_quant(plan: Any, oq: OutputQuant) -> Any:
-    """`plan` carrying the choice: a note for `plan`, `quantize` and the config in `extra`."""
+    """`plan` carrying the choice: a note for `plan`, `quantize` and `quantization_config`."""
     from dataclasses import replace
 
-    extra = {**plan.extra, "quantize": oq.mode, "quantization_config": oq.config}
-    return replace(plan, notes=plan.notes + ((oq.note,) if oq.note else ()), extra=extra)
+    return replace(plan, notes=plan.notes + ((oq.note,) if oq.note else ()), quantize=oq.mode,
+                   quantization_config=oq.config)
 
 
-def with_quant_config(raw: bytes, config: dict[str, Any] | None) -> bytes:
-    """config.json with `quantization_config` set to `config` (removed when None)."""
+def with_quant_config(raw: bytes, config: object) -> bytes:
+    """config.json with `quantization_config` set to `config` (removed when it is not a mapping:
+    None, as `Plan.quantization_config` is for an unquantized output)."""
     import json
 
     try:
@@ -167,7 +171,7 @@ def with_quant_config(raw: bytes, config: dict[str, Any] | None) -> bytes:
         return raw
     if not isinstance(doc, dict):
         return raw
-    if config is None:
+    if not isinstance(config, dict):
         if "quantization_config" not in doc:
             return raw
         doc.pop("quantization_config")
@@ -193,15 +197,15 @@ def chunk_align(spec: QuantSpec) -> int:
     return spec.rows if get_codec(spec.codec).needs_amax(spec) else max(1, spec.row_align)
 
 
-def layout_entries(planned: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[str, str, tuple[int, ...]]], set[str]]:
+def layout_entries(planned: Sequence[PlannedTensor]) -> tuple[list[tuple[str, str, tuple[int, ...]]], set[str]]:
     """(name, dtype, shape) of every stored output tensor in order, a quantized tensor's parts
     in its place; and the parts that must share the shard of the part before them."""
     entries: list[tuple[str, str, tuple[int, ...]]] = []
     glued: set[str] = set()
     for p in planned:
-        spec: QuantSpec | None = p.get("quant")
+        spec = p.quant
         if spec is None:
-            entries.append((p["name"], p["out_dtype"], p["infos"][0].shape))
+            entries.append((p.name, p.out_dtype, p.infos[0].shape))
             continue
         for i, part in enumerate(spec.parts):
             entries.append((part.name, part.dtype, part.shape))

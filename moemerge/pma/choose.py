@@ -20,11 +20,9 @@ from moemerge.pma.discovery import (
     parse_step,
     select,
 )
+from moemerge.settings import DEFAULT_LAST
 
 __all__ = ["Window", "Chosen", "choose", "DEFAULT_LAST"]
-
-#: The paper's default window (arXiv 2505.12082: N = 10 checkpoints).
-DEFAULT_LAST = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

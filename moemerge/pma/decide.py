@@ -11,15 +11,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from moemerge.errors import ConfigError
-from moemerge.io.dcp_names import DcpNames
+from moemerge.names import DcpNames
 from moemerge.pma.discovery import Snapshot, select
 from moemerge.pma.state import METHOD_ARRAYS, StateMeta, StateSettings
+from moemerge.settings import DEFAULT_ALPHA, DEFAULT_LAST, DEFAULT_PMA_METHOD
 
 __all__ = ["Action", "Decision", "resolve_settings", "decide", "DEFAULT_LAST", "DEFAULT_ALPHA"]
 
-#: The paper's window (arXiv 2505.12082): the last 10 snapshots.
-DEFAULT_LAST = 10
-DEFAULT_ALPHA = 0.2
 
 Action = Literal["build", "incremental", "noop"]
 
@@ -54,7 +52,7 @@ def resolve_settings(*, method: str | None, last: int | None, alpha: float | Non
     if interval_steps is not None and (isinstance(interval_steps, bool) or interval_steps < 1):
         raise ConfigError(f"--interval-steps must be a whole number >= 1, got {interval_steps!r}")
     if recorded is None:
-        m = method or "sma"
+        m = method or DEFAULT_PMA_METHOD
         if alpha is not None and m != "ema":
             raise ConfigError(f"--alpha applies to --method ema only (this state is {m})")
         return StateSettings(method=m, last=last if last is not None else (None if m == "ema" else DEFAULT_LAST),

@@ -33,14 +33,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from moemerge import __version__
 from moemerge.errors import CheckpointError, ConfigError, OutputError
 from moemerge.io import storage
 from moemerge.io.checkpoint import Checkpoint
 from moemerge.io.lease import is_lock_name
-from moemerge.io.dcp_names import DcpNames, parse_dcp_names
-from moemerge.io.writer import MANIFEST_NAME, atomic_write
+from moemerge.io.manifest import MANIFEST_NAME, Manifest
+from moemerge.io.writer import atomic_write
 from moemerge.io.zarr_writer import ZarrArraySpec, ZarrModelWriter
+from moemerge.names import DcpNames, parse_dcp_names
+from moemerge.settings import VERSION
 
 __all__ = [
     "POINTER_NAME", "STATE_FORMAT", "METHOD_ARRAYS", "StateSettings", "StateMeta", "StateStore",
@@ -130,7 +131,7 @@ class StateMeta:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": STATE_FORMAT, "moemerge_version": __version__, "created": self.created,
+            "format": STATE_FORMAT, "moemerge_version": VERSION, "created": self.created,
             "version": self.version, "state_id": self.state_id, "settings": self.settings.to_json(),
             "steps": [{"step": s, "url": u} for s, u in self.steps], "skipped": list(self.skipped),
             "tensors": self.tensors, "updates_since_recompute": self.updates_since_recompute,
@@ -278,8 +279,9 @@ class StateStore:
                 "state is damaged (deleted by hand?): start a new state") from e
         try:
             raw = sums.side_file(MANIFEST_NAME)
-            man = json.loads(raw) if raw is not None else None
-            meta = StateMeta.from_json((man or {}).get("pma_state"), where=f"{url}/{MANIFEST_NAME}")
+            where = f"{url}/{MANIFEST_NAME}"
+            man = Manifest.from_json(raw, where=where) if raw is not None else None
+            meta = StateMeta.from_json(dict(man.pma_state or {}) if man is not None else {}, where=where)
             _check_reads(sums, man, self.url)
         except BaseException:
             sums.close()
@@ -335,7 +337,7 @@ class StateStore:
         version is deleted, the state is left as that other job made it.
         """
         name = writer.root.rstrip("/").rsplit("/", 1)[-1]
-        writer.finish(side_files={}, index={}, manifest={"pma_state": meta.to_json(), "tensors": {}})
+        writer.finish(side_files={}, index={}, manifest=Manifest(pma_state=meta.to_json(), tensors={}))
         doc = {"format": STATE_FORMAT, "version": meta.version, "path": name, "state_id": meta.state_id}
         data = json.dumps(doc, indent=1).encode()
         path = self._path(POINTER_NAME)
@@ -404,7 +406,7 @@ class StateStore:
             "version was discarded and the state is as that job left it; rerun the update")
 
 
-def _check_reads(sums: Checkpoint, manifest: Any, url: str) -> None:
+def _check_reads(sums: Checkpoint, manifest: Manifest | None, url: str) -> None:
     """Make every read of the state's sums complete and checked: a missing chunk, or one whose
     bytes differ from the checksum its manifest recorded, fails (never reads as zeros)."""
     hint = (f"the PMA state at {url} is damaged: rebuild it from its snapshots with `moemerge pma "
@@ -413,8 +415,8 @@ def _check_reads(sums: Checkpoint, manifest: Any, url: str) -> None:
 
     if isinstance(sums, ZarrCheckpoint):  # always, for a version written by `begin`
         sums.damaged_hint = hint
-        recorded = manifest.get("chunk_checksums") if isinstance(manifest, dict) else None
-        sums.chunk_checksums = recorded if isinstance(recorded, dict) else None
+        recorded = manifest.chunk_checksums if manifest is not None else None
+        sums.chunk_checksums = dict(recorded) if recorded is not None else None
 
 
 def new_meta(settings: StateSettings, steps: list[tuple[int, str]], *, skipped: list[int],

@@ -1,59 +1,52 @@
 """`pma update`: bring a PMA state up to date with the new snapshots, then write the average.
 
 Each update reads only the snapshots entering the sums (and, for SMA/WMA, those leaving the
-window) plus the previous state, in row-chunks bounded by the memory budget; writes the next
-state version (io: pma.state, switched atomically after it is complete); and, in the same pass,
-writes the averaged model to the output with the usual writers (manifest last). What to do is
-decided first, from names and headers only (`decide`), so every problem is reported before any
-byte is written.
+window) plus the previous state; writes the next state version (pma.state, switched atomically
+after it is complete); and, in the same pass, writes the averaged model to the output (manifest
+last). What to do is decided first, from names and headers only (`decide`), so every problem is
+reported before any byte is written. The work is a plan like a merge's (`planner.plan_update`),
+run by the engine's pipeline with the running-sum stage (`methods.running`) as its kernel, and
+committed as every output is (`engine.commit`).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
+import functools
 import math
 import threading
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-import torch
 import yaml
 
-from moemerge import __version__
-from moemerge.config import parse_config
 from moemerge.engine import NullProgress, Progress
+from moemerge.engine.commit import commit_output
 from moemerge.errors import CheckpointError, ConfigError, MismatchError
 from moemerge.io import storage
 from moemerge.io.checkpoint import Checkpoint
-from moemerge.io.dcp_names import DcpNames
-from moemerge.io.quant import dequantizing
-from moemerge.io.dtypes import is_float, itemsize, parse_dtype_name, to_torch
+from moemerge.io.dtypes import is_float, parse_dtype_name
 from moemerge.io.lease import Lease, take_lease
-from moemerge.io.sidefiles import read_side_files, retag_config_dtype
-from moemerge.io.writer import CONFIG_COPY_NAME, MANIFEST_NAME, check_output
+from moemerge.io.manifest import MANIFEST_NAME, Manifest
+from moemerge.io.quant import dequantizing
+from moemerge.io.sidefiles import read_side_files
+from moemerge.io.writer import ModelWriter, check_output
 from moemerge.io.zarr_writer import ZarrArraySpec
 from moemerge.methods import average_weights
-from moemerge.pma import running
+from moemerge.methods.running import RunningStep
+from moemerge.names import DcpNames
 from moemerge.pma.decide import DEFAULT_ALPHA, DEFAULT_LAST, Decision, decide, resolve_settings
 from moemerge.pma.discovery import Snapshot, discover
 from moemerge.pma.state import (METHOD_ARRAYS, StateMeta, StateSettings, StateStore, StateVersion,
                                 array_name, new_meta)
-from moemerge.planner import Plan, build_plan
+from moemerge.planner import Plan
+from moemerge.planner.update import plan_update, state_source
+from moemerge.settings import DEFAULT_BUDGET, DEFAULT_SHARD_SIZE, MIN_BUDGET
 from moemerge.sizes import parse_size
 
 __all__ = ["update", "decide", "resolve_settings", "Decision", "UpdateResult", "DEFAULT_LAST"]
 
-#: Bytes of buffers per element of a chunk, besides 8 per running quantity and 8 more for
-#: what zarr copies while decoding or encoding it (counted by the caller): three fp64
-#: scratches (snapshot in, snapshot out or product, WMA's n * M_new), two raw input buffers
-#: (read-ahead) and the output buffer.
-_FIXED_PER_ELEM = 3 * 8 + 2 * 8 + 8
-_MIN_BUDGET = 10**6
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UpdateResult:
@@ -94,8 +87,8 @@ def update(
     before_step: int | None = None,
     step_regex: str | None = None,
     recompute_every: int | None = None,
-    memory_budget: str | int = "2GB",
-    shard_size: str | int = "5GB",
+    memory_budget: str | int = DEFAULT_BUDGET,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
     out_format: str = "safetensors",
     out_dtype: str | None = None,
     overwrite: bool = False,
@@ -116,7 +109,7 @@ def update(
         update("s3://run42/pma/state", "s3://run42/ckpt/step-*", "s3://run42/pma/latest")
     """
     t0 = time.monotonic()
-    budget = parse_size(memory_budget, what="--memory-budget", minimum=_MIN_BUDGET)
+    budget = parse_size(memory_budget, what="--memory-budget", minimum=MIN_BUDGET)
     shard = parse_size(shard_size, what="--shard-size", minimum=1)
     if out_format not in ("safetensors", "zarr"):
         raise ConfigError(f"--format: {out_format!r} is not an output format; use safetensors or zarr")
@@ -191,7 +184,6 @@ class _Job:
     def _count(self, attr: str, n: int) -> None:
         with self._count_lock:
             setattr(self, attr, getattr(self, attr) + n)
-        self.prog.advance(n)
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -274,35 +266,29 @@ class _Job:
             path = storage.join(root, MANIFEST_NAME)
             if not fs.isfile(path):
                 return False, False
-            man = json.loads(fs.cat_file(path))
+            man = Manifest.from_json(fs.cat_file(path), where=path)
         except Exception:
             return False, False
-        pma = man.get("pma") if isinstance(man, dict) else None
+        pma = man.pma
         if not isinstance(pma, dict) or pma.get("state_key") != self.store.key:
             return False, False
         return pma.get("state_id") == (self.cur.meta.state_id if self.cur else None), True
 
-    def _plan(self, newest: Checkpoint, n_state: int) -> Plan:
-        doc: dict[str, Any] = {"merge_method": "linear", "models": [{"model": newest.url, "parameters": {"weight": 1.0}}]}
-        if self.out_dtype:
-            doc["out_dtype"] = self.out_dtype
-        cfg = parse_config(doc, where="pma update")
-        p = build_plan(cfg, {newest.url: newest.tensors}, memory_budget=self.budget,
-                       shard_size=self.shard, out_format=self.out_format)
-        # our buffers, not the linear engine's: fp64 running sums (and zarr's copies of them)
-        per_elem = 16 * n_state + _FIXED_PER_ELEM
-        cap = max(1, self.budget // per_elem)
-        tensors = []
-        for t in p.tensors:
-            gran = math.prod(t.shape[1:-1]) if self.out_format == "zarr" and len(t.shape) >= 3 else 1
-            gran = max(1, gran)
-            # chunks fall on every opened snapshot's scale blocks (io.quant)
-            gran = math.lcm(gran, *(c.tensors[t.name].row_align for c in self.opened.values() if t.name in c.tensors))
-            rows = (cap // max(1, t.row_len)) // gran * gran
-            if self.chunk_rows:
-                rows = min(rows, max(gran, self.chunk_rows // gran * gran))
-            tensors.append(replace(t, rows_per_chunk=max(gran, min(rows, t.rows) if rows else gran)))
-        return replace(p, tensors=tuple(tensors))
+    def _step(self) -> RunningStep:
+        """What the running-sum stage does to every chunk (methods.running)."""
+        d, st = self.d, self.settings
+        mode = {"build": "build", "incremental": "slide", "noop": "output"}[d.action]
+        reads = {"build": len(d.window), "incremental": len(d.added) + len(d.leaving), "noop": 0}[d.action]
+        return RunningStep(method=st.method, mode=mode, snapshots=reads, window=len(d.window),  # type: ignore[arg-type]
+                           alpha=st.alpha)
+
+    def _plan(self, step: RunningStep, newest: Snapshot, reads: list[Snapshot]) -> Plan:
+        return plan_update(
+            step, (newest.url, self.opened[newest.url].tensors),
+            [(s.url, self.opened[s.url].tensors) for s in reads],
+            state=self.cur.url if (self.cur is not None and step.reads_sums) else None,
+            memory_budget=self.budget, shard_size=self.shard, out_format=self.out_format,
+            out_dtype=self.out_dtype, chunk_rows=self.chunk_rows)
 
     # -- the pass --------------------------------------------------------------------------------
 
@@ -328,7 +314,8 @@ class _Job:
             check_output(self.out, overwrite=self.overwrite or ours, storage_options=self.so,
                          inputs=[s.url for s in d.window])
             kinds = METHOD_ARRAYS[self.settings.method]
-            plan = self._plan(newest, len(kinds))
+            step = self._step()
+            plan = self._plan(step, newest_snap, reads)
             n = len(d.window)
             if d.action == "noop":
                 meta = cur.meta  # type: ignore[union-attr]
@@ -348,23 +335,20 @@ class _Job:
                                         rows_per_chunk=t.rows_per_chunk)
                           for t in plan.tensors if t.name in floats for k in kinds]
                 state_w = self.store.begin(arrays, meta)
-            from moemerge.api import open_writer
+            from moemerge.io.output import open_writer, output_target
 
-            out_w = open_writer(self.out, plan, overwrite=True, storage_options=self.so)
+            out_w = open_writer(output_target(self.out, plan.out_format, self.so), plan, overwrite=True)
             try:
                 from moemerge.io.space import check_space
 
                 check_space(out_w, plan.bytes_written)  # the output; the state's room is not counted
                 out_w.prepare()
-                self.prog.start(self._total(plan, floats, reads), f"pma update ({d.action})")
-                digests = self._pass(plan, floats, newest, state_w, out_w, n)
-                self.prog.stop()
+                digests = self._pass(plan, step, state_w, out_w)
                 if state_w is not None:
                     self._check_leases()
                     self.store.commit(state_w, meta, previous=cur.name if cur else None)
                     state_w = None
-                self._check_leases()
-                out_w.finish(**self._commit_docs(plan, newest, meta, digests))
+                self._commit(plan, out_w, newest_snap, meta, digests)
             except BaseException as e:
                 if state_w is not None:
                     state_w.close()
@@ -387,141 +371,49 @@ class _Job:
         }[action]
         return self._result(t0, action, meta, msg, reads=[s.url for s in reads])
 
-    def _total(self, plan: Plan, floats: dict[str, Any], reads: list[Snapshot]) -> int:
-        data = sum(self.opened[s.url].tensors[n].nbytes for s in reads for n in floats)
-        return data + sum(t.numel * 8 for t in plan.tensors if t.name in floats) * len(
-            METHOD_ARRAYS[self.settings.method]) * (0 if self.d.action == "build" else 1)
+    def _inputs(self, plan: Plan, step: RunningStep) -> list[_Counted]:
+        """The plan's sources, in order: the snapshots, then each running quantity of the state,
+        every read counted."""
+        by_source: dict[str, tuple[Any, str]] = {url: (ck, "bytes_read") for url, ck in self.opened.items()}
+        if self.cur is not None and step.reads_sums:
+            for q in step.quantities:
+                by_source[state_source(self.cur.url, q)] = (_StateArrays(self.cur.sums, q), "state_read")
+        return [_Counted(reader, functools.partial(self._count, counter))
+                for reader, counter in (by_source[src] for src in plan.sources)]
 
-    def _pass(self, plan: Plan, floats: dict[str, Any], newest: Checkpoint, state_w: Any, out_w: Any,
-              n: int) -> dict[str, str]:
-        d, method = self.d, self.settings.method
-        kinds = METHOD_ARRAYS[method]
-        elems = max((t.rows_per_chunk * t.row_len for t in plan.tensors), default=1)
-        sums_buf = {k: torch.empty(elems, dtype=torch.float64) for k in kinds}
-        scratch = torch.empty(elems, dtype=torch.float64)
-        tmp = torch.empty(elems, dtype=torch.float64)
-        extra = torch.empty(elems if "W" in kinds else 0, dtype=torch.float64)  # WMA: n * M_new
-        raw = [bytearray(elems * 8) for _ in range(2)]
-        out_buf = bytearray(elems * 8)
-        digests: dict[str, str] = {}
-        pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="moemerge-pma")
-        # elementwise fp64 math is memory-bound: a second torch thread only competes with the
-        # read and write threads (and spin-waits on a busy machine: 30x slower measured here)
-        threads_before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for t in plan.tensors:
-                h = hashlib.sha256()
-                for r0, r1 in t.chunks if t.rows else []:
-                    m = (r1 - r0) * t.row_len
-                    if t.name not in floats:  # non-float: the newest snapshot's, as is
-                        info = newest.tensors[t.name]
-                        view = memoryview(out_buf)[:m * itemsize(info.dtype)]
-                        newest.read_rows(t.name, r0, r1, view)
-                        self._count("bytes_read", len(view))
-                    else:
-                        sums = {k: v[:m] for k, v in sums_buf.items()}
-                        self._fold(t.name, r0, r1, sums, scratch[:m], tmp[:m], extra[:m], raw, pool, n)
-                        if state_w is not None:
-                            futs = [pool.submit(state_w.write_rows, array_name(k, t.name), r0,
-                                                memoryview(sums[k].numpy()).cast("B"))
-                                    for k in kinds]
-                        res = running.average(method, sums, n, scratch[:m])
-                        o = torch.frombuffer(out_buf, dtype=to_torch(t.out_dtype), count=m)
-                        o.copy_(res)
-                        view = memoryview(out_buf)[:m * itemsize(t.out_dtype)]
-                        if state_w is not None:
-                            for f in futs:
-                                f.result()
-                            self.state_written += 8 * m * len(kinds)
-                    out_w.write_rows(t.name, r0, view)
-                    h.update(view)
-                digests[t.name] = h.hexdigest()
-        finally:
-            pool.shutdown(wait=True)
-            torch.set_num_threads(threads_before)
-        return digests
+    def _pass(self, plan: Plan, step: RunningStep, state_w: Any, out_w: Any) -> dict[str, str]:
+        """Every tensor through the engine's pipeline: the average to `out_w`, the new sums to
+        `state_w`; the average's sha256 per tensor back."""
+        from moemerge.engine.pipeline import run_jobs
+        from moemerge.engine.running import RunningKernel
 
-    def _fold(self, name: str, r0: int, r1: int, sums: dict[str, torch.Tensor], m_buf: torch.Tensor,
-              tmp: torch.Tensor, extra: torch.Tensor, raw: list[bytearray], pool: ThreadPoolExecutor,
-              n: int) -> None:
-        """The running sums of rows r0..r1 after this update, into `sums`."""
-        d, method, alpha = self.d, self.settings.method, self.settings.alpha
-        m = m_buf.numel()
+        res = run_jobs(plan, self._inputs(plan, step), out_w, kernel=RunningKernel(step=step, array=array_name),
+                       aux_writer=state_w, progress=self.prog, title=f"pma update ({self.d.action})")
+        if state_w is not None:
+            self.state_written += sum(8 * t.numel for t in plan.tensors if t.method != "copy") * len(step.quantities)
+        return res.digests
 
-        def fetch(snap: Snapshot, buf: bytearray) -> torch.Tensor:
-            ck = self.opened[snap.url]
-            info = ck.tensors[name]
-            view = memoryview(buf)[:m * itemsize(info.dtype)]
-            ck.read_rows(name, r0, r1, view)
-            self._count("bytes_read", len(view))
-            return torch.frombuffer(buf, dtype=to_torch(info.dtype), count=m)
+    # -- commit --------------------------------------------------------------------------------
 
-        if d.action == "build":
-            seq = list(d.window)
-            nxt = pool.submit(fetch, seq[0], raw[0])
-            for i, snap in enumerate(seq):
-                x = nxt.result()
-                if i + 1 < len(seq):  # read the next snapshot's rows while this one is added
-                    nxt = pool.submit(fetch, seq[i + 1], raw[(i + 1) % 2])
-                m_buf.copy_(x)
-                running.include(method, sums, m_buf, i + 1, alpha, tmp)
-            return
-        assert self.cur is not None
-        futs = [pool.submit(self._read_state, k, name, r0, r1, v) for k, v in sums.items()]
-        for f in futs:
-            f.result()
-        if method == "ema":
-            for i, snap in enumerate(d.added):
-                m_buf.copy_(fetch(snap, raw[0]))
-                running.ema_step(sums["E"], m_buf, float(alpha))  # type: ignore[arg-type]
-            return
-        for new, old in zip(d.added, d.leaving):
-            fn, fo = pool.submit(fetch, new, raw[0]), pool.submit(fetch, old, raw[1])
-            m_buf.copy_(fn.result())
-            tmp.copy_(fo.result())
-            running.slide(sums, m_buf, tmp, n, extra)
-
-    def _read_state(self, kind: str, name: str, r0: int, r1: int, dst: torch.Tensor) -> None:
-        assert self.cur is not None
-        self.cur.sums.read_rows(array_name(kind, name), r0, r1, memoryview(dst.numpy()).cast("B"))
-        self._count("state_read", dst.numel() * 8)
-
-    # -- commit documents ------------------------------------------------------------------------
-
-    def _commit_docs(self, plan: Plan, newest: Checkpoint, meta: StateMeta, digests: dict[str, str]) -> dict[str, Any]:
+    def _commit(self, plan: Plan, out_w: ModelWriter, newest: Snapshot, meta: StateMeta,
+                digests: dict[str, str]) -> None:
+        """Side files of the newest snapshot, index and manifest (`pma`: what was averaged and
+        the state it came from), written as every output's are (engine.commit)."""
         d, st = self.d, self.settings
         weights = average_weights(st.method, len(d.window), st.alpha or DEFAULT_ALPHA)
-        side = read_side_files(newest.url, self.so, model=True, tokenizer=True)
-        by_bytes: Counter[str] = Counter()
-        for t in plan.tensors:
-            if t.method != "copy":
-                by_bytes[t.out_dtype] += t.numel
-        main_dtype = by_bytes.most_common(1)[0][0] if by_bytes else "F32"
-        if "config.json" in side:
-            side["config.json"] = retag_config_dtype(side["config.json"], main_dtype)
         pma = {
             "method": st.method, "alpha": st.alpha, "last": st.last, "interval_steps": st.interval_steps,
             "steps": [s.step for s in d.window], "snapshots": [s.url for s in d.window],
             "weights": weights, "state": self.store.url, "state_key": self.store.key,
             "state_version": meta.version, "state_id": meta.state_id,
         }
-        side[CONFIG_COPY_NAME] = yaml.safe_dump({"pma_update": {k: v for k, v in pma.items()
-                                                                if k not in ("weights", "state_key", "state_id")}},
-                                                sort_keys=False).encode()
-        index = {"metadata": {"total_size": plan.bytes_written, "moemerge_version": __version__},
-                 "weight_map": {t.name: t.out_file for t in plan.tensors}}
-        manifest = {
-            "moemerge_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "method": st.method, "config_hash": "", "config": {"pma_update": pma["steps"]},
-            "inputs": [s.url for s in d.window], "seed": 0, "dtype": main_dtype,
-            "files": {s.file: s.size for s in plan.shards},
-            "tensors": {t.name: {"file": t.out_file, "dtype": t.out_dtype, "shape": list(t.shape),
-                                 "sha256": digests[t.name]} for t in plan.tensors},
-            "pma": pma,
-        }
-        return {"side_files": side, "index": index, "manifest": manifest}
+        copy = yaml.safe_dump({"pma_update": {k: v for k, v in pma.items()
+                                              if k not in ("weights", "state_key", "state_id")}},
+                              sort_keys=False).encode()
+        commit_output(out_w, plan, digests,
+                      side_files=read_side_files(newest.url, self.so, model=True, tokenizer=True),
+                      config_copy=copy, config={"pma_update": pma["steps"]}, seed=0,
+                      inputs=[s.url for s in d.window], extra={"pma": pma}, checks=[self._check_leases])
 
     def _result(self, t0: float, action: Any, meta: StateMeta, message: str,
                 reads: list[str] | None = None) -> UpdateResult:
@@ -542,3 +434,25 @@ def _flat(shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape
     return (math.prod(shape[:-1]), shape[-1])
 
+
+class _StateArrays:
+    """One running quantity of the previous state read by tensor name (`S` of `w`: `S:w`)."""
+
+    def __init__(self, sums: Checkpoint, quantity: str) -> None:
+        self.sums, self.quantity = sums, quantity
+        self.tensors = {name.split(":", 1)[1]: t for name, t in sums.tensors.items()
+                        if name.startswith(quantity + ":")}
+
+    def read_rows(self, name: str, r0: int, r1: int, out: memoryview) -> None:
+        self.sums.read_rows(array_name(self.quantity, name), r0, r1, out)
+
+
+class _Counted:
+    """An input of the pipeline whose reads are counted (an update reports what it read)."""
+
+    def __init__(self, reader: Checkpoint | _StateArrays, count: Callable[[int], None]) -> None:
+        self.reader, self.count = reader, count
+
+    def read_rows(self, name: str, r0: int, r1: int, out: memoryview) -> None:
+        self.reader.read_rows(name, r0, r1, out)
+        self.count((r1 - r0) * self.reader.tensors[name].row_bytes)

@@ -187,9 +187,9 @@ def dequantizing(ck: Checkpoint, *, raw_ok: bool = False) -> Checkpoint:
             f"({how}): {', '.join(suspects[:5])}{' ...' if len(suspects) > 5 else ''}; they would be copied "
             "or averaged as plain numbers. Fix config.json's quantization_config, or set `non_float: equal` "
             "(or `last`) in the YAML to copy them as they are")
-    if not specs:
+    if not specs or scheme is None:  # find_quantized gives specs only with their scheme
         return ck
-    return QuantizedView(ck, scheme, specs)  # type: ignore[arg-type]
+    return QuantizedView(ck, scheme, specs)
 
 
 def describe(ck: Checkpoint) -> str | None:

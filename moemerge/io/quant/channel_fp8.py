@@ -61,7 +61,7 @@ class ChannelFP8(Codec):
             if sub.strategy == "tensor" and not per_tensor:
                 sub = QuantScheme(method=sub.method, strategy="channel", fp8=sub.fp8,
                                   not_converted=sub.not_converted, config=sub.config)
-            extras = ()
+            extras: tuple[Part, ...] = ()
             inp = tensors.get(_input_scale_name(n))
             if inp is not None:
                 extras = (Part(role="input_scale", name=inp.name, dtype=inp.dtype, shape=inp.shape),)

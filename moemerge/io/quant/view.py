@@ -26,7 +26,10 @@ BAND_BYTES = 4 << 20
 
 
 class QuantizedView(Checkpoint):
-    """A checkpoint whose quantized tensors are served as `spec.dtype`; everything else as is."""
+    """A checkpoint whose quantized tensors are served as `spec.dtype`; everything else as is.
+
+    A wrapper (io.formats.CheckpointReader over `inner`, and WrapsReader): it reads nothing
+    itself but through `inner`, and owns it (`close` closes it)."""
 
     def __init__(self, inner: Checkpoint, scheme: QuantScheme, specs: dict[str, QuantSpec]) -> None:
         from moemerge.io.quant import get_codec
@@ -40,9 +43,8 @@ class QuantizedView(Checkpoint):
                 nbytes=math.prod(spec.shape) * itemsize(spec.dtype), codec=spec.codec,
                 stored_nbytes=spec.stored_nbytes, row_align=spec.row_align)
         super().__init__(inner.url, inner.fs, inner.root, tensors, inner.files)
-        if hasattr(inner, "header_digests"):
-            self.header_digests = inner.header_digests
-        self.inner = inner
+        self.header_digests = inner.header_digests
+        self.inner = inner  # io.formats.WrapsReader: identity and resume look through the view
         self.scheme = scheme
         self.specs = specs
         self._codecs = {s.codec: get_codec(s.codec) for s in specs.values()}

@@ -1,4 +1,4 @@
-"""Which keys of a PyTorch DCP checkpoint are model weights, and what they are called.
+"""Tensor names of DCP checkpoints: which keys are model weights, and what they are called.
 
 Pure functions: stored key list in, {stored key: output name} out. A DCP state dict holds the
 whole training state (`model.*`, `optimizer.*`, `lr_scheduler.*`, ...); only model weights are

@@ -1,0 +1,63 @@
+"""Defaults and limits of the API, the CLI and `pma`, each defined once (the CLI's help texts
+show these values). A leaf module: it imports nothing from moemerge."""
+
+from __future__ import annotations
+
+__all__ = [
+    "VERSION",
+    "DEFAULT_BUDGET",
+    "DEFAULT_SHARD_SIZE",
+    "MIN_BUDGET",
+    "DEFAULT_UNIT_BYTES",
+    "DEFAULT_DEVICE",
+    "OUT_FORMATS",
+    "QUANTIZE_CHOICES",
+    "PMA_METHODS",
+    "DEFAULT_PMA_METHOD",
+    "DEFAULT_ALPHA",
+    "DEFAULT_LAST",
+    "JOURNAL_EVERY",
+    "JOURNAL_EVERY_TENSORS",
+    "JOURNAL_EVERY_SECONDS",
+    "JOURNAL_MIN_SECONDS",
+]
+
+#: The package version (recorded in manifests, indexes and resume journals).
+VERSION = "0.1.0"
+
+#: `--memory-budget`: bytes for the engine's buffers, per process (per worker on Dask).
+DEFAULT_BUDGET = "2GB"
+#: `--shard-size`: the largest output shard.
+DEFAULT_SHARD_SIZE = "5GB"
+#: The smallest budget accepted, in bytes: below it, per-call overheads dominate every chunk.
+MIN_BUDGET = 10**6
+#: `--unit-size`, in bytes of input per work unit (DESIGN "Work units and scale"): about 256 MB
+#: keeps a 100B+ model in the thousands of units, so Dask's per-task overhead stays negligible.
+DEFAULT_UNIT_BYTES = 256 * 10**6
+#: `--device`: where the math runs.
+DEFAULT_DEVICE = "cpu"
+#: `--format`: the output formats.
+OUT_FORMATS = ("safetensors", "zarr")
+#: `--quantize` (YAML `quantize:`): the output quantizations (config.py says what each means).
+QUANTIZE_CHOICES = ("none", "like-input", "fp8-block", "mxfp4")
+
+#: `pma --method`: the averages over one run's snapshots.
+PMA_METHODS = ("sma", "wma", "ema")
+#: `pma --method` when not given (and the method a new `pma update` state gets).
+DEFAULT_PMA_METHOD = "sma"
+#: `pma --alpha`: the EMA weight of the newest snapshot.
+DEFAULT_ALPHA = 0.2
+#: `pma --last`: how many of the newest snapshots a pattern averages.
+DEFAULT_LAST = 10
+
+# The resume journal gets an entry (an fsync of the shards, then a line per finished tensor)
+# when any of the following is reached since the last entry (`engine.cadence`).
+#: Output bytes of finished tensors (2 GiB).
+JOURNAL_EVERY = 2 << 30
+#: Finished tensors: a small output never reaches JOURNAL_EVERY bytes, and a kill would then
+#: lose everything; at most one such entry per JOURNAL_MIN_SECONDS, as each costs fsyncs.
+JOURNAL_EVERY_TENSORS = 64
+#: Seconds since the last entry.
+JOURNAL_EVERY_SECONDS = 30.0
+#: Seconds at least between two entries due to JOURNAL_EVERY_TENSORS.
+JOURNAL_MIN_SECONDS = 1.0

@@ -26,7 +26,8 @@ from moemerge.io.output import OutputTarget, open_writer as io_open_writer, outp
 from moemerge.io.writer import LocalModelWriter, ModelWriter, SupportsAdopt, SupportsFlush, check_output
 from moemerge.methods import average_weights
 from moemerge.planner import Plan, build_plan
-from moemerge.settings import (DEFAULT_ALPHA, DEFAULT_BUDGET, DEFAULT_PMA_METHOD, DEFAULT_SHARD_SIZE,
+from moemerge.planner.quant import check_streamable
+from moemerge.settings import (DEFAULT_ALPHA, DEFAULT_BUDGET, DEFAULT_DEVICE, DEFAULT_PMA_METHOD, DEFAULT_SHARD_SIZE,
                                JOURNAL_EVERY, JOURNAL_EVERY_SECONDS, JOURNAL_EVERY_TENSORS, JOURNAL_MIN_SECONDS,
                                MIN_BUDGET, PMA_METHODS)
 from moemerge.settings import VERSION as __version__
@@ -144,7 +145,7 @@ def run(
     shard_size: str | int = DEFAULT_SHARD_SIZE,
     seed: int = 0,
     overwrite: bool = False,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     progress: bool | Progress | NullProgress = False,
     manifest_extra: dict[str, Any] | None = None,
     chunk_rows: int | None = None,
@@ -265,6 +266,7 @@ def _prepare_output(p: Plan, cfg: MergeConfig, ckpts: list[Checkpoint], out: str
     tok = read_side_files(p.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
     source = {k: v for k, v in cfg.source.items() if k != "storage_options"}
     target = output_target(out, p.out_format, cfg.storage_options)  # the writer kind, decided once
+    check_streamable(p, target.kind)  # a quantized tensor's scales wait for its codes in a stream
     writer = io_open_writer(target, p, overwrite=overwrite, attributes={"config": source})
     journal = _journal(p, writer, seed=seed, resume=resume, out=out, ckpts=ckpts)
     check_space(writer, p.bytes_written + sum(len(v) for v in (*side.values(), *tok.values())))

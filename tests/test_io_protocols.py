@@ -197,3 +197,27 @@ def test_a_remote_range_lands_in_the_buffer_in_bounded_pieces(monkeypatch: pytes
     src.read_into(17, memoryview(out))
     assert bytes(out) == blob[17:17 + 3333]
     assert asked == [1000, 1000, 1000, 333]  # no piece above REMOTE_PIECE: a bounded extra copy
+
+
+def test_a_state_version_manifest_keeps_the_bytes_moemerge_wrote(tmp_path: Path) -> None:
+    """A PMA state version (pma.state) is a Zarr group whose manifest holds the state's meta."""
+    import json
+
+    from moemerge.io.zarr_writer import ZarrArraySpec
+
+    spec = ZarrArraySpec(name="S:w", shape=(4, 2), dtype="F64", rows_per_chunk=2)
+    w = ZarrModelWriter(str(tmp_path / "v1"), [spec], attributes={}, overwrite=False, checksums=True)
+    w.prepare()
+    for r0 in (0, 2):
+        w.write_rows("S:w", r0, memoryview(bytes(range(32))))
+    meta = {"format": 1, "version": 1, "steps": [{"step": 5, "url": "s"}]}
+    w.finish(side_files={}, index={}, manifest=Manifest(pma_state=meta, tensors={}))
+    raw = (tmp_path / "v1" / MANIFEST_NAME).read_bytes()
+    doc = json.loads(raw)
+    # the layout moemerge has always written: the dict {"pma_state", "tensors"} plus what the
+    # Zarr writer adds, in that order
+    legacy = {"pma_state": meta, "tensors": {}, "format": "zarr", "files": {},
+              "chunk_checksums": doc["chunk_checksums"]}
+    assert raw == json.dumps(legacy, indent=1).encode()
+    assert len(doc["chunk_checksums"]) == 2
+    assert Manifest.from_json(raw, where="v1").to_json() == raw

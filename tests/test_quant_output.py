@@ -539,3 +539,39 @@ def test_resume_keeps_finished_quantized_tensors(tmp_path: Path, gen: torch.Gene
     assert res.checksums == clean.checksums
     assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == \
         {p.name: p.read_bytes() for p in (tmp_path / "clean").glob("*.safetensors")}
+
+
+def test_quantized_output_streams_to_object_storage(tmp_path: Path, gen: torch.Generator, s3_server,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    boto3 = pytest.importorskip("boto3")
+    s3fs = pytest.importorskip("s3fs")
+    from moemerge.io import s3_writer
+
+    boto3.client("s3").create_bucket(Bucket="out")
+    src = fp8_block_model(tmp_path / "in", gen)
+    _run(_one(src), "s3://out/fp8", chunk_rows=128)  # codes and scales of each chunk, streamed
+    fs = s3fs.S3FileSystem()
+    fs.get("out/fp8/", str(tmp_path / "back") + "/", recursive=True)
+    before, got = _load_dir(src), _load_dir(tmp_path / "back")
+    assert sorted(got) == sorted(before)
+    assert all(torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)) for k, v in before.items())
+    # on Dask, one task streams each output shard (codes and scales of its tensors, in file order)
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        _run(_one(src), "s3://out/fp8-dask", chunk_rows=128, client=client, shard_size="40KB")
+    fs.invalidate_cache()
+    fs.get("out/fp8-dask/", str(tmp_path / "back-dask") + "/", recursive=True)
+    got = _load_dir(tmp_path / "back-dask")
+    assert len(list((tmp_path / "back-dask").glob("*.safetensors"))) > 1
+    wmap = json.loads((tmp_path / "back-dask" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert all(wmap[n] == wmap[n + "_scale_inv"] for n in _LINEARS)  # a tensor's parts share a shard
+    assert sorted(got) == sorted(before)
+    assert all(torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)) for k, v in before.items())
+    # scales that would wait in memory beyond the stream's reorder window: refused before any object
+    monkeypatch.setattr(s3_writer, "MAX_PENDING", 100)
+    mx = mxfp4_model(tmp_path / "mx", gen)
+    with pytest.raises(ConfigError, match=r"experts\.(gate_up|down)_proj`: its mxfp4 scales .* local directory"):
+        _run(_one(mx), "s3://out/mx")
+    assert not fs.exists("out/mx") or not fs.ls("out/mx")

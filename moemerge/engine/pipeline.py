@@ -4,11 +4,13 @@ A prefetch thread reads the next job's rows of every input (one exact byte range
 in parallel) into one of two read buffers while the calling thread computes the current job;
 results go into one of two output buffers, which a writer thread writes at their planned
 offsets while a hashing thread takes the sha256 of each tensor in row order (both release the
-GIL, so a chunk costs max(write, hash), not their sum). Memory is the plan's buffers and
-nothing else: see `Plan.peak_bytes`.
+GIL, so a chunk costs max(write, hash), not their sum). Memory is the plan's buffers (see
+`Plan.peak_bytes`), plus what the storage libraries hold while a read or write is in flight.
 
 The local executor runs every job of a plan through one pipeline; a Dask task runs one unit's
 jobs, given the statistics computed by earlier tasks, and hands back partial statistics.
+`pma update` runs its plan through one pipeline with a `ChunkKernel` (engine/running.py) in
+place of the method: each chunk's average goes to the output, its new sums to the state.
 """
 
 from __future__ import annotations
@@ -177,6 +179,10 @@ class _Pipeline:
         self.readers = ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(plan.sources))),
                                           thread_name_prefix="moemerge-read")
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moemerge-hash")
+        # auxiliary segments (pma update's new sums: Zarr chunks, compressed) are written in
+        # parallel with each other and with the output, as they cost more CPU than it does
+        self.aux_pool = (ThreadPoolExecutor(max_workers=4, thread_name_prefix="moemerge-aux")
+                         if aux_writer is not None else None)
         self.stats: dict[int, dict[str, Any]] = {ti: dict(s) for ti, s in (stats_in or {}).items()}
         self.reduced = threading.Condition()  # (tensor, pass) reduced so far, for `_skip_pass`
         self.reduced_keys: set[tuple[int, int]] = set()
@@ -268,15 +274,19 @@ class _Pipeline:
                     self.errors.append(e)
                     self.stop.set()
                 return
+            aux: list[Future[None]] = []
             try:
+                data = item.buf.numpy().data
+                if self.aux_pool is not None and self.aux_writer is not None and not self.stop.is_set():
+                    aux = [self.aux_pool.submit(self.aux_writer.write_rows, seg.name, seg.row,
+                                                data[seg.offset:seg.offset + seg.nbytes])
+                           for seg in item.segments if seg.aux]
                 for seg in item.segments:
                     if self.stop.is_set():
                         break
-                    mv = item.buf.numpy().data[seg.offset:seg.offset + seg.nbytes]
-                    if seg.aux:  # not part of the output: written elsewhere, not hashed
-                        if self.aux_writer is not None:
-                            self.aux_writer.write_rows(seg.name, seg.row, mv)
+                    if seg.aux:  # not part of the output: written elsewhere (above), not hashed
                         continue
+                    mv = data[seg.offset:seg.offset + seg.nbytes]
                     if item.first:
                         hashes[seg.name] = hashlib.sha256()
                     h = hashes.get(seg.name)
@@ -290,10 +300,14 @@ class _Pipeline:
                         self.result.digests[seg.name] = finished[seg.name] = hashes.pop(seg.name).hexdigest()
                         if tally.add(0):  # one more finished tensor
                             report()
+                for f in aux:
+                    f.result()
             except BaseException as e:
                 self.errors.append(e)
                 self.stop.set()
             finally:
+                for f in aux:  # they read the buffer: it is free only once they are done
+                    f.exception()
                 self.out_pool.release(item.buf)
 
     def _emit(self, job: Job, fill: Callable[[torch.Tensor], int | list[Segment]]) -> None:
@@ -438,5 +452,7 @@ class _Pipeline:
             writer.join(timeout=30)
             self.readers.shutdown(wait=True)
             self.hasher.shutdown(wait=True)
+            if self.aux_pool is not None:
+                self.aux_pool.shutdown(wait=True)
             torch.set_num_threads(threads_before)
             self.progress.stop()

@@ -2,8 +2,8 @@
 float32 rows turned into each part's rows with fresh scales (the codecs of `moemerge.io.quant`).
 
 An `OutQuant` (on a `TensorPlan`) is a codec's `QuantSpec` plus the place of every part in
-the output. `segments` maps a chunk's logical rows to each part's rows and bytes, in the
-order `quantize_into` writes them after the chunk's values.
+the output. `quantize_into` writes a chunk's parts after its values in the output buffer and
+returns each part's segment (its first row, where its bytes are, how many) for the writer.
 
 Example::
 

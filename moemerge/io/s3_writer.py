@@ -409,7 +409,8 @@ class RemoteModelWriter:
             if sink.done:
                 self._committed.append(p.file)
 
-    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: Manifest) -> None:
+    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any],
+               manifest: Manifest | dict[str, Any]) -> None:
         """Complete header-only shards, then write side files, the index, the manifest (commit)."""
         manifest = as_manifest(manifest)
         with self._lock:

@@ -286,6 +286,6 @@ def note_state(exc: BaseException, writer: Any) -> None:
     if describe_fn is None:
         return
     try:
-        exc.moemerge_state = describe_fn()  # type: ignore[attr-defined]
+        setattr(exc, "moemerge_state", describe_fn())  # read back by the CLI with getattr
     except Exception:  # a message helper must never mask the failure being reported
         pass

@@ -72,7 +72,8 @@ class ModelWriter(Protocol):
 
     def write_rows(self, name: str, row_start: int, data: memoryview) -> None: ...
 
-    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: Manifest) -> None: ...
+    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any],
+               manifest: Manifest | dict[str, Any]) -> None: ...
 
     def describe(self) -> str: ...
 
@@ -109,7 +110,8 @@ class SupportsComplete(Protocol):
 
 
 def as_manifest(manifest: Manifest | dict[str, Any]) -> Manifest:
-    """`manifest` as a Manifest: callers that still build the JSON object give a dict."""
+    """`manifest` as a Manifest; `finish` also takes the JSON object itself, as a dict (the
+    conformance tests commit one), checked like one read from disk."""
     return manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest, where=MANIFEST_NAME)
 
 
@@ -390,7 +392,8 @@ class LocalModelWriter:
         self._pwrite(fd, data, offset, p.file)
         start_writeback(fd, offset, len(data))
 
-    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: Manifest) -> None:
+    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any],
+               manifest: Manifest | dict[str, Any]) -> None:
         """Flush shards, write side files, then the index, then the manifest (the commit)."""
         manifest = as_manifest(manifest)
         try:

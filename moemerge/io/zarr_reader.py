@@ -1,4 +1,4 @@
-"""Read a moemerge Zarr output as a checkpoint: same interface as io.checkpoint.Checkpoint.
+"""Read a moemerge Zarr output as a checkpoint (a CheckpointReader, io.formats).
 
 Tensors come from the consolidated metadata (one read); row ranges are read lazily, only the
 chunks they overlap, straight into the caller's buffer, with the logical dtype's bytes

@@ -264,7 +264,8 @@ class ZarrModelWriter:
         except Exception as e:
             raise OutputError(f"{self.url}: tensor `{name}`: writing rows from {row_start} failed ({e})") from e
 
-    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any], manifest: Manifest) -> None:
+    def finish(self, *, side_files: dict[str, bytes], index: dict[str, Any],
+               manifest: Manifest | dict[str, Any]) -> None:
         """Side files, then consolidated metadata, then the manifest (the commit).
 
         `index` (the safetensors weight map) has no place in a Zarr store and is not written;

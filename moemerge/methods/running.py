@@ -78,18 +78,22 @@ class RunningStep:
                 m.copy_(x)
                 include(self.method, sums_out, m, i + 1, self.alpha, tmp)
             return sums_out
-        for q in self.quantities:
-            sums_out[q].copy_(sums_in[q])
+        src: Mapping[str, torch.Tensor] | None = sums_in  # the first step reads the old sums
         if self.method == "ema":
             for x in snaps:
                 m.copy_(x)
-                ema_step(sums_out["E"], m, float(self.alpha))  # type: ignore[arg-type]
-            return sums_out
-        k = len(snaps) // 2
-        for new, old in zip(snaps[:k], snaps[k:]):
-            m.copy_(new)
-            tmp.copy_(old)
-            slide(sums_out, m, tmp, self.window, extra)
+                ema_step(sums_out["E"], m, float(self.alpha), src=None if src is None else src["E"])  # type: ignore[arg-type]
+                src = None
+        else:
+            k = len(snaps) // 2
+            for new, old in zip(snaps[:k], snaps[k:]):
+                m.copy_(new)
+                tmp.copy_(old)
+                slide(sums_out, m, tmp, self.window, extra, src=src)
+                src = None
+        if src is not None:  # nothing entered
+            for q in self.quantities:
+                sums_out[q].copy_(src[q])
         return sums_out
 
     def average(self, sums: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
@@ -119,27 +123,34 @@ def include(method: str, sums: Mapping[str, torch.Tensor], m: torch.Tensor, posi
 
 
 def slide(sums: Mapping[str, torch.Tensor], m_new: torch.Tensor, m_old: torch.Tensor, n: int,
-          tmp: torch.Tensor) -> None:
+          tmp: torch.Tensor, src: Mapping[str, torch.Tensor] | None = None) -> None:
     """Move a window of `n` one snapshot on: M_new enters, M_old (the oldest) leaves.
 
     W' = W - S + n M_new (every snapshot's position drops by one, the oldest's to zero), then
-    S' = S + M_new - M_old.
+    S' = S + M_new - M_old. In place, or from the sums `src` into `sums` (the same operations,
+    so the same bits, without a copy first).
     """
+    import torch
+
+    old = sums if src is None else src
     if "W" in sums:
         w = sums["W"]
-        w.sub_(sums["S"])
+        torch.sub(old["W"], old["S"], out=w)
         tmp.copy_(m_new)
         tmp.mul_(n)
         w.add_(tmp)
     s = sums["S"]
-    s.add_(m_new)
+    torch.add(old["S"], m_new, out=s)
     s.sub_(m_old)
 
 
-def ema_step(e: torch.Tensor, m: torch.Tensor, alpha: float) -> None:
-    """E' = alpha M + (1 - alpha) E, in place (`m` is overwritten with alpha M)."""
+def ema_step(e: torch.Tensor, m: torch.Tensor, alpha: float, src: torch.Tensor | None = None) -> None:
+    """E' = alpha M + (1 - alpha) E, in place or from `src` into `e` (`m` is overwritten with
+    alpha M)."""
+    import torch
+
     m.mul_(alpha)
-    e.mul_(1.0 - alpha)
+    torch.mul(e if src is None else src, 1.0 - alpha, out=e)
     e.add_(m)
 
 

@@ -228,3 +228,25 @@ def chunk_parts_bytes(spec: QuantSpec, rows: int) -> int:
     from moemerge.io.quant_out import OutQuant, parts_bytes
 
     return parts_bytes(OutQuant.unplaced(spec), 0, min(rows, spec.rows))
+
+
+def check_streamable(plan: Any, kind: str) -> None:
+    """Refuse, before any output, a quantized tensor a streamed object-storage shard cannot take.
+
+    A streamed shard takes bytes in file order and holds back at most `s3_writer.MAX_PENDING`
+    bytes that arrive early; a quantized tensor's scales come after its codes in the file but
+    are produced chunk by chunk with them, so all of them wait for the last codes (block FP8:
+    1/4096 of the codes, fine; MXFP4: 1/16, 66 MB for gpt-oss-120b's gate_up_proj).
+    """
+    if kind != "remote":
+        return
+    from moemerge.io.s3_writer import MAX_PENDING
+    from moemerge.sizes import format_size
+
+    for t in plan.tensors:
+        held = sum(p.nbytes for p in t.quant.places[1:]) if t.quant is not None else 0
+        if held > MAX_PENDING:
+            raise ConfigError(
+                f"tensor `{t.name}`: its {t.quant.spec.codec} scales ({format_size(held)}) would wait in memory "
+                f"for its codes in a streamed upload (at most {format_size(MAX_PENDING)} may arrive out of file "
+                "order); write the output to a local directory and upload it, or use --quantize none")

@@ -514,14 +514,12 @@ def pma_update(
 ) -> UpdateResult:
     """Update the running PMA state at `state` with the new snapshots of `pattern` and write the
     average to `out` (`moemerge.pma.update`); settings left out come from the state. The flags
-    of `pma` that an update cannot honour (`weights`, `dry_run`, `quantize`, Dask) are refused."""
+    of `pma` that an update cannot honour (`weights`, `dry_run`, `quantize`) are refused;
+    `workers` / `scheduler` run its chunks on Dask, as `run` does."""
     from moemerge.names import parse_dcp_names
     from moemerge.pma.discovery import interval_steps_from_tokens
     from moemerge.pma.update import update
 
-    if workers or scheduler:
-        raise ConfigError("pma update runs in one process (it reads only the new snapshots); --workers and "
-                          "--scheduler are for `moemerge run` and `moemerge pma`")
     for flag, given in (("--weights", weights), ("--dry-run", dry_run), ("--quantize", quantize)):
         if given:
             raise ConfigError(f"pma update: {flag} is not supported; use `moemerge pma` for a one-off average")
@@ -535,7 +533,7 @@ def pma_update(
     return update(state, pattern, out, method=method, last=last, alpha=alpha, interval_steps=interval,
                   before_step=before_step, step_regex=step_regex, recompute_every=recompute_every,
                   memory_budget=memory_budget, shard_size=shard_size, out_format=out_format, out_dtype=out_dtype,
-                  overwrite=overwrite, progress=progress, dcp=names)
+                  overwrite=overwrite, progress=progress, dcp=names, workers=workers, scheduler=scheduler)
 
 
 def plan_split(p: Plan, workers: int, out: str | None = None) -> dict[str, Any]:

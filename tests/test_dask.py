@@ -381,3 +381,42 @@ def test_cli_workers_starts_a_local_cluster_and_matches_local(inputs: list[Path]
     assert _files(tmp_path / "dask") == _files(tmp_path / "local")
     code, _, err = run_cli("verify", tmp_path / "dask")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("method,out_format", [("wma", "safetensors"), ("ema", "zarr")])
+def test_dask_pma_update_writes_the_same_output_and_state_as_local(method: str, out_format: str, client,
+                                                                   tmp_path: Path) -> None:
+    """Build, then one nightly update, in one process and on Dask (split tensors included:
+    small units): the outputs' checksums and the states' sums are the same bytes."""
+    from moemerge.pma.state import StateStore
+    from moemerge.pma.update import update
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    for step in (1, 2, 3, 4):
+        write_checkpoint(tmp_path / "ckpt" / f"step-{step}", _model(seed + step))
+    pattern = str(tmp_path / "ckpt" / "step-*")
+
+    def state_bytes(state: Path) -> dict[str, bytes]:
+        cur = StateStore(str(state)).current()
+        assert cur is not None
+        try:
+            out = {}
+            for name, t in cur.sums.tensors.items():
+                buf = bytearray(t.nbytes)
+                cur.sums.read_rows(name, 0, t.rows, memoryview(buf))
+                out[name] = bytes(buf)
+            return out
+        finally:
+            cur.close()
+
+    got = {}
+    for where, kw in (("local", {}), ("dask", {"client": client})):
+        state, out = tmp_path / where / "state", tmp_path / where / "out"
+        opts = dict(out_format=out_format, chunk_rows=16, memory_budget="1MB", unit_size=40_000, **kw)
+        assert update(str(state), pattern, str(out), method=method, last=3, before_step=4, **opts).action == "built"
+        res = update(str(state), pattern, str(out), **opts)
+        assert res.action == "updated" and res.steps[-1] == 4
+        man = json.loads((out / "moemerge-manifest.json").read_text())
+        got[where] = ({n: t["sha256"] for n, t in man["tensors"].items()}, state_bytes(state),
+                      res.bytes_read, res.state_bytes_read)
+    assert got["dask"] == got["local"]

@@ -76,7 +76,7 @@ def test_plan_update_reads_state_sizes_chunks_within_budget_and_aligns_them() ->
     old = {"w": _info("w", (3000, 512)), "b": _info("b", (512,), start=1)}
     step = RunningStep(method="wma", mode="slide", snapshots=2, window=5)
     p = plan_update(step, ("/new", newest), [("/new", newest), ("/old", old)], state="/st/v000002-ab",
-                    memory_budget=8 << 20, shard_size=1 << 30)
+                    memory_budget=16 << 20, shard_size=1 << 30)
     assert p.sources == ("/new", "/old", state_source("/st/v000002-ab", "S"), state_source("/st/v000002-ab", "W"))
     by = {t.name: t for t in p.tensors}
     assert by["w"].in_dtypes == ("BF16", "BF16", "F64", "F64") and by["w"].inputs == (0, 1, 2, 3)

@@ -16,22 +16,23 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from moemerge.engine.buffers import PoolCache
 from moemerge.engine.cadence import Cadence, Tally
 from moemerge.engine.graph import Task, build_graph
 from moemerge.engine.jobs import Piece
-from moemerge.engine.pipeline import JobsResult, fold_partial, run_jobs
+from moemerge.engine.pipeline import ChunkKernel, JobsResult, fold_partial, run_jobs
 from moemerge.engine.progress import NullProgress, Progress
 from moemerge.errors import ConfigError, MergeRuntimeError, MoemergeError
 from moemerge.io.checkpoint import Checkpoint
 from moemerge.io.dtypes import itemsize
+from moemerge.io.zarr_writer import ZarrArraySpec
 from moemerge.methods import get_method
 from moemerge.planner.plan import Plan
 
-__all__ = ["OutputTarget", "run_dask", "start_client", "worker_memory_limit"]
+__all__ = ["OutputTarget", "AuxTarget", "run_dask", "start_client", "worker_memory_limit"]
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +53,16 @@ class OutputTarget:
     """fsync a local output after each task: workers on other machines (a shared filesystem)."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuxTarget:
+    """A second store the tasks write (pma update's new state version): a Zarr group the client
+    prepared; workers write its chunks and hand back their checksums, which the client records."""
+
+    url: str
+    arrays: tuple[ZarrArraySpec, ...]
+    storage_options: dict[str, Any] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class TaskContext:
     run_id: str
@@ -60,6 +71,18 @@ class TaskContext:
     target: OutputTarget
     device: str
     in_cast: str | None
+    kernel: ChunkKernel | None = None
+    """Computes the float tensors instead of the plan's method (`run_jobs`)."""
+    aux: AuxTarget | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskResult:
+    """What a task that writes hands back: its tensors' sha256 (whole tensors only) and the
+    checksums of the auxiliary chunks it stored."""
+
+    digests: dict[str, str] = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)
 
 
 def worker_memory_limit(memory_budget: int) -> int:
@@ -180,29 +203,41 @@ def _device(device: str) -> str:
     return f"cuda:{idx % max(1, torch.cuda.device_count())}"
 
 
-def _jobs(ctx: TaskContext, plan: Plan, writer: Any, pieces: Sequence[Piece], **kw: Any) -> JobsResult:
+def _jobs(ctx: TaskContext, plan: Plan, writer: Any, pieces: Sequence[Piece],
+          **kw: Any) -> tuple[JobsResult, dict[str, str]]:
+    """Run `pieces` here; the result, and the checksums of the auxiliary chunks written."""
     ckpts, _ = _opened(ctx, plan)
-    res = run_jobs(plan, ckpts, writer, pieces=pieces, device=_device(ctx.device), in_cast=ctx.in_cast,
-                   pools=_POOLS, **kw)
-    if ctx.target.flush_each_task and writer is not None and hasattr(writer, "flush"):
-        writer.flush()  # another machine (the client) commits: our bytes must be on disk
-    return res
+    aux = None
+    if ctx.aux is not None:  # one writer per task: it records the checksums of this task's chunks
+        from moemerge.io.zarr_writer import ZarrModelWriter
+
+        aux = ZarrModelWriter.attach(ctx.aux.url, list(ctx.aux.arrays), storage_options=ctx.aux.storage_options,
+                                     checksums=True)
+    try:
+        res = run_jobs(plan, ckpts, writer, pieces=pieces, device=_device(ctx.device), in_cast=ctx.in_cast,
+                       pools=_POOLS, kernel=ctx.kernel, aux_writer=aux, **kw)
+        if ctx.target.flush_each_task and writer is not None and hasattr(writer, "flush"):
+            writer.flush()  # another machine (the client) commits: our bytes must be on disk
+        return res, dict(aux.recorded or {}) if aux is not None else {}
+    finally:
+        if aux is not None:
+            aux.close()
 
 
-def _t_full(ctx: TaskContext, plan: Plan, pieces: tuple[Piece, ...],
-            shard: str | None) -> dict[str, str]:
+def _t_full(ctx: TaskContext, plan: Plan, pieces: tuple[Piece, ...], shard: str | None) -> TaskResult:
     """A unit (or shard) of whole tensors, every pass and the apply: their checksums."""
     if ctx.target.kind != "remote":
-        return _jobs(ctx, plan, _opened(ctx, plan)[1], pieces).digests
+        res, sums = _jobs(ctx, plan, _opened(ctx, plan)[1], pieces)
+        return TaskResult(digests=res.digests, checksums=sums)
     from moemerge.io.s3_writer import RemoteModelWriter
 
     w = RemoteModelWriter.attach(ctx.target.url, plan.shards, plan.placements(),
                                  storage_options=ctx.target.storage_options)
     try:
-        digests = _jobs(ctx, plan, w, pieces).digests
+        res, sums = _jobs(ctx, plan, w, pieces)
         assert shard is not None
         w.complete(shard)
-        return digests
+        return TaskResult(digests=res.digests, checksums=sums)
     except BaseException:
         w.close()  # aborts this shard's upload; the task's retry starts a fresh one
         raise
@@ -218,7 +253,7 @@ def _t_map(ctx: TaskContext, plan: Plan, pieces: tuple[Piece, ...], ti: int, k: 
     sp = get_method(plan.method).passes(t.params, t.shape)[k]
     if k > 0 and sp.needed is not None and not sp.needed(stats or {}):
         return [SKIPPED]
-    res = _jobs(ctx, plan, None, pieces, stage=k, stats_in={ti: stats or {}}, reduce=False)
+    res, _ = _jobs(ctx, plan, None, pieces, stage=k, stats_in={ti: stats or {}}, reduce=False)
     return res.partials.get((ti, k), [])
 
 
@@ -238,11 +273,12 @@ def _t_reduce(plan: Plan, ti: int, k: int, stats: dict[str, Any] | None, parts: 
 
 
 def _t_apply(ctx: TaskContext, plan: Plan, pieces: tuple[Piece, ...], ti: int,
-             stats: dict[str, Any] | None) -> None:
-    _jobs(ctx, plan, _opened(ctx, plan)[1], pieces, stage="apply", stats_in={ti: stats or {}})
+             stats: dict[str, Any] | None) -> TaskResult:
+    _, sums = _jobs(ctx, plan, _opened(ctx, plan)[1], pieces, stage="apply", stats_in={ti: stats or {}})
+    return TaskResult(checksums=sums)
 
 
-def _t_hash(ctx: TaskContext, plan: Plan, ti: int, _written: list[None]) -> dict[str, str]:
+def _t_hash(ctx: TaskContext, plan: Plan, ti: int, _written: list[TaskResult]) -> dict[str, str]:
     """sha256 of a split tensor (of each stored part of a quantized one), read back in order
     once every piece is written."""
     out = {}
@@ -299,9 +335,17 @@ def run_dask(
     skip: Collection[str] = (),
     on_written: Callable[[dict[str, str]], None] | None = None,
     written_every: int | Cadence = 1 << 30,
+    kernel: ChunkKernel | None = None,
+    aux: AuxTarget | None = None,
+    on_aux: Callable[[dict[str, str]], None] | None = None,
+    title: str | None = None,
 ) -> dict[str, str]:
     """Run `plan` but the tensors in `skip` on the cluster behind `client`; return each
     tensor's sha256.
+
+    `kernel`, `aux`: as `run_jobs`'s `kernel` and `aux_writer` (pma update), the auxiliary
+    store opened on each worker; `on_aux` hears the checksums of the chunks each task stored
+    there. `title` names the run on the progress bar.
 
     The output must already be prepared; the caller finishes it (index, manifest) after this
     returns, or abandons it if this raises. `on_written` hears of finished tensors as often as
@@ -312,7 +356,8 @@ def run_dask(
 
     progress = progress or NullProgress()
     run_id = uuid.uuid4().hex[:12]
-    ctx = TaskContext(run_id=run_id, opener=opener, target=target, device=device, in_cast=in_cast)
+    ctx = TaskContext(run_id=run_id, opener=opener, target=target, device=device, in_cast=in_cast, kernel=kernel,
+                      aux=aux)
     skip_ti = {ti for ti, t in enumerate(plan.tensors) if all(n in skip for n, *_ in t.stored())}
     tasks = build_graph(plan, by_shard=target.kind == "remote", prefix=f"moemerge-{run_id}", skip=skip_ti)
     link = getattr(client, "dashboard_link", None)
@@ -322,7 +367,7 @@ def run_dask(
     futs: dict[str, Any] = {}
     by_key = {t.key: t for t in tasks}
     digests: dict[str, str] = {}
-    progress.start(sum(t.in_bytes for t in tasks), f"{plan.method} on Dask -> {len(plan.shards)} shard(s)")
+    progress.start(sum(t.in_bytes for t in tasks), title or f"{plan.method} on Dask -> {len(plan.shards)} shard(s)")
     try:
         for task in tasks:
             futs[task.key] = _submit(client, task, ctx, plan_f, futs)
@@ -334,8 +379,11 @@ def run_dask(
             if fut.status == "error":
                 raise _failure(task, fut.exception()) from None
             got: dict[str, str] = {}
-            if task.kind in ("unit", "shard"):
-                got = fut.result()
+            if task.kind in ("unit", "shard", "apply"):
+                res: TaskResult = fut.result()
+                got = res.digests
+                if on_aux is not None and res.checksums:
+                    on_aux(res.checksums)
             elif task.kind == "hash":
                 got = dict(fut.result())
             digests.update(got)

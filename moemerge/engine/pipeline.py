@@ -137,7 +137,7 @@ def run_jobs(
     last call, as often as `written_every` says (a `Cadence`; an int: output bytes) and at the
     end (the resume journal).
 
-    `kernel` computes the float tensors instead of the plan's method (full stage only); the
+    `kernel` computes the float tensors instead of the plan's method (no passes); the
     segments it marks `aux` go to `aux_writer`, unhashed. `title` names the run on the
     progress bar.
     """
@@ -164,8 +164,8 @@ class _Pipeline:
         self.cast = to_torch(in_cast) if in_cast else None
         self.pools, self.on_written, self.cadence = pools, on_written, Cadence.of(written_every)
         self.result = JobsResult()
-        if kernel is not None and stage != "full":
-            raise ValueError(f"a chunk kernel runs whole jobs (stage 'full'), not stage {stage!r}")
+        if kernel is not None and stage not in ("full", "apply"):
+            raise ValueError(f"a chunk kernel runs apply jobs (stage 'full' or 'apply'), not pass {stage!r}")
         need_in, need_out, need_elems = _buffer_needs(plan, self.method, pieces, kernel)
         comp_bytes = 8 if any(t.compute_dtype == "F64" for t in plan.tensors) else 4
         self.in_pool = self._take("read", 2, need_in + ALIGN * len(plan.sources))

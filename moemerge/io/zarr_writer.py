@@ -120,10 +120,11 @@ class ZarrModelWriter:
 
     @classmethod
     def attach(cls, url: str, arrays: list[ZarrArraySpec], *,
-               storage_options: dict[str, Any] | None = None) -> ZarrModelWriter:
-        """A writer into a store another process `prepare`d: writes chunks, never finishes (Dask)."""
-        self = cls(url, arrays, attributes={}, overwrite=False, storage_options=storage_options)
-        self._store = open_store(url, storage_options, read_only=False)
+               storage_options: dict[str, Any] | None = None, checksums: bool = False) -> ZarrModelWriter:
+        """A writer into a store another process `prepare`d: writes chunks, never finishes (Dask).
+        With `checksums`, it records those of the chunks it writes (`recorded`), for that process."""
+        self = cls(url, arrays, attributes={}, overwrite=False, storage_options=storage_options, checksums=checksums)
+        self._store = open_store(url, storage_options, read_only=False, record=self.recorded)
         return self
 
     def __repr__(self) -> str:

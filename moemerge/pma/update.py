@@ -26,7 +26,7 @@ from moemerge.engine.commit import commit_output
 from moemerge.errors import CheckpointError, ConfigError, MismatchError
 from moemerge.io import storage
 from moemerge.io.checkpoint import Checkpoint
-from moemerge.io.dtypes import is_float, parse_dtype_name
+from moemerge.io.dtypes import is_float, itemsize, parse_dtype_name
 from moemerge.io.lease import Lease, take_lease
 from moemerge.io.manifest import MANIFEST_NAME, Manifest
 from moemerge.io.quant import dequantizing
@@ -42,7 +42,7 @@ from moemerge.pma.state import (METHOD_ARRAYS, StateMeta, StateSettings, StateSt
                                 array_name, new_meta)
 from moemerge.planner import Plan
 from moemerge.planner.update import plan_update, state_source
-from moemerge.settings import DEFAULT_BUDGET, DEFAULT_SHARD_SIZE, MIN_BUDGET
+from moemerge.settings import DEFAULT_BUDGET, DEFAULT_SHARD_SIZE, DEFAULT_UNIT_BYTES, MIN_BUDGET
 from moemerge.sizes import parse_size
 
 __all__ = ["update", "decide", "resolve_settings", "Decision", "UpdateResult", "DEFAULT_LAST"]
@@ -97,6 +97,11 @@ def update(
     chunk_rows: int | None = None,
     compress_state: bool = True,
     dcp: DcpNames | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    client: Any = None,
+    dashboard: str | None = None,
+    unit_size: str | int | None = None,
 ) -> UpdateResult:
     """Apply the snapshots matching `pattern` that are newer than the state at `state_url`,
     then write the average to `out`. Settings left None come from the state (or defaults:
@@ -104,6 +109,10 @@ def update(
     caps rows per chunk below what the budget allows (tests; results do not depend on it).
     `compress_state` stores the new state version lz4-compressed (lossless; about 3x smaller).
     `dcp` maps DCP snapshots' keys to tensor names (recorded in the state like the settings).
+    `workers` (a LocalCluster), `scheduler` (a running cluster's address) or `client` (a
+    `distributed.Client`) run the chunks on Dask, as `moemerge.run` does, with the same output
+    and state; there `bytes_read` and `state_bytes_read` are what the plan reads. `unit_size`
+    sets the input bytes per Dask task (default about 256 MB).
 
     Example:
         update("s3://run42/pma/state", "s3://run42/ckpt/step-*", "s3://run42/pma/latest")
@@ -111,8 +120,13 @@ def update(
     t0 = time.monotonic()
     budget = parse_size(memory_budget, what="--memory-budget", minimum=MIN_BUDGET)
     shard = parse_size(shard_size, what="--shard-size", minimum=1)
+    units = DEFAULT_UNIT_BYTES if unit_size is None else parse_size(unit_size, what="--unit-size", minimum=1)
     if out_format not in ("safetensors", "zarr"):
         raise ConfigError(f"--format: {out_format!r} is not an output format; use safetensors or zarr")
+    if workers is not None and scheduler:
+        raise ConfigError("give --workers (start a local Dask cluster) or --scheduler (join one), not both")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {workers}")
     if recompute_every is not None and (isinstance(recompute_every, bool) or recompute_every < 1):
         raise ConfigError(f"--recompute-every must be a whole number >= 1, got {recompute_every!r}")
     out_dt = None
@@ -146,7 +160,8 @@ def update(
         job = _Job(store=store, cur=cur, settings=settings, decision=decision, out=out, budget=budget,
                    shard=shard, out_format=out_format, out_dtype=out_dt, overwrite=overwrite,
                    storage_options=storage_options, notes=list(notes), progress=progress,
-                   chunk_rows=chunk_rows)
+                   chunk_rows=chunk_rows, unit_bytes=units, dask=_Dask(workers=workers, scheduler=scheduler, client=client,
+                                                     dashboard=dashboard, dcp=settings.dcp))
         job.leases.append(state_lease)
         return job.run(t0)
     finally:
@@ -162,12 +177,15 @@ class _Job:
                  decision: Decision, out: str, budget: int, shard: int, out_format: str,
                  out_dtype: str | None, overwrite: bool, storage_options: dict[str, Any] | None,
                  notes: list[str], progress: bool | Progress | NullProgress,
-                 chunk_rows: int | None = None) -> None:
+                 chunk_rows: int | None = None, unit_bytes: int = DEFAULT_UNIT_BYTES,
+                 dask: _Dask | None = None) -> None:
         self.store, self.cur, self.settings, self.d = store, cur, settings, decision
         self.out, self.budget, self.shard, self.out_format = out, budget, shard, out_format
         self.out_dtype, self.overwrite, self.so = out_dtype, overwrite, storage_options
         self.notes = notes
-        self.chunk_rows = chunk_rows
+        self.chunk_rows, self.unit_bytes = chunk_rows, unit_bytes
+        self.dask = dask or _Dask()
+        self.started: tuple[Any, Any] | None = None  # the Dask client and LocalCluster we started
         self.leases: list[Lease] = []  # the state's, then the output's: checked before each commit
         self.prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())
         self.opened: dict[str, Checkpoint] = {}
@@ -288,7 +306,7 @@ class _Job:
             [(s.url, self.opened[s.url].tensors) for s in reads],
             state=self.cur.url if (self.cur is not None and step.reads_sums) else None,
             memory_budget=self.budget, shard_size=self.shard, out_format=self.out_format,
-            out_dtype=self.out_dtype, chunk_rows=self.chunk_rows)
+            out_dtype=self.out_dtype, chunk_rows=self.chunk_rows, unit_bytes=self.unit_bytes)
 
     # -- the pass --------------------------------------------------------------------------------
 
@@ -329,6 +347,13 @@ class _Job:
                     version=(cur.meta.version + 1) if cur else 1, updates_since_recompute=since,
                     ops_since_recompute=(n - 1) + (2 * since if self.settings.method != "ema" else since),
                 )
+            client, cluster = self.dask.client, None
+            if client is None and (self.dask.workers or self.dask.scheduler):  # before any output exists
+                from moemerge.engine.cluster import start_client
+
+                client, cluster = start_client(workers=self.dask.workers, scheduler=self.dask.scheduler,
+                                               memory_budget=plan.memory_budget, dashboard=self.dask.dashboard)
+                self.started = (client, cluster)  # closed at the end
             state_w = None
             if d.action != "noop":
                 arrays = [ZarrArraySpec(name=array_name(k, t.name), shape=_flat(t.shape), dtype="F64",
@@ -343,7 +368,10 @@ class _Job:
 
                 check_space(out_w, plan.bytes_written)  # the output; the state's room is not counted
                 out_w.prepare()
-                digests = self._pass(plan, step, state_w, out_w)
+                if client is not None:
+                    digests = self._pass_on_dask(plan, step, state_w, out_w, client, own_cluster=cluster is not None)
+                else:
+                    digests = self._pass(plan, step, state_w, out_w)
                 if state_w is not None:
                     self._check_leases()
                     self.store.commit(state_w, meta, previous=cur.name if cur else None)
@@ -361,6 +389,10 @@ class _Job:
             self._close_inputs()
             for lease in self.leases[1:]:  # the output's (the state's is released by `update`)
                 lease.release()
+            if self.started is not None:
+                self.started[0].close()
+                if self.started[1] is not None:
+                    self.started[1].close()
         action = {"build": "recomputed" if cur else "built", "incremental": "updated", "noop": "output"}[d.action]
         msg = {
             "built": f"built the state from {n} snapshot(s), steps {d.window[0].step}..{d.window[-1].step}",
@@ -392,6 +424,43 @@ class _Job:
         if state_w is not None:
             self.state_written += sum(8 * t.numel for t in plan.tensors if t.method != "copy") * len(step.quantities)
         return res.digests
+
+    def _pass_on_dask(self, plan: Plan, step: RunningStep, state_w: Any, out_w: ModelWriter, client: Any,
+                      *, own_cluster: bool) -> dict[str, str]:
+        """`_pass` as tasks on the Dask cluster behind `client`: workers open the snapshots, the
+        state's sums, the output and the new state version themselves (engine.cluster)."""
+        from moemerge.engine.cluster import AuxTarget, OutputTarget as DaskTarget, run_dask
+        from moemerge.engine.running import RunningKernel
+        from moemerge.io.output import output_target
+        from moemerge.io.writer import SupportsAdopt
+
+        # workers open the output where the writer builds it (beside the old one when overwriting)
+        at = output_target(self.out, plan.out_format, self.so).at(out_w.target)
+        target = DaskTarget(kind=at.kind, url=at.url, storage_options=at.storage_options or None,
+                            flush_each_task=not own_cluster)  # others' workers may be other machines
+        aux = None
+        if state_w is not None:
+            aux = AuxTarget(url=state_w.target, arrays=tuple(state_w.arrays.values()), storage_options=self.so)
+        version = self.cur.url if (self.cur is not None and step.reads_sums) else None
+        opener = functools.partial(_open_sources, plan.sources, self.so, self.dask.dcp, self.store.url, version,
+                                   step.quantities)
+        digests = run_dask(plan, client, opener=opener, target=target, progress=self.prog,
+                           kernel=RunningKernel(step=step, array=array_name), aux=aux,
+                           on_aux=state_w.recorded.update if state_w is not None else None,
+                           title=f"pma update ({self.d.action}) on Dask")
+        if isinstance(out_w, SupportsAdopt):  # shards the workers streamed and completed themselves
+            out_w.adopt([s.file for s in plan.shards])
+        state = {state_source(version, q) for q in step.quantities} if version is not None else set()
+        for t in plan.tensors:
+            for src, dt in zip(t.sources_used, t.in_dtypes):
+                n = t.numel * itemsize(dt)
+                if plan.sources[src] in state:
+                    self.state_read += n
+                else:
+                    self.bytes_read += n
+        if state_w is not None:
+            self.state_written += sum(8 * t.numel for t in plan.tensors if t.method != "copy") * len(step.quantities)
+        return digests
 
     # -- commit --------------------------------------------------------------------------------
 
@@ -446,6 +515,9 @@ class _StateArrays:
     def read_rows(self, name: str, r0: int, r1: int, out: memoryview) -> None:
         self.sums.read_rows(array_name(self.quantity, name), r0, r1, out)
 
+    def close(self) -> None:
+        self.sums.close()  # shared by the quantities of one version: closing twice is harmless
+
 
 class _Counted:
     """An input of the pipeline whose reads are counted (an update reports what it read)."""
@@ -456,3 +528,48 @@ class _Counted:
     def read_rows(self, name: str, r0: int, r1: int, out: memoryview) -> None:
         self.reader.read_rows(name, r0, r1, out)
         self.count((r1 - r0) * self.reader.tensors[name].row_bytes)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Dask:
+    """Where an update's chunks run: here (all None), or on a Dask cluster."""
+
+    workers: int | None = None
+    scheduler: str | None = None
+    client: Any = None
+    dashboard: str | None = None
+    dcp: DcpNames | None = None
+    """How workers name DCP snapshots' tensors (the state's setting)."""
+
+
+def _open_sources(sources: tuple[str, ...], storage_options: dict[str, Any] | None, dcp: DcpNames | None,
+                  state: str, version: str | None, quantities: tuple[str, ...]) -> list[Any]:
+    """A Dask worker's inputs of an update's plan, in source order: each snapshot (served
+    dequantized), then each running quantity of the state version `version` (read through the
+    state's pointer, which names it until this update commits)."""
+    kinds = {state_source(version, q): q for q in quantities} if version is not None else {}
+    opened: list[Any] = []
+    cur: StateVersion | None = None
+    try:
+        for src in sources:
+            if src in kinds:
+                if cur is None:
+                    cur = StateStore(state, storage_options).current()
+                    if cur is None or cur.url != version:
+                        raise CheckpointError(f"{state}: the PMA state changed while this update ran "
+                                              f"(it started from {version}); rerun the update")
+                opened.append(_StateArrays(cur.sums, kinds[src]))
+                continue
+            ck = Checkpoint.open(src, storage_options, names=dcp)
+            try:
+                opened.append(dequantizing(ck))
+            except BaseException:
+                ck.close()
+                raise
+    except BaseException:
+        for c in opened:
+            c.close()
+        if cur is not None:
+            cur.close()
+        raise
+    return opened

@@ -24,7 +24,7 @@ class MoemergeError(Exception):
         super().__init__(message)
         self.message = message
 
-    def __reduce__(self):  # keep the message through pickling (Dask workers)
+    def __reduce__(self) -> tuple[type[MoemergeError], tuple[str]]:  # keep the message through pickling (Dask workers)
         return (type(self), (self.message,))
 
     def __str__(self) -> str:

@@ -203,7 +203,7 @@ class CheckpointSpec:
         if self.family != "dense":
             cfg["num_experts_per_tok"] = self.top_k
         q_rank, kv_rank, rope = self.mla_dims
-        arch, extra = {
+        families: dict[str, tuple[str, dict[str, Any]]] = {
             "dense": ("LlamaForCausalLM", {"model_type": "llama"}),
             "mixtral": ("MixtralForCausalLM", {"model_type": "mixtral", "num_local_experts": E}),
             "qwen3_moe": ("Qwen3MoeForCausalLM", {
@@ -218,7 +218,8 @@ class CheckpointSpec:
             "fused": ("Llama4ForCausalLM", {
                 "model_type": "llama4_text", "num_local_experts": E, "intermediate_size_mlp": I,
                 "interleave_moe_layer_step": 1}),
-        }[self.family]
+        }
+        arch, extra = families[self.family]
         cfg.update(extra, architectures=[arch])
         if self.family == "deepseek":
             # transformers sizes the rotary embedding by head_dim, which for MLA must be the rope
@@ -275,7 +276,7 @@ def _write_shard(path: Path, tensors: list[SyntheticTensor], chunk_bytes: int, *
             assert f.tell() == offsets[t.name], f"{t.name}: layout drift"
             src, per = _Values(t, **values), max(1, chunk_bytes // itemsize(t.dtype))
             for e0 in range(0, src.numel, per):
-                f.write(src.range(e0, min(e0 + per, src.numel)).view(torch.uint8).numpy())
+                f.write(src.range(e0, min(e0 + per, src.numel)).view(torch.uint8).numpy().data)
     os.replace(partial, path)
 
 

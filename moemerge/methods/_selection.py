@@ -86,7 +86,8 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
         """target -> (q clipped to [0, n], high bin, count above the bin); bin -1 if trivial."""
         hist = stats[hi_key]
         if plan_memo[0] is hist:
-            return plan_memo[1]
+            memoized: dict[str, tuple[int, int, int]] = plan_memo[1]
+            return memoized
         plans = {}
         for t in targets:
             q = max(0, min(n, int(t.q(stats))))
@@ -113,17 +114,19 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
             out[t.name] = low_histogram(cache[t.source], b, out=work(chunk).view(torch.int32))
         return out
 
-    def reduce_low(parts: Sequence[Any]) -> dict[str, Threshold]:
-        return _sum(list(parts))
+    def reduce_low(parts: Sequence[Any]) -> dict[str, Any]:
+        summed: dict[str, Any] = _sum(list(parts))
+        return summed
 
     memo: list[Any] = [None, None]
 
     def thresholds(stats: Mapping[str, Any]) -> dict[str, Threshold]:
         low = stats[lo_key]
         if memo[0] is low:
-            return memo[1]
+            memoized: dict[str, Threshold] = memo[1]
+            return memoized
         plans = plan_targets(stats)
-        out = {}
+        out: dict[str, Threshold] = {}
         for t in targets:
             q, b, above = plans[t.name]
             if b < 0:  # select nothing (q = 0) or everything (q = n)
@@ -148,7 +151,7 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
         return out
 
     def reduce_ties(parts: Sequence[Any]) -> dict[str, Any]:
-        out = {}
+        out: dict[str, Any] = {}
         for t in targets:
             rows = [p[t.name] for p in parts]
             if rows[0] is None:

@@ -123,7 +123,8 @@ def karcher_coefficients(g: np.ndarray, max_iter: int, tol: float) -> np.ndarray
         if un > tol:
             mean = mean / un
     scale = sum(a * nrm for a, nrm in zip(alphas, norms))
-    return scale * mean * inv  # back from unit vectors to the inputs
+    back: np.ndarray = scale * mean * inv  # back from unit vectors to the inputs
+    return back
 
 
 def _multislerp_apply(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -93,10 +93,10 @@ def exact_row_sum(x: torch.Tensor) -> int:
 
 def _rows(x: torch.Tensor) -> np.ndarray:
     """A [rows, row_len] numpy view of a CPU tensor (a copy only if it is not contiguous)."""
-    a = x.detach()
-    if a.device.type != "cpu":
-        a = a.cpu()
-    a = a.contiguous().numpy()
+    t = x.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    a = t.contiguous().numpy()
     if a.ndim <= 1:
         return a
     return a.reshape(a.shape[0], math.prod(a.shape[1:]))
@@ -326,7 +326,7 @@ _S30, _S27, _S31, _S11 = (np.uint64(k) for k in (30, 27, 31, 11))
 _STEPS = np.arange(BLOCK, dtype=np.uint64) * np.uint64(_GOLDEN)
 
 
-def _splitmix_blocks(key: int, start: int, count: int):  # noqa: ANN202 (a generator of arrays)
+def _splitmix_blocks(key: int, start: int, count: int) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (offset, z) with z = splitmix64(key + (start + offset + j) * golden), block by block.
 
     z is a reused buffer: use it before asking for the next block.

@@ -122,7 +122,7 @@ def choose(locations: Sequence[str], window: Window, *,
                       selection={"last": last, "interval_steps": interval, "before_step": window.before_step})
     steps = [parse_step(posixpath.basename(str(loc).rstrip("/")), window.step_regex) for loc in locations]
     if not window.selects:
-        notes: list[str] = []
+        notes = []
         known = [s for s in steps if s is not None]
         if len(known) == len(steps) and known != sorted(known):
             notes.append("the snapshots are listed out of step order; weights follow the order given "

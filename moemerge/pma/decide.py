@@ -79,11 +79,11 @@ def decide(settings: StateSettings, meta: StateMeta | None, snapshots: list[Snap
            recompute_every: int | None = None) -> Decision:
     """What to do with `snapshots` (all found, sorted by step) given the current state."""
     if meta is None:
-        window = select(snapshots, last=settings.last, interval_steps=settings.interval_steps)
-        chosen = {s.step for s in window}
-        skipped = tuple(s.step for s in snapshots
-                        if window[0].step <= s.step <= window[-1].step and s.step not in chosen)
-        return Decision(action="build", window=tuple(window), added=tuple(window), skipped=skipped,
+        first = tuple(select(snapshots, last=settings.last, interval_steps=settings.interval_steps))
+        chosen = {s.step for s in first}
+        passed = tuple(s.step for s in snapshots
+                       if first[0].step <= s.step <= first[-1].step and s.step not in chosen)
+        return Decision(action="build", window=first, added=first, skipped=passed,
                         reason="no state yet: built from the selected window")
     old = tuple(Snapshot(s, u) for s, u in meta.steps)
     last_step = meta.last_step
@@ -96,7 +96,7 @@ def decide(settings: StateSettings, meta: StateMeta | None, snapshots: list[Snap
                 "out of the pattern, or start a new state (another STATE location, or delete this "
                 "one) to include it")
     added: list[Snapshot] = []
-    skipped = list(meta.skipped)
+    skipped: list[int] = list(meta.skipped)
     anchor = last_step
     for s in snapshots:
         if s.step <= last_step:
@@ -115,7 +115,7 @@ def decide(settings: StateSettings, meta: StateMeta | None, snapshots: list[Snap
                         skipped=tuple(skipped), reason=f"{len(added)} new snapshot(s)")
     n = len(old)
     window = (old + tuple(added))[-n:]
-    skipped = [s for s in skipped if s >= window[0].step]
+    skipped = [s for s in skipped if s >= window[0].step]  # steps older than the window are gone
     k = len(added)
     due = recompute_every is not None and meta.updates_since_recompute + 1 >= recompute_every
     if due:

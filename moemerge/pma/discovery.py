@@ -130,7 +130,7 @@ def _candidates(fs: Any, path: str, pattern: str) -> list[str]:
     return sorted(str(e["name"]).rstrip("/") for e in entries if e.get("type") == "directory")
 
 
-def discover(pattern: str, *, storage_options: dict | None = None,
+def discover(pattern: str, *, storage_options: dict[str, Any] | None = None,
              step_regex: str | None = None) -> tuple[list[Snapshot], list[str]]:
     """Snapshots matching a glob or prefix (local or fsspec URL), sorted by step;
     plus human-readable notes about what was skipped and why."""
@@ -141,7 +141,8 @@ def discover(pattern: str, *, storage_options: dict | None = None,
         raise ConfigError(storage.redact(f"{pattern}: cannot open this location ({e})",
                                          storage_options)) from e
     remote = "://" in pattern
-    to_url = (lambda p: fs.unstrip_protocol(p)) if remote else (lambda p: p)
+    def to_url(p: str) -> str:
+        return str(fs.unstrip_protocol(p)) if remote else p
     notes: list[str] = []
     named: list[tuple[int, str, str]] = []  # (step, url, path)
     for p in _candidates(fs, path, pattern):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from moemerge.io.quant import _fp8_kernels
+
 __all__ = ["dequantize", "quantize", "group_amax"]
 
 
@@ -18,8 +20,30 @@ def _expand(scales: torch.Tensor, row_group: torch.Tensor, cols: int, col_block:
     return per_row.repeat_interleave(col_block, dim=1)[:, :cols]
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, row_group: torch.Tensor, col_block: int) -> torch.Tensor:
-    """float32 [n, cols]: each code times its group's scale, one rounding (formats.md)."""
+def _compiled(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled loops (`_fp8_kernels`) serve these: E4M3 codes, numba present."""
+    return all(t.dtype in (torch.float8_e4m3fn, torch.float32) and t.device.type == "cpu" for t in tensors) \
+        and _fp8_kernels.available()
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, row_group: torch.Tensor, col_block: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 [n, cols]: each code times its group's scale, one rounding (formats.md); into
+    `out` (float32 [n, cols], contiguous) when given, with no temporary of that size."""
+    n, cols = codes.shape
+    if out is not None and (out.shape != (n, cols) or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"dequantize: out must be contiguous float32 {[n, cols]}, got {out.dtype} {list(out.shape)}")
+    if codes.dtype == torch.float8_e4m3fn and _compiled(codes):
+        dst = out if out is not None else torch.empty(n, cols, dtype=torch.float32)
+        _fp8_kernels.dequantize(codes.contiguous().view(torch.uint8).numpy(), scales.float().contiguous().numpy(),
+                                row_group.to(torch.int64).contiguous().numpy(), col_block, dst.numpy())
+        return dst
+    values = _dequantize_torch(codes, scales, row_group, col_block)
+    return values if out is None else out.copy_(values)
+
+
+def _dequantize_torch(codes: torch.Tensor, scales: torch.Tensor, row_group: torch.Tensor,
+                      col_block: int) -> torch.Tensor:
     n, cols = codes.shape
     values = codes.float()
     per_row = scales.float()[row_group]
@@ -32,10 +56,14 @@ def group_amax(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block:
     """max |v| per group, float32 [m, ceil(cols / col_block)]."""
     n, cols = values.shape
     tc = -(-cols // col_block)
+    if values.dtype == torch.float32 and _compiled(values):
+        return torch.from_numpy(_fp8_kernels.group_amax(values.contiguous().numpy(),
+                                                        row_group.to(torch.int64).contiguous().numpy(), m, col_block))
     a = values.abs()
-    if tc * col_block != cols:
-        a = torch.nn.functional.pad(a, (0, tc * col_block - cols))
-    per_row = a.view(n, tc, col_block).amax(-1)
+    full = cols // col_block * col_block
+    per_row = a[:, :full].reshape(n, full // col_block, col_block).amax(-1)
+    if full != cols:  # the ragged last block on its own: no padded copy of the band
+        per_row = torch.cat([per_row, a[:, full:].amax(-1, keepdim=True)], dim=1)
     if m == n:  # one row per group (per-channel scales)
         return per_row
     # groups are runs of consecutive rows (tile rows, one tensor): a few slices per chunk
@@ -77,6 +105,7 @@ def quantize(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block: i
         amax = group_amax(values, row_group, m, col_block)
     tc = amax.shape[1]
     c0 = torch.where(amax > 0, (amax.double() / fmax).to(scale_dtype).float(), torch.ones_like(amax))
+    cands, ok = [c0], [torch.zeros_like(amax, dtype=torch.bool)]
     if scale_dtype == torch.float32 and search:
         down = torch.nextafter(c0, torch.zeros_like(c0))
         up = torch.nextafter(c0, torch.full_like(c0, float("inf")))
@@ -85,18 +114,30 @@ def quantize(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block: i
             return ((c.double() * fmax).float() == amax) & (amax > 0)
 
         v0, vd, vu = maps_back(c0), maps_back(down), maps_back(up)
-        if bool((vd | vu).any()):
-            chosen = c0.clone()
-            settled = torch.zeros_like(v0)
-            for cand, ok in ((c0, v0), (down, vd), (up, vu)):
-                if not bool((ok & ~settled).any()):
-                    continue
-                exact = _inexact(values, _expand(cand, row_group, cols, col_block), fp8, row_group, m,
-                                 col_block) == 0
-                take = ok & exact & ~settled
-                chosen = torch.where(take, cand, chosen)
-                settled |= take
-            c0 = chosen
+        if bool((vd | vu).any()):  # else c0 is taken, exact or not: no search
+            cands, ok = [c0, down, up], [v0, vd, vu]
+    if fp8 == torch.float8_e4m3fn and _compiled(values):
+        # one pass: the search stops at a group's first value off a candidate's grid (at once
+        # for a real merge), then the chosen scales encode the band
+        raw = torch.empty(n, cols, dtype=torch.uint8)
+        chosen = _fp8_kernels.quantize_codes(
+            values.contiguous().numpy(), torch.stack(cands).contiguous().numpy(), torch.stack(ok).numpy(),
+            row_group.to(torch.int64).contiguous().numpy(), col_block, fmax, raw.numpy())
+        scale = torch.from_numpy(chosen).to(scale_dtype)
+        assert scale.shape == (m, tc)
+        return raw.view(fp8), scale
+    if len(cands) > 1:
+        chosen_t = c0.clone()
+        settled = torch.zeros_like(ok[0])
+        for cand, good in zip(cands, ok):
+            if not bool((good & ~settled).any()):
+                continue
+            exact = _inexact(values, _expand(cand, row_group, cols, col_block), fp8, row_group, m,
+                             col_block) == 0
+            take = good & exact & ~settled
+            chosen_t = torch.where(take, cand, chosen_t)
+            settled |= take
+        c0 = chosen_t
     scale = c0.to(scale_dtype)
     codes = _encode(values, _expand(scale, row_group, cols, col_block), fp8)
     assert scale.shape == (m, tc)

@@ -386,38 +386,45 @@ def inspect(location: str, storage_options: dict[str, Any] | None = None) -> lis
 def pma_config(
     snapshots: list[str], *, method: str = DEFAULT_PMA_METHOD, alpha: float = DEFAULT_ALPHA,
     weights: list[float] | None = None, dtype: str | None = None, dcp: dict[str, Any] | None = None,
+    normalize: bool = True, notes: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[float]]:
     """A merge config averaging `snapshots` (oldest first), and the weight of each snapshot.
 
     Non-float tensors come from the newest snapshot (`non_float: last`, implied by sma / wma /
-    ema); `dcp` ({prefix, rename}) maps DCP training-checkpoint names to HF names.
+    ema); `dcp` ({prefix, rename}) maps DCP training-checkpoint names to HF names. `method` is
+    the schedule (`linear` and `minus-sqrt` are Megatron-LM's coefficients, a `linear` merge of
+    them). Explicit `weights` may be negative; `normalize` divides them by their (positive)
+    sum, else they are used as given (`pma.weights`); `notes` hears the warnings.
     """
     if len(snapshots) < 1:
         raise ConfigError("pma: give at least one snapshot")
     if weights is not None:
+        from moemerge.pma.weights import effective_weights
+
         if len(weights) != len(snapshots):
             raise ConfigError(f"--weights: {len(weights)} weight(s) for {len(snapshots)} snapshot(s)")
-        if not all(w == w and abs(w) != float("inf") for w in weights):  # NaN != NaN
-            raise ConfigError(f"--weights: {weights} has a non-finite entry; give finite numbers")
-        if abs(sum(weights)) < 1e-12:
-            raise ConfigError(f"--weights: {weights} sum to 0; they are normalized, so give a non-zero sum")
-        total = sum(weights)
+        eff, said = effective_weights(weights, normalize=normalize)
+        if notes is not None:
+            notes.extend(said)
         doc: dict[str, Any] = {
             "merge_method": "linear",
-            "models": [{"model": s, "parameters": {"weight": w}} for s, w in zip(snapshots, weights)],
-            "parameters": {"normalize": True},
+            "models": [{"model": s, "parameters": {"weight": float(w)}} for s, w in zip(snapshots, weights)],
+            "parameters": {"normalize": normalize},
             "non_float": "last",
         }
-        eff = [w / total for w in weights]
     else:
         if method not in PMA_METHODS:
-            raise ConfigError(f"--method: unknown average {method!r}; use {', '.join(PMA_METHODS[:-1])} or {PMA_METHODS[-1]}")
+            raise ConfigError(f"--schedule: unknown average {method!r}; use {', '.join(PMA_METHODS[:-1])} or {PMA_METHODS[-1]}")
         if method == "ema" and not 0 < alpha <= 1:
             raise ConfigError(f"--alpha: must be in (0, 1], got {alpha}")
-        doc = {"merge_method": method, "models": [{"model": s} for s in snapshots]}
+        eff = average_weights(method, len(snapshots), alpha)
+        if method in ("linear", "minus-sqrt"):  # Megatron's coefficients, used as they are (sum 1)
+            doc = {"merge_method": "linear", "non_float": "last", "parameters": {"normalize": False},
+                   "models": [{"model": s, "parameters": {"weight": w}} for s, w in zip(snapshots, eff)]}
+        else:
+            doc = {"merge_method": method, "models": [{"model": s} for s in snapshots]}
         if method == "ema":
             doc["parameters"] = {"alpha": alpha}
-        eff = average_weights(method, len(snapshots), alpha)
     if dtype:
         doc["out_dtype"] = dtype
     if dcp:
@@ -442,6 +449,9 @@ class PmaJob:
     """What is averaged: `sma`, `wma`, `ema` or `weights`."""
     record: dict[str, Any]
     """The manifest's `pma` entry (`run(..., manifest_extra={"pma": record})`)."""
+    not_ready: str | None = None
+    """A dry run with fewer snapshots than --min-snapshots: the NotReadyError message (the CLI
+    lists what there is, then exits as `pma` would); None otherwise."""
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -473,12 +483,17 @@ def pma_job(
     dcp_prefix: str | None = None, rename: Sequence[str] = (), last: int | None = None,
     interval_steps: int | None = None, interval_tokens: float | None = None,
     tokens_per_step: float | None = None, before_step: int | None = None, step_regex: str | None = None,
-    on_note: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None, min_snapshots: int | None = None,
+    normalize: bool | None = None,
 ) -> PmaJob:
     """Choose the snapshots of a `pma` average (a list oldest first, or one glob/prefix), weigh
     them and build the merge config; `weights` may be the `--weights` text. `on_note` hears the
-    notes of the choice as soon as it is made."""
-    from moemerge.pma.choose import Window, choose
+    notes of the choice as soon as it is made. While fewer than --last exist, what there is is
+    averaged ("window 2 of 4"); fewer than `min_snapshots` (default 1) raises NotReadyError
+    (the CLI's exit 3), except in a dry run (`PmaJob.not_ready`). `normalize` (default True)
+    divides explicit weights by their sum; False uses them as given."""
+    from moemerge.pma.choose import Window, check_min_snapshots, choose, not_ready
+    from moemerge.settings import DEFAULT_MIN_SNAPSHOTS
 
     method = method or DEFAULT_PMA_METHOD
     alpha = DEFAULT_ALPHA if alpha is None else alpha
@@ -486,20 +501,39 @@ def pma_job(
         raise ConfigError("pma: give the output directory with -o OUT (or --dry-run)")
     given = parse_weights(weights) if isinstance(weights, str) or weights is None else list(weights)
     dcp = pma_dcp(dcp_prefix, rename)
+    if normalize is not None and not given:
+        raise ConfigError("--normalize / --no-normalize apply to --weights only (a schedule's weights sum to 1)")
+    least = DEFAULT_MIN_SNAPSHOTS if min_snapshots is None else min_snapshots
+    check_min_snapshots(least, last)
     window = Window(last=last, interval_steps=interval_steps, interval_tokens=interval_tokens,
-                    tokens_per_step=tokens_per_step, before_step=before_step, step_regex=step_regex)
+                    tokens_per_step=tokens_per_step, before_step=before_step, step_regex=step_regex,
+                    min_snapshots=least)
     chosen = choose(list(snapshots), window, min_last=len(given) if given else None)
     for n in chosen.notes:
         if on_note is not None:
             on_note(n)
     snaps = list(chosen.urls)
-    doc, eff = pma_config(snaps, method=method, alpha=alpha, weights=given, dtype=out_dtype, dcp=dcp)
+    waiting = None
+    if len(snaps) < least:
+        err = not_ready(len(snaps), least, chosen.pattern or "pma")
+        if not dry_run:
+            raise err
+        waiting = str(err)
+    said: list[str] = []
+    doc, eff = pma_config(snaps, method=method, alpha=alpha, weights=given, dtype=out_dtype, dcp=dcp,
+                          normalize=True if normalize is None else normalize, notes=said)
+    for n in said:
+        if on_note is not None:
+            on_note(n)
     cfg = parse_config(doc, where="pma")
     record = {"method": "weights" if given else method,
               "alpha": alpha if method == "ema" and not given else None,
               "snapshots": snaps, "steps": list(chosen.steps), "weights": eff,
-              "pattern": chosen.pattern, "selection": chosen.selection}
-    return PmaJob(config=cfg, chosen=chosen, weights=eff, title="weights" if given else method, record=record)
+              "pattern": chosen.pattern, "selection": chosen.selection,
+              "window": chosen.window, "filling": chosen.filling,
+              **({"normalize": normalize is not False} if given else {})}
+    return PmaJob(config=cfg, chosen=chosen, weights=eff, title="weights" if given else method, record=record,
+                  not_ready=waiting)
 
 
 def pma_update(
@@ -510,7 +544,8 @@ def pma_update(
     shard_size: str | int = DEFAULT_SHARD_SIZE, out_format: str = "safetensors", out_dtype: str | None = None,
     overwrite: bool = False, progress: bool = False, dcp_prefix: str | None = None, rename: Sequence[str] = (),
     weights: str | Sequence[float] | None = None, dry_run: bool = False, quantize: str | None = None,
-    workers: int | None = None, scheduler: str | None = None,
+    workers: int | None = None, scheduler: str | None = None, min_snapshots: int | None = None,
+    normalize: bool | None = None,
 ) -> UpdateResult:
     """Update the running PMA state at `state` with the new snapshots of `pattern` and write the
     average to `out` (`moemerge.pma.update`); settings left out come from the state. The flags
@@ -520,7 +555,8 @@ def pma_update(
     from moemerge.pma.discovery import interval_steps_from_tokens
     from moemerge.pma.update import update
 
-    for flag, given in (("--weights", weights), ("--dry-run", dry_run), ("--quantize", quantize)):
+    for flag, given in (("--weights", weights), ("--dry-run", dry_run), ("--quantize", quantize),
+                        ("--normalize", normalize is not None)):
         if given:
             raise ConfigError(f"pma update: {flag} is not supported; use `moemerge pma` for a one-off average")
     interval = interval_steps
@@ -533,7 +569,8 @@ def pma_update(
     return update(state, pattern, out, method=method, last=last, alpha=alpha, interval_steps=interval,
                   before_step=before_step, step_regex=step_regex, recompute_every=recompute_every,
                   memory_budget=memory_budget, shard_size=shard_size, out_format=out_format, out_dtype=out_dtype,
-                  overwrite=overwrite, progress=progress, dcp=names, workers=workers, scheduler=scheduler)
+                  overwrite=overwrite, progress=progress, dcp=names, workers=workers, scheduler=scheduler,
+                  min_snapshots=1 if min_snapshots is None else min_snapshots)
 
 
 def plan_split(p: Plan, workers: int, out: str | None = None) -> dict[str, Any]:

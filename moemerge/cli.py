@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from moemerge.errors import MoemergeError
-from moemerge.settings import (DEFAULT_ALPHA, DEFAULT_BUDGET, DEFAULT_DEVICE, DEFAULT_LAST, DEFAULT_PMA_METHOD,
-                               DEFAULT_SHARD_SIZE, DEFAULT_UNIT_BYTES, OUT_FORMATS, PMA_METHODS,
-                               QUANTIZE_CHOICES, VERSION)
+from moemerge.settings import (DEFAULT_ALPHA, DEFAULT_BUDGET, DEFAULT_DEVICE, DEFAULT_LAST, DEFAULT_MIN_SNAPSHOTS,
+                               DEFAULT_PMA_METHOD, DEFAULT_SHARD_SIZE, DEFAULT_UNIT_BYTES, EXIT_NOT_READY, OUT_FORMATS,
+                               PMA_METHODS, QUANTIZE_CHOICES, VERSION)
 
 __all__ = ["main"]
 
@@ -72,10 +72,21 @@ def _pma_select_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-regex", default=None, metavar="RE",
                    help=r"regex with one group finding the step in a directory name, e.g. 'ckpt(\d+)'")
     # defaults None so that `pma update` can tell a given setting from the state's (the API applies the defaults)
-    p.add_argument("--method", default=None, choices=PMA_METHODS, help=f"the average (default {DEFAULT_PMA_METHOD})")
+    p.add_argument("--schedule", "--method", dest="method", default=None, choices=PMA_METHODS,
+                   help=f"the average (default {DEFAULT_PMA_METHOD}); linear and minus-sqrt are Megatron-LM's "
+                        "coefficient schedules (README 'Schedules'); --method is its older name")
+    p.add_argument("--min-snapshots", type=int, default=None, metavar="K",
+                   help=f"fewer than K snapshots (default {DEFAULT_MIN_SNAPSHOTS}) is 'nothing to do yet': "
+                        f"write nothing and exit with status {EXIT_NOT_READY}; from K up to --last, average "
+                        "what there is (the window is filling)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="--weights: divide by their sum, which must be positive (the default); "
+                        "--no-normalize uses them as given, negative ones included (Megatron's default)")
     p.add_argument("--alpha", type=float, default=None,
                    help=f"EMA weight of the newest snapshot (default {DEFAULT_ALPHA})")
-    p.add_argument("--weights", default=None, help="explicit weights, comma-separated, oldest first (normalized)")
+    p.add_argument("--weights", default=None,
+                   help="explicit weights, comma-separated, oldest first, negative allowed (see --normalize); "
+                        "write a leading negative as --weights=-1,2")
     p.add_argument("--out-dtype", default=None, help="output dtype (default: the inputs')")
     p.add_argument("--dcp-prefix", default=None, metavar="P",
                    help="DCP snapshots: keep model keys under P and strip it (e.g. model.)")
@@ -106,7 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Average the snapshots of one training run. Give the snapshot "
                        "directories oldest first, or one quoted glob or prefix ('ckpt/step-*', "
                        "s3://b/run/ckpt/) to discover them by the step in their names. "
-                       "`moemerge pma update STATE PATTERN -o OUT` updates a running average.")
+                       "`moemerge pma update STATE PATTERN -o OUT` updates a running average. "
+                       f"Exit status: 0 done, 1 error, {EXIT_NOT_READY} nothing to do yet (fewer snapshots "
+                       "than --min-snapshots; nothing written).")
     p.add_argument("snapshots", nargs="+", help="snapshot directories oldest first, or one glob/prefix")
     p.add_argument("-o", "--out", default=None, help="output directory")
     _pma_select_opts(p)
@@ -225,8 +238,13 @@ def _cmd_pma(args: argparse.Namespace) -> None:
                   weights=args.weights, out_dtype=args.out_dtype, dcp_prefix=args.dcp_prefix, rename=args.rename,
                   last=args.last, interval_steps=args.interval_steps, interval_tokens=args.interval_tokens,
                   tokens_per_step=args.tokens_per_step, before_step=args.before_step, step_regex=args.step_regex,
-                  on_note=lambda n: _err.print(f"note: {n}", markup=False))
-    _print_snapshots(job.chosen, job.weights, f"{job.title} over {len(job.chosen.urls)} snapshot(s), oldest first")
+                  on_note=lambda n: _err.print(f"note: {n}", markup=False), min_snapshots=args.min_snapshots,
+                  normalize=args.normalize)
+    _print_snapshots(job.chosen, job.weights, f"{job.title} over {job.chosen.window}, oldest first")
+    if job.not_ready is not None:  # a dry run listed what there is; the run would stop here
+        from moemerge.errors import NotReadyError
+
+        raise NotReadyError(job.not_ready)
     if args.dry_run:
         _print_plan(plan(job.config, memory_budget=args.memory_budget, shard_size=args.shard_size,
                          quantize=args.quantize), "plan")
@@ -255,7 +273,8 @@ def _cmd_pma_update(args: argparse.Namespace) -> None:
                      memory_budget=args.memory_budget, shard_size=args.shard_size, out_format=args.format,
                      out_dtype=args.out_dtype, overwrite=args.overwrite, progress=not args.no_progress,
                      dcp_prefix=args.dcp_prefix, rename=args.rename, weights=args.weights, dry_run=args.dry_run,
-                     quantize=args.quantize, workers=args.workers, scheduler=args.scheduler)
+                     quantize=args.quantize, workers=args.workers, scheduler=args.scheduler,
+                     min_snapshots=args.min_snapshots, normalize=args.normalize)
     for n in res.notes:
         _err.print(f"note: {n}", markup=False)
     if res.action != "noop":
@@ -339,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _COMMANDS[args.command](args)
     except MoemergeError as e:
+        from moemerge.errors import NotReadyError
+
+        if isinstance(e, NotReadyError):  # not a failure: a nightly job before its first snapshots
+            _err.print(f"moemerge: {e}", markup=False)
+            return EXIT_NOT_READY
         _err.print(f"moemerge: error: {e}", markup=False)
         return 1
     except KeyboardInterrupt as e:  # SIGINT (130) or SIGTERM (143); say what is on disk

@@ -14,6 +14,7 @@ __all__ = [
     "PlanError",
     "OutputError",
     "MergeRuntimeError",
+    "NotReadyError",
 ]
 
 
@@ -53,3 +54,8 @@ class OutputError(MoemergeError, OSError):
 
 class MergeRuntimeError(MoemergeError, RuntimeError):
     """A problem only visible while reading data (e.g. integer tensors that differ)."""
+
+
+class NotReadyError(MoemergeError, LookupError):
+    """Nothing to do yet: fewer snapshots than `--min-snapshots` exist (`pma`, `pma update`).
+    The CLI exits with `settings.EXIT_NOT_READY` (3), not 1: a nightly job is not failing."""

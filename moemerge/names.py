@@ -14,7 +14,7 @@ from typing import Any
 
 from moemerge.errors import CheckpointError, ConfigError
 
-__all__ = ["MODEL_PREFIX", "DcpNames", "is_training_state", "parse_dcp_names", "select_names"]
+__all__ = ["MODEL_PREFIX", "DcpNames", "is_training_state", "parse_dcp_names", "select_names", "stored_keys"]
 
 #: The key of the model in the usual `{"model": ..., "optimizer": ...}` DCP state dict.
 MODEL_PREFIX = "model"
@@ -142,4 +142,39 @@ def select_names(keys: Iterable[str], names: DcpNames | None, *, where: str) -> 
             f"{where}: no model tensors {what}; its keys start with: {shown or '(none)'}; "
             "set `dcp: {prefix: ...}` to the key that holds the model"
         )
+    return out
+
+
+def stored_keys(names_out: Iterable[str], names: DcpNames | None, *, where: str) -> dict[str, str]:
+    """{output name: DCP key} for writing a DCP checkpoint: the inverse of `select_names`, so
+    reading the written keys back with the same `names` gives `names_out` again.
+
+    The prefix is `names.prefix`, or `model` (MODEL_PREFIX) when None; "" writes bare keys.
+    A name a `rename` pair produced goes back through the first pair that round-trips (the
+    training model's key), else it is kept. Example: with prefix `model` and rename
+    `(("layers.", "model.layers."),)`, `model.layers.0.w` -> `model.layers.0.w` (stored key) and
+    `tok.w` -> `model.tok.w`.
+    """
+    names = names or DcpNames()
+    prefix = (MODEL_PREFIX if names.prefix is None else names.prefix).rstrip(".")
+    out: dict[str, str] = {}
+    for name in names_out:
+        found = None
+        for old, new in names.rename:
+            if name.startswith(new):
+                key = old + name[len(new):]
+                if _renamed(key, names.rename) == name:
+                    found = key
+                    break
+        if found is None:
+            if _renamed(name, names.rename) != name:
+                raise ConfigError(
+                    f"{where}: tensor `{name}` has no DCP key that `dcp.rename` maps to it (a rename "
+                    "pair's old prefix matches it); fix --rename or the tensor names")
+            found = name
+        if not prefix and is_training_state(found):
+            raise ConfigError(
+                f"{where}: tensor `{name}` would be stored as `{found}`, which reads as optimizer/scheduler "
+                "state; give --dcp-prefix (e.g. model.) so that model keys stay distinct")
+        out[name] = f"{prefix}.{found}" if prefix else found
     return out

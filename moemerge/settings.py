@@ -16,6 +16,8 @@ __all__ = [
     "DEFAULT_PMA_METHOD",
     "DEFAULT_ALPHA",
     "DEFAULT_LAST",
+    "DEFAULT_MIN_SNAPSHOTS",
+    "EXIT_NOT_READY",
     "JOURNAL_EVERY",
     "JOURNAL_EVERY_TENSORS",
     "JOURNAL_EVERY_SECONDS",
@@ -36,19 +38,26 @@ MIN_BUDGET = 10**6
 DEFAULT_UNIT_BYTES = 256 * 10**6
 #: `--device`: where the math runs.
 DEFAULT_DEVICE = "cpu"
-#: `--format`: the output formats.
-OUT_FORMATS = ("safetensors", "zarr")
+#: `--format`: the output formats (`dcp`: a PyTorch DCP directory for PMA-init, io.dcp_writer).
+OUT_FORMATS = ("safetensors", "zarr", "dcp")
 #: `--quantize` (YAML `quantize:`): the output quantizations (config.py says what each means).
 QUANTIZE_CHOICES = ("none", "like-input", "fp8-block", "mxfp4")
 
-#: `pma --method`: the averages over one run's snapshots.
-PMA_METHODS = ("sma", "wma", "ema")
-#: `pma --method` when not given (and the method a new `pma update` state gets).
+#: `pma --schedule` (alias `--method`): the averages over one run's snapshots; `linear` and
+#: `minus-sqrt` are Megatron-LM's coefficient schedules (methods/averages.py).
+PMA_METHODS = ("sma", "wma", "ema", "linear", "minus-sqrt")
+#: `pma --schedule` when not given (and the schedule a new `pma update` state gets).
 DEFAULT_PMA_METHOD = "sma"
 #: `pma --alpha`: the EMA weight of the newest snapshot.
 DEFAULT_ALPHA = 0.2
 #: `pma --last`: how many of the newest snapshots a pattern averages.
 DEFAULT_LAST = 10
+#: `pma --min-snapshots`: fewer snapshots than this is "nothing to do yet" (EXIT_NOT_READY);
+#: from this many up to --last, the window is still filling and what there is is averaged.
+DEFAULT_MIN_SNAPSHOTS = 1
+#: The exit status of `pma` / `pma update` when fewer than --min-snapshots snapshots exist:
+#: nothing was written, nothing is wrong (1 stays "an error"; 2 is argparse's usage error).
+EXIT_NOT_READY = 3
 
 # The resume journal gets an entry (an fsync of the shards, then a line per finished tensor)
 # when any of the following is reached since the last entry (`engine.cadence`).

@@ -20,7 +20,9 @@ def verify(out: str) -> int:
     if unfinished(out):  # before opening: an unfinished output is no model directory yet
         raise CheckpointError(f"{out} is unfinished (a run was interrupted or is still running); "
                               "rerun with --resume")
-    ck = Checkpoint.open(out)
+    from moemerge.io.dcp_writer import output_names
+
+    ck = Checkpoint.open(out, names=output_names(out))  # a DCP output: read under the names it was written with
     try:
         raw = ck.side_file(MANIFEST_NAME)
         if raw is None:

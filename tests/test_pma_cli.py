@@ -193,9 +193,15 @@ def test_explicit_weights_with_a_pattern_take_the_newest_n(run_dir, tmp_path: Pa
 def test_too_few_snapshots_fail_before_any_work(run_dir, tmp_path: Path, run_cli) -> None:
     ckpt, _ = run_dir
     out = tmp_path / "o"
+    # fewer than --last is a window still filling (issue 14); fewer than --min-snapshots is
+    # "nothing to do yet", exit 3 (tests/test_pma_training.py covers both)
+    for args in (("--min-snapshots", "9", "--last", "10"), ("--last", "4", "--interval-steps", "200000",
+                                                             "--min-snapshots", "4")):
+        code, _, err = run_cli("pma", f"{ckpt}/*", "-o", out, *args)
+        assert code == 3 and "nothing to do yet" in err and "still being written" in err, (args, err)
+        assert not out.exists()
     for args, needles in (
-        ((), ("8 snapshots found", "--last 10 needs 10", "defaults to 10", "still being written")),
-        (("--last", "4", "--interval-steps", "200000"), ("8 snapshots found", "spaced >= 200000", "--last 4 needs 4")),
+        (("--min-snapshots", "11"), ("more than --last 10",)),
         (("--last", "2", "--before-step", "1000"), ("0 before step 1000",)),
         (("--interval-tokens", "1e9"), ("--tokens-per-step",)),
         (("--rename", "nonsense"), ("OLD=NEW",)),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import write_checkpoint
-from moemerge.errors import ConfigError
+from moemerge.errors import ConfigError, NotReadyError
 from moemerge.pma import Snapshot, discover, interval_steps_from_tokens, select
 from moemerge.pma.choose import Window, choose
 from moemerge.pma.discovery import parse_step
@@ -208,13 +208,11 @@ def test_before_step_for_pma_init() -> None:
 
 def test_too_few_left_is_reported_with_counts_and_reasons() -> None:
     snaps = _snaps(list(range(1000, 12001, 1000)))
-    with pytest.raises(ConfigError) as e:
-        select(snaps, interval_steps=3000, last=10)
-    msg = str(e.value)
-    assert "12 snapshots found" in msg and "4 spaced >= 3000 steps apart" in msg
-    assert "--last 10 needs 10" in msg and "lower --last" in msg
-    with pytest.raises(ConfigError, match=r"12 snapshots found, 5 before step 6000, 2 spaced >= 3000"):
-        select(snaps, before_step=6000, interval_steps=3000, last=3)
+    # fewer than --last: all there are (a window still filling, issue 14); the caller notes it
+    assert [s.step for s in select(snaps, interval_steps=3000, last=10)] == [3000, 6000, 9000, 12000]
+    assert [s.step for s in select(snaps, before_step=6000, interval_steps=3000, last=3)] == [2000, 5000]
+    with pytest.raises(ConfigError, match=r"12 snapshots found, 0 before step 1000"):
+        select(snaps, before_step=1000, interval_steps=3000, last=3)
     with pytest.raises(ConfigError, match="0 snapshots found"):
         select([], last=1)
     for kw, flag in (({"last": 0}, "--last"), ({"interval_steps": -1}, "--interval-steps"),
@@ -232,9 +230,10 @@ def test_choose_pattern_list_and_single_snapshot(tmp_path: Path) -> None:
     p = choose([str(tmp_path / "step-*")], Window(last=2))
     assert p.steps == (30, 40) and p.pattern == str(tmp_path / "step-*")
     assert p.selection == {"last": 2, "interval_steps": None, "before_step": None}
-    # default: the paper's 10, reported when there are fewer
-    with pytest.raises(ConfigError, match=r"4 snapshots found; --last 10 needs 10.*defaults to 10"):
-        choose([str(tmp_path / "step-*")], Window())
+    # default: the paper's 10; while there are fewer, all of them, noted (a window still filling)
+    filling = choose([str(tmp_path / "step-*")], Window())
+    assert filling.steps == (10, 20, 30, 40) and filling.window == "window 4 of 10" and filling.filling
+    assert any("window 4 of 10" in n for n in filling.notes)
     assert choose([str(tmp_path)], Window(), min_last=4).steps == (10, 20, 30, 40)
     # a list is taken as given, in the order given, and noted when out of step order
     listed = [str(tmp_path / "step-30"), str(tmp_path / "step-10")]
@@ -248,9 +247,9 @@ def test_choose_pattern_list_and_single_snapshot(tmp_path: Path) -> None:
     _snap(tmp_path, "final", 1)
     with pytest.raises(ConfigError, match="final: no step number"):
         choose([str(tmp_path / "step-10"), str(tmp_path / "final")], Window(last=1))
-    with pytest.raises(ConfigError, match="no finished snapshot directories match; check the pattern"):
+    with pytest.raises(NotReadyError, match="nothing to do yet: no finished snapshot directories match; nothing"):
         choose([str(tmp_path / "iter_*")], Window(last=1))
-    with pytest.raises(ConfigError, match=r"match; skipped .*final: no step number"):
+    with pytest.raises(NotReadyError, match=r"match; skipped .*final: no step number"):
         choose([str(tmp_path / "f*")], Window(last=1))
     with pytest.raises(ConfigError, match="go together"):
         choose([str(tmp_path)], Window(interval_tokens=80e9))

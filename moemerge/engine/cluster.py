@@ -46,7 +46,7 @@ _PAUSE_FRACTION = 0.75
 class OutputTarget:
     """How a worker opens the output: the client `prepare`d it; workers only write rows."""
 
-    kind: Literal["local", "zarr", "remote"]
+    kind: Literal["local", "zarr", "remote", "dcp"]
     url: str
     storage_options: dict[str, Any] | None = None
     flush_each_task: bool = False
@@ -124,7 +124,7 @@ def start_client(*, workers: int | None, scheduler: str | None, memory_budget: i
 
     if scheduler:
         try:
-            return Client(scheduler, timeout="10s"), None
+            return Client(scheduler, timeout="10s"), None  # type: ignore[no-untyped-call]
         except (OSError, TimeoutError) as e:
             raise ConfigError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({e}); "
                               "check the address and that the scheduler is running") from e
@@ -133,7 +133,7 @@ def start_client(*, workers: int | None, scheduler: str | None, memory_budget: i
         raise ConfigError(f"--workers: must be at least 1, got {n}")
     threads = str(max(1, (os.cpu_count() or 1) // n))
     dash = parse_dashboard(dashboard)
-    cluster = LocalCluster(
+    cluster = LocalCluster(  # type: ignore[no-untyped-call]
         n_workers=n, threads_per_worker=1, processes=True, memory_limit=worker_memory_limit(memory_budget),
         silence_logs=logging.ERROR, host=LOOPBACK,
         # `off`: no dashboard; the scheduler's remaining HTTP routes (health) stay on loopback
@@ -141,7 +141,7 @@ def start_client(*, workers: int | None, scheduler: str | None, memory_budget: i
         # math threads per worker: the cores shared out, not every worker taking them all
         env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
     )
-    return Client(cluster), cluster
+    return Client(cluster), cluster  # type: ignore[no-untyped-call]
 
 
 # -- worker side ------------------------------------------------------------------------------
@@ -374,7 +374,7 @@ def run_dask(
         pending: dict[str, str] = {}  # finished, not yet told to `on_written`
         tally = Tally(Cadence.of(written_every))
         out_bytes = {t.name: t.numel * itemsize(t.out_dtype) for t in plan.tensors} if on_written else {}
-        for fut in as_completed(list(futs.values())):
+        for fut in as_completed(list(futs.values())):  # type: ignore[no-untyped-call]
             task = by_key[fut.key]
             if fut.status == "error":
                 raise _failure(task, fut.exception()) from None

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from moemerge import __version__
+from moemerge.settings import VERSION as __version__
 from moemerge.io.manifest import Manifest, TensorEntry
 from moemerge.io.sidefiles import retag_config_dtype
 from moemerge.io.writer import CONFIG_COPY_NAME, ModelWriter

@@ -16,10 +16,11 @@ if TYPE_CHECKING:
 
 __all__ = ["WriterKind", "OutputTarget", "OutputLayout", "output_target", "open_writer", "attach_writer"]
 
-WriterKind = Literal["local", "remote", "zarr"]
+WriterKind = Literal["local", "remote", "zarr", "dcp"]
 """`local`: safetensors shards filled in place on a local or shared filesystem (io.writer);
 `remote`: safetensors shards streamed to object storage (io.s3_writer); `zarr`: a Zarr v3 group
-anywhere (io.zarr_writer)."""
+anywhere (io.zarr_writer); `dcp`: a PyTorch DCP directory on a local or shared filesystem
+(io.dcp_writer)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,10 +60,12 @@ class OutputLayout(Protocol):
 
 def output_target(url: str, out_format: str = "safetensors",
                   storage_options: dict[str, Any] | None = None) -> OutputTarget:
-    """The writer kind for `url` in `out_format` (`safetensors` or `zarr`): the one place it is
+    """The writer kind for `url` in `out_format` (`safetensors`, `zarr`, `dcp`): the one place it is
     decided. Example: output_target("s3://b/m").kind == "remote"; output_target("m").kind == "local"."""
     if out_format == "zarr":
         kind: WriterKind = "zarr"
+    elif out_format == "dcp":
+        kind = "dcp"
     else:
         kind = "local" if storage.is_local(storage.resolve(url, storage_options)[0]) else "remote"
     return OutputTarget(kind=kind, url=url, storage_options=storage_options)
@@ -83,6 +86,10 @@ def open_writer(target: OutputTarget, layout: OutputLayout, *, overwrite: bool,
                  "config_hash": layout.config_hash, **(attributes or {})}
         return ZarrModelWriter(target.url, layout.zarr_arrays(), attributes=attrs, overwrite=overwrite,
                                storage_options=target.storage_options)
+    if target.kind == "dcp":
+        from moemerge.io.dcp_writer import DcpModelWriter, names_from
+
+        return DcpModelWriter(target.url, layout.placements(), overwrite=overwrite, names=names_from(attributes))
     if target.kind == "remote":
         from moemerge.io.s3_writer import RemoteModelWriter
 
@@ -102,6 +109,11 @@ def attach_writer(target: OutputTarget, layout: OutputLayout) -> ModelWriter:
         from moemerge.io.zarr_writer import ZarrModelWriter
 
         return ZarrModelWriter.attach(target.url, layout.zarr_arrays(), storage_options=target.storage_options)
+    if target.kind == "dcp":
+        from moemerge.io.dcp_writer import DcpModelWriter
+
+        # the layout does not depend on the key names: the default names lay it out alike
+        return DcpModelWriter.attach(target.url, layout.placements())
     if target.kind == "remote":
         from moemerge.io.s3_writer import RemoteModelWriter
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moemerge.errors import ConfigError
-from moemerge.methods.averages import EMA, SMA, WMA, average_weights
+from moemerge.methods.averages import EMA, MINUS_SQRT, SMA, WMA, average_weights
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams
 from moemerge.methods.generalized import FAMILY
 from moemerge.methods.linear import LINEAR
@@ -36,6 +36,7 @@ REGISTRY: dict[str, Method] = {
         SMA,
         WMA,
         EMA,
+        MINUS_SQRT,
     )
 }
 

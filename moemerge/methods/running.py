@@ -18,8 +18,11 @@ if TYPE_CHECKING:
 
 __all__ = ["RunningStep", "QUANTITIES", "SCRATCH", "include", "slide", "ema_step", "average", "DIVISORS"]
 
-#: Running quantities per method: the state arrays an update reads and writes.
-QUANTITIES: dict[str, tuple[str, ...]] = {"sma": ("S",), "wma": ("S", "W"), "ema": ("E",)}
+#: Running quantities per method: the state arrays an update reads and writes. Megatron's
+#: `linear` schedule is uniform (an SMA: S); `minus-sqrt` keeps its average A, only ever built
+#: from the window (its weights all change as the window moves; pma.decide.RECOMPUTED).
+QUANTITIES: dict[str, tuple[str, ...]] = {"sma": ("S",), "wma": ("S", "W"), "ema": ("E",),
+                                          "linear": ("S",), "minus-sqrt": ("A",)}
 #: fp64 scratch blocks a step needs: the entering snapshot, the leaving one (or a product),
 #: and WMA's n * M_new.
 SCRATCH = 3
@@ -37,19 +40,26 @@ class RunningStep:
     `output`: the sums as they are (no snapshot read), only the average is made.
     """
 
-    method: Literal["sma", "wma", "ema"]
+    method: Literal["sma", "wma", "ema", "linear", "minus-sqrt"]
     mode: Mode
     snapshots: int
     """Snapshot inputs per block, in the order above."""
     window: int
     """Snapshots in the sums after the step: the average's n."""
     alpha: float | None = None
+    growing: int = 0
+    """`slide`, SMA/WMA: how many of the entering snapshots fill a window not yet full (they
+    come first and enter with none leaving, at positions window - growing + 1...; exactly as a
+    build adds them); the other entering ones pair with the leaving ones."""
 
     def __post_init__(self) -> None:
         if self.method not in QUANTITIES:
-            raise ValueError(f"running step: unknown average {self.method!r}; use sma, wma or ema")
-        if self.mode == "slide" and self.method != "ema" and self.snapshots % 2:
-            raise ValueError(f"running step: {self.snapshots} inputs cannot pair entering with leaving snapshots")
+            raise ValueError(f"running step: unknown average {self.method!r}; use {', '.join(QUANTITIES)}")
+        if self.method == "minus-sqrt" and self.mode == "slide":
+            raise ValueError("running step: minus-sqrt has no running form; build it from the window")
+        if self.mode == "slide" and self.method != "ema" and (self.snapshots - self.growing) % 2:
+            raise ValueError(f"running step: {self.snapshots} inputs ({self.growing} filling the window) "
+                             "cannot pair entering with leaving snapshots")
 
     @property
     def quantities(self) -> tuple[str, ...]:
@@ -74,6 +84,16 @@ class RunningStep:
         if self.mode == "output":
             return sums_in
         if self.mode == "build":
+            if self.method == "minus-sqrt":
+                from moemerge.methods.averages import schedule_weights
+
+                a = sums_out["A"]  # A = sum_j c_j M_j, Megatron's coefficients, oldest first
+                for i, (x, c) in enumerate(zip(snaps, schedule_weights(self.method, len(snaps)))):
+                    (a if i == 0 else m).copy_(x)
+                    (a if i == 0 else m).mul_(c)
+                    if i:
+                        a.add_(m)
+                return sums_out
             for i, x in enumerate(snaps):
                 m.copy_(x)
                 include(self.method, sums_out, m, i + 1, self.alpha, tmp)
@@ -85,6 +105,15 @@ class RunningStep:
                 ema_step(sums_out["E"], m, float(self.alpha), src=None if src is None else src["E"])  # type: ignore[arg-type]
                 src = None
         else:
+            g = self.growing
+            if g:  # the window fills: the same adds as a build, from the previous sums
+                for q in self.quantities:
+                    sums_out[q].copy_(src[q])  # type: ignore[index]
+                src = None
+                for j, x in enumerate(snaps[:g]):
+                    m.copy_(x)
+                    include(self.method, sums_out, m, self.window - g + j + 1, self.alpha, tmp)
+                snaps = snaps[g:]
             k = len(snaps) // 2
             for new, old in zip(snaps[:k], snaps[k:]):
                 m.copy_(new)
@@ -167,14 +196,15 @@ def _one(n: int) -> int:
 
 
 #: What the average divides its running sum by, for a window of n.
-DIVISORS = {"sma": _n, "wma": _triangle, "ema": _one}
+DIVISORS = {"sma": _n, "wma": _triangle, "ema": _one, "linear": _n, "minus-sqrt": _one}
 
 
 def average(method: str, sums: Mapping[str, torch.Tensor], n: int, out: torch.Tensor) -> torch.Tensor:
     """The average of a window of `n` from its sums, into `out` (fp64): S/n, W/(n(n+1)/2), E."""
     import torch
 
-    src = sums["E"] if method == "ema" else sums["W"] if method == "wma" else sums["S"]
+    src = sums["E"] if method == "ema" else sums["W"] if method == "wma" else sums["A"] if method == "minus-sqrt" \
+        else sums["S"]
     div = DIVISORS[method](n)
     if div == 1:
         out.copy_(src)

@@ -4,12 +4,16 @@ the window to average: the last N, spaced by an interval, before a step (PMA-ini
 The step comes from the directory name (`step-00042000`, `step_42000`, `global_step42000`,
 `iter_0042000`, `checkpoint-42000`, or a user regex with one group). A snapshot still being
 written (no safetensors index or single file, no DCP `.metadata`, no Zarr `zarr.json`, or an
-index naming shards not there yet) is skipped with a note, never half-read.
+index naming shards not there yet) is skipped with a note, never half-read; so is one whose
+files change size or time between the listing and the re-stat just before the snapshots are
+returned (a copy or sync still writing). Symlinked snapshot directories (local) are followed:
+the link's name gives the step, its target is listed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +27,7 @@ from moemerge.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from moemerge.io.limits import MAX_JSON_BYTES, read_limited
 
 __all__ = ["Snapshot", "discover", "select", "interval_steps_from_tokens", "parse_step",
-           "STEP_STYLES"]
+           "STEP_STYLES", "restat"]
 
 STEP_STYLES = "step-00042000, step_42000, global_step42000, iter_0042000, checkpoint-42000"
 # The names training frameworks give their checkpoint directories: Megatron (`iter_0042000`),
@@ -82,14 +86,43 @@ def _is_glob(pattern: str) -> bool:
     return bool(_GLOB_CHARS.search(path))
 
 
+Signature = tuple[tuple[str, str, str], ...]
+"""(file name, size, time) of every file directly in a snapshot directory, sorted."""
+
+
+def _signature(entries: list[dict[str, Any]]) -> Signature:
+    return tuple(sorted(
+        (posixpath.basename(str(e["name"]).rstrip("/")), str(e.get("size")),
+         str(e.get("mtime", e.get("LastModified", e.get("ETag", "")))))
+        for e in entries if e.get("type") == "file"))
+
+
+def restat(fs: Any, url: str, path: str) -> Signature:
+    """The snapshot's files as they are now (one listing): compared with the listing that judged
+    it complete, a change means something is still writing it."""
+    if hasattr(fs, "invalidate_cache"):  # s3fs & co. cache listings: ask the store again
+        fs.invalidate_cache(path)
+    entries = storage.with_retries(lambda: fs.ls(path, detail=True), what="list the snapshot", url=url)
+    return _signature(list(entries))
+
+
+def _inspect(fs: Any, url: str, path: str) -> tuple[str | None, Signature]:
+    """(None if the snapshot at `path` is complete enough to open, else why not; its files)."""
+    try:
+        entries = list(storage.with_retries(lambda: fs.ls(path, detail=True), what="list the snapshot",
+                                            url=url))
+    except CheckpointError as e:
+        return f"cannot list it ({e})", ()
+    return _judge(fs, url, path, entries), _signature(entries)
+
+
 def _completeness(fs: Any, url: str, path: str) -> str | None:
     """None if the snapshot at `path` is complete enough to open; else why it is not."""
-    try:
-        entries = storage.with_retries(lambda: fs.ls(path, detail=False), what="list the snapshot",
-                                       url=url)
-    except CheckpointError as e:
-        return f"cannot list it ({e})"
-    names = {posixpath.basename(str(p).rstrip("/")) for p in entries}
+    return _inspect(fs, url, path)[0]
+
+
+def _judge(fs: Any, url: str, path: str, entries: list[dict[str, Any]]) -> str | None:
+    names = {posixpath.basename(str(e["name"]).rstrip("/")) for e in entries}
     if ZARR_JSON in names or DCP_METADATA in names or SINGLE_NAME in names:
         return None
     if INDEX_NAME not in names:
@@ -118,7 +151,7 @@ def _candidates(fs: Any, path: str, pattern: str) -> list[str]:
     if _is_glob(pattern):
         found = storage.with_retries(lambda: fs.glob(path, detail=True), what="expand the pattern",
                                      url=pattern, error=ConfigError)
-        return sorted(p for p, info in found.items() if info.get("type") == "directory")
+        return sorted(p for p, info in found.items() if _is_dir(info))
     if not storage.with_retries(lambda: fs.isdir(path), what="look up the prefix", url=pattern,
                                 error=ConfigError):
         raise ConfigError(
@@ -127,7 +160,21 @@ def _candidates(fs: Any, path: str, pattern: str) -> list[str]:
         )
     entries = storage.with_retries(lambda: fs.ls(path.rstrip("/"), detail=True),
                                    what="list the prefix", url=pattern, error=ConfigError)
-    return sorted(str(e["name"]).rstrip("/") for e in entries if e.get("type") == "directory")
+    return sorted(str(e["name"]).rstrip("/") for e in entries if _is_dir(e))
+
+
+def _is_dir(info: dict[str, Any]) -> bool:
+    """A directory, or (local) a symlink to one: fsspec reports a link as type `other`."""
+    if info.get("type") == "directory":
+        return True
+    return bool(info.get("islink")) and os.path.isdir(str(info["name"]))  # isdir follows the link
+
+
+def _listed(fs: Any, p: str) -> str:
+    """Where to list candidate `p`: a local symlink's target (fsspec lists a link as empty)."""
+    if storage.is_local(fs) and os.path.islink(p):
+        return os.path.realpath(p)
+    return p
 
 
 def discover(pattern: str, *, storage_options: dict[str, Any] | None = None,
@@ -152,14 +199,24 @@ def discover(pattern: str, *, storage_options: dict[str, Any] | None = None,
             how = f"--step-regex '{regex.pattern}'" if regex else f"the known styles ({STEP_STYLES})"
             notes.append(f"skipped {to_url(p)}: no step number in the name {name!r} by {how}")
             continue
-        named.append((step, to_url(p), p))
-    if remote and len(named) > 1:
-        with ThreadPoolExecutor(min(_LIST_THREADS, len(named))) as pool:
-            why = list(pool.map(lambda s: _completeness(fs, s[1], s[2]), named))
-    else:
-        why = [_completeness(fs, url, p) for _, url, p in named]
+        named.append((step, to_url(p), _listed(fs, p)))
+
+    def each(fn: Any, items: list[tuple[int, str, str]]) -> list[Any]:
+        if remote and len(items) > 1:  # one LIST per snapshot, in parallel on object storage
+            with ThreadPoolExecutor(min(_LIST_THREADS, len(items))) as pool:
+                return list(pool.map(lambda s: fn(fs, s[1], s[2]), items))
+        return [fn(fs, url, p) for _, url, p in items]
+
+    judged = each(_inspect, named)
+    complete = [n for n, (reason, _) in zip(named, judged) if reason is None]
+    # the re-stat: a snapshot judged complete whose files changed since is still being written
+    # (a sync that brought the index early, a writer that appends after its index); skip it
+    now = dict(zip((u for _, u, _ in complete), each(_restat_or_none, complete)))
     snaps: dict[int, Snapshot] = {}
-    for (step, url, _), reason in zip(named, why):
+    for (step, url, _), (reason, sig) in zip(named, judged):
+        if reason is None and now.get(url) != sig:
+            reason = ("its files changed while it was being listed (still being written?); it is "
+                      "taken once they stop changing")
         if reason is not None:
             notes.append(f"skipped {url} (step {step}): {reason}")
             continue
@@ -172,6 +229,13 @@ def discover(pattern: str, *, storage_options: dict[str, Any] | None = None,
     return [snaps[s] for s in sorted(snaps)], notes
 
 
+def _restat_or_none(fs: Any, url: str, path: str) -> Signature | None:
+    try:
+        return restat(fs, url, path)
+    except CheckpointError:
+        return None  # unlistable now: not the same as before, so skipped with the note
+
+
 def _positive_int(value: int | None, flag: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigError(f"{flag} must be a whole number >= 1, got {value!r}")
@@ -180,8 +244,8 @@ def _positive_int(value: int | None, flag: str) -> None:
 def select(snapshots: list[Snapshot], *, last: int | None = None,
            interval_steps: int | None = None, before_step: int | None = None) -> list[Snapshot]:
     """before_step keeps steps < S; interval keeps snapshots spaced >= interval apart counting
-    back from the newest; then the last N. Raises ConfigError when fewer than N remain,
-    saying how many there are and why."""
+    back from the newest; then the last N, or all there are while fewer than N remain (a window
+    still filling: the caller says so). Raises ConfigError when none remain, saying why."""
     _positive_int(last, "--last")
     _positive_int(interval_steps, "--interval-steps")
     if before_step is not None and (isinstance(before_step, bool) or not isinstance(before_step, int)):
@@ -199,12 +263,9 @@ def select(snapshots: list[Snapshot], *, last: int | None = None,
         chosen = kept[::-1]
         story.append(f"{len(chosen)} spaced >= {interval_steps} steps apart counting back from "
                      f"step {kept[0].step}")
-    need = last if last is not None else 1
-    if len(chosen) < need:
-        what = f"--last {last} needs {last}" if last is not None else "need at least 1"
-        fix = ("; lower --last, shorten the interval, or wait for more snapshots"
-               if last is not None else "; check the pattern and --before-step")
-        raise ConfigError(f"not enough snapshots: {', '.join(story)}; {what}{fix}")
+    if not chosen:
+        raise ConfigError(f"no snapshots to average: {', '.join(story)}; check the pattern and "
+                          "--before-step")
     return chosen[-last:] if last is not None else chosen
 
 

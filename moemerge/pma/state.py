@@ -51,8 +51,11 @@ __all__ = [
 POINTER_NAME = "pma-state.json"
 STATE_FORMAT = 1
 #: Running quantities per method (methods.md "incremental forms"): SMA keeps the window sum S;
-#: WMA keeps S and W = sum(i * M_i), i = 1 for the oldest; EMA keeps its value E.
-METHOD_ARRAYS: dict[str, tuple[str, ...]] = {"sma": ("S",), "wma": ("S", "W"), "ema": ("E",)}
+#: WMA keeps S and W = sum(i * M_i), i = 1 for the oldest; EMA keeps its value E; Megatron's
+#: `linear` is a uniform average (S, as SMA); `minus-sqrt` keeps its last average A, recomputed
+#: from the window by every update (pma.decide.RECOMPUTED).
+METHOD_ARRAYS: dict[str, tuple[str, ...]] = {"sma": ("S",), "wma": ("S", "W"), "ema": ("E",),
+                                             "linear": ("S",), "minus-sqrt": ("A",)}
 #: `v000017-3fa9c2d1` (a random tag since the versions got unique names) or plain `v000017`
 _VERSION_DIR = re.compile(r"^v(\d{6,})(?:-[0-9a-f]{8,})?$")
 
@@ -67,7 +70,7 @@ class StateSettings:
     """What a state averages; recorded by the first update, every later one must match."""
 
     method: str
-    """`sma`, `wma` or `ema`."""
+    """The schedule: `sma`, `wma`, `ema`, `linear` or `minus-sqrt`."""
     last: int | None
     """Window size N (SMA/WMA); for EMA the size of the first window (None: every snapshot)."""
     alpha: float | None
@@ -78,7 +81,8 @@ class StateSettings:
     """How DCP snapshots' keys become tensor names (`--dcp-prefix`, `--rename`); None: the default."""
 
     def describe(self) -> str:
-        """The settings as the flags that give them: '--method ema --alpha 0.2 --last 5'."""
+        """The settings as the flags that give them: '--method ema --alpha 0.2 --last 5'
+        (`--method` is `--schedule`'s other name)."""
         parts = [f"--method {self.method}"]
         if self.alpha is not None:
             parts.append(f"--alpha {self.alpha:g}")
@@ -129,6 +133,13 @@ class StateMeta:
     def last_step(self) -> int:
         return self.steps[-1][0]
 
+    @property
+    def filling(self) -> bool:
+        """The window holds fewer snapshots than --last (SMA/WMA/linear/minus-sqrt): new ones
+        enter without an old one leaving until it is full."""
+        last = self.settings.last
+        return self.settings.method != "ema" and last is not None and len(self.steps) < last
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT, "moemerge_version": VERSION, "created": self.created,
@@ -136,6 +147,8 @@ class StateMeta:
             "steps": [{"step": s, "url": u} for s, u in self.steps], "skipped": list(self.skipped),
             "tensors": self.tensors, "updates_since_recompute": self.updates_since_recompute,
             "ops_since_recompute": self.ops_since_recompute,
+            # recorded for people and tools (derived from steps and settings; not read back)
+            "window": {"size": len(self.steps), "of": self.settings.last, "filling": self.filling},
         }
 
     @classmethod

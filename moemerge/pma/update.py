@@ -36,7 +36,7 @@ from moemerge.io.zarr_writer import ZarrArraySpec
 from moemerge.methods import average_weights
 from moemerge.methods.running import RunningStep
 from moemerge.names import DcpNames
-from moemerge.pma.decide import DEFAULT_ALPHA, DEFAULT_LAST, Decision, decide, resolve_settings
+from moemerge.pma.decide import DEFAULT_ALPHA, DEFAULT_LAST, Decision, decide, resolve_settings, window_record
 from moemerge.pma.discovery import Snapshot, discover
 from moemerge.pma.state import (METHOD_ARRAYS, StateMeta, StateSettings, StateStore, StateVersion,
                                 array_name, new_meta)
@@ -97,6 +97,7 @@ def update(
     chunk_rows: int | None = None,
     compress_state: bool = True,
     dcp: DcpNames | None = None,
+    min_snapshots: int = 1,
     workers: int | None = None,
     scheduler: str | None = None,
     client: Any = None,
@@ -154,9 +155,9 @@ def update(
         found, notes = discover(pattern, storage_options=storage_options, step_regex=step_regex)
         if before_step is not None:
             found = [s for s in found if s.step < before_step]
-        if not found and cur is None:
-            raise ConfigError(f"{pattern}: no snapshots found" + (f" ({notes[0]})" if notes else ""))
-        decision = decide(settings, cur.meta if cur else None, found, recompute_every=recompute_every)
+        decision = decide(settings, cur.meta if cur else None, found, recompute_every=recompute_every,
+                          min_snapshots=min_snapshots, where=pattern)  # none found: NotReadyError (exit 3)
+        notes = list(notes) + list(decision.notes)  # a window still filling, a schedule recomputed
         job = _Job(store=store, cur=cur, settings=settings, decision=decision, out=out, budget=budget,
                    shard=shard, out_format=out_format, out_dtype=out_dt, overwrite=overwrite,
                    storage_options=storage_options, notes=list(notes), progress=progress,
@@ -298,7 +299,7 @@ class _Job:
         mode = {"build": "build", "incremental": "slide", "noop": "output"}[d.action]
         reads = {"build": len(d.window), "incremental": len(d.added) + len(d.leaving), "noop": 0}[d.action]
         return RunningStep(method=st.method, mode=mode, snapshots=reads, window=len(d.window),  # type: ignore[arg-type]
-                           alpha=st.alpha)
+                           alpha=st.alpha, growing=d.growing)
 
     def _plan(self, step: RunningStep, newest: Snapshot, reads: list[Snapshot]) -> Plan:
         return plan_update(
@@ -474,6 +475,7 @@ class _Job:
             "method": st.method, "alpha": st.alpha, "last": st.last, "interval_steps": st.interval_steps,
             "steps": [s.step for s in d.window], "snapshots": [s.url for s in d.window],
             "weights": weights, "state": self.store.url, "state_key": self.store.key,
+            **window_record(st, len(d.window)),  # 'window 2 of 4', filling, incremental or recomputed
             "state_version": meta.version, "state_id": meta.state_id,
         }
         copy = yaml.safe_dump({"pma_update": {k: v for k, v in pma.items()

@@ -22,90 +22,10 @@ _FAILED = False
 
 
 def _build() -> dict[str, Any]:
-    import numba
-    import numpy as np
+    from moemerge.io.quant import _fp8_numba as nb
 
-    @numba.njit(nogil=True, cache=True)
-    def dequantize_k(codes: Any, lut: Any, scales: Any, row_group: Any, col_block: int, out: Any) -> None:
-        n, cols = codes.shape
-        for i in range(n):
-            g = row_group[i]
-            for j0 in range(0, cols, col_block):
-                s = scales[g, j0 // col_block]
-                for j in range(j0, min(cols, j0 + col_block)):
-                    out[i, j] = lut[codes[i, j]] * s  # float32 x float32: one rounding, as torch's mul
-
-    @numba.njit(nogil=True, cache=True)
-    def group_amax_k(values: Any, row_group: Any, m: int, col_block: int) -> Any:
-        n, cols = values.shape
-        tc = (cols + col_block - 1) // col_block
-        amax = np.zeros((m, tc), dtype=np.float32)
-        for i in range(n):
-            g = row_group[i]
-            for j0 in range(0, cols, col_block):
-                a = np.float32(0.0)
-                for j in range(j0, min(cols, j0 + col_block)):
-                    v = abs(values[i, j])
-                    if v > a or v != v:  # NaN sticks, as in torch's amax
-                        a = v
-                        if v != v:
-                            break
-                t = j0 // col_block
-                if a > amax[g, t] or a != a:
-                    amax[g, t] = a
-        return amax
-
-    @numba.njit(nogil=True, cache=True, inline="always")
-    def encode(x: Any, fmax: Any) -> Any:
-        """c10's fp8e4m3fn_from_fp32_value after the clamp `_fp8._encode` does (NaN-free)."""
-        if x > fmax:
-            x = fmax
-        elif x < -fmax:
-            x = -fmax
-        # numba widens integer arithmetic to 64 bits: work in int64, mask to c10's uint32 / uint8
-        bits = np.int64(np.float32(x).view(np.uint32))
-        sign = bits & 0x80000000
-        bits ^= sign
-        if bits >= (1087 << 20):
-            res = np.int64(0x7F)
-        elif bits < (121 << 23):  # an fp8 subnormal: c10 rounds by a float32 add of 2^14
-            f = np.uint32(bits).view(np.float32) + np.uint32(141 << 23).view(np.float32)
-            res = np.int64(np.float32(f).view(np.uint32)) - (141 << 23)
-        else:
-            bits += ((7 - 127) << 23) + 0x7FFFF + ((bits >> 20) & 1)
-            res = bits >> 20
-        return np.uint8((res | (sign >> 24)) & 0xFF)
-
-    @numba.njit(nogil=True, cache=True)
-    def search_k(values: Any, lut: Any, cands: Any, alive: Any, row_group: Any, col_block: int, fmax: Any) -> None:
-        """alive[k, g, t] &= every value of group (g, t) is code * cands[k, g, t] exactly."""
-        n, cols = values.shape
-        ncand = cands.shape[0]
-        for i in range(n):
-            g = row_group[i]
-            for j0 in range(0, cols, col_block):
-                t = j0 // col_block
-                for k in range(ncand):
-                    if not alive[k, g, t]:
-                        continue
-                    s = cands[k, g, t]
-                    for j in range(j0, min(cols, j0 + col_block)):
-                        v = values[i, j]
-                        if lut[encode(v / s, fmax)] * s != v:
-                            alive[k, g, t] = False
-                            break
-
-    @numba.njit(nogil=True, cache=True)
-    def encode_k(values: Any, scales: Any, row_group: Any, col_block: int, fmax: Any, out: Any) -> None:
-        n, cols = values.shape
-        for i in range(n):
-            g = row_group[i]
-            for j0 in range(0, cols, col_block):
-                s = scales[g, j0 // col_block]
-                for j in range(j0, min(cols, j0 + col_block)):
-                    out[i, j] = encode(values[i, j] / s, fmax)
-
-    return {"dequantize": dequantize_k, "group_amax": group_amax_k, "search": search_k, "encode": encode_k}
+    return {"dequantize": nb.dequantize_k, "group_amax": nb.group_amax_k, "search": nb.search_k,
+            "encode": nb.encode_k}
 
 
 def _kernels() -> dict[str, Any] | None:

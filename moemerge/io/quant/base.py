@@ -164,8 +164,10 @@ class Codec(ABC):
         """Stored rows [p0, p1) of `part` that logical rows [r0, r1) need."""
 
     @abstractmethod
-    def dequantize_rows(self, spec: QuantSpec, parts: Mapping[str, torch.Tensor], r0: int, r1: int) -> torch.Tensor:
-        """Logical rows [r0, r1) as float32 `[r1 - r0, spec.row_len]` from their stored rows."""
+    def dequantize_rows(self, spec: QuantSpec, parts: Mapping[str, torch.Tensor], r0: int, r1: int, *,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logical rows [r0, r1) as float32 `[r1 - r0, spec.row_len]` from their stored rows;
+        written into `out` (contiguous float32 of that shape, returned) when given."""
 
     @abstractmethod
     def quantize_rows(self, spec: QuantSpec, values: torch.Tensor, r0: int, r1: int, *,

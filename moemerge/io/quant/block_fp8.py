@@ -102,10 +102,11 @@ class BlockFP8(Codec):
             return r0, r1
         return self._tile_rows(spec, r0, r1)
 
-    def dequantize_rows(self, spec: QuantSpec, parts: Mapping[str, torch.Tensor], r0: int, r1: int) -> torch.Tensor:
+    def dequantize_rows(self, spec: QuantSpec, parts: Mapping[str, torch.Tensor], r0: int, r1: int, *,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
         first = self._tile_rows(spec, r0, r1)[0]
         group = self._tile_row(spec, torch.arange(r0, r1)) - first
-        return _fp8.dequantize(parts["weight"], parts["scale"], group, spec.scheme.block[1])
+        return _fp8.dequantize(parts["weight"], parts["scale"], group, spec.scheme.block[1], out=out)
 
     def quantize_rows(self, spec: QuantSpec, values: torch.Tensor, r0: int, r1: int, *,
                       amax: float | None = None) -> dict[str, torch.Tensor]:

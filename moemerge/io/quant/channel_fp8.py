@@ -86,10 +86,11 @@ class ChannelFP8(Codec):
             return 0, part.rows
         return r0, r1
 
-    def dequantize_rows(self, spec: QuantSpec, parts: Mapping[str, torch.Tensor], r0: int, r1: int) -> torch.Tensor:
+    def dequantize_rows(self, spec: QuantSpec, parts: Mapping[str, torch.Tensor], r0: int, r1: int, *,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
         n = r1 - r0
         group = torch.zeros(n, dtype=torch.long) if self._per_tensor(spec) else torch.arange(n)
-        return _fp8.dequantize(parts["weight"], parts["scale"].reshape(-1, 1), group, spec.row_len)
+        return _fp8.dequantize(parts["weight"], parts["scale"].reshape(-1, 1), group, spec.row_len, out=out)
 
     def quantize_rows(self, spec: QuantSpec, values: torch.Tensor, r0: int, r1: int, *,
                       amax: float | None = None) -> dict[str, torch.Tensor]:

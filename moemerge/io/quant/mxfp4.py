@@ -84,7 +84,8 @@ class MXFP4(Codec):
         per_expert = part.rows // spec.shape[0]
         return e0 * per_expert, e1 * per_expert
 
-    def dequantize_rows(self, spec: QuantSpec, parts: Mapping[str, torch.Tensor], r0: int, r1: int) -> torch.Tensor:
+    def dequantize_rows(self, spec: QuantSpec, parts: Mapping[str, torch.Tensor], r0: int, r1: int, *,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
         _, k, n = spec.shape
         e0, e1 = r0 // k, -(-r1 // k)
         blocks = parts["blocks"].reshape(-1, 16)
@@ -95,7 +96,8 @@ class MXFP4(Codec):
         exp = parts["scales"].reshape(-1, 1).to(torch.int32) - 127
         vals = torch.ldexp(vals, exp)  # exact: a power of two times a 2-bit value
         full = vals.view(e1 - e0, n, k).transpose(1, 2).reshape((e1 - e0) * k, n)
-        return full[r0 - e0 * k: r1 - e0 * k]
+        rows = full[r0 - e0 * k: r1 - e0 * k]
+        return rows if out is None else out.copy_(rows)
 
     def quantize_rows(self, spec: QuantSpec, values: torch.Tensor, r0: int, r1: int, *,
                       amax: float | None = None) -> dict[str, torch.Tensor]:

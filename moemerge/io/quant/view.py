@@ -105,7 +105,10 @@ class QuantizedView(Checkpoint):
                 dt = to_torch(part.dtype)
                 parts[part.role] = torch.frombuffer(raw, dtype=torch.uint8).view(dt).view(p1 - p0, part.row_len) \
                     if len(raw) else torch.empty(0, part.row_len, dtype=dt)
-            dst[a - r0:b - r0].copy_(codec.dequantize_rows(spec, parts, a, b))
+            if served == torch.float32:  # straight into the caller's buffer: no band temporary
+                codec.dequantize_rows(spec, parts, a, b, out=dst[a - r0:b - r0])
+            else:
+                dst[a - r0:b - r0].copy_(codec.dequantize_rows(spec, parts, a, b))
             a = b
 
     def close(self) -> None:

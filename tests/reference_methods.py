@@ -23,6 +23,8 @@ def _avg_weights(kind: str, n: int, alpha: float) -> list[float]:
         return [1 / n] * n
     if kind == "wma":
         return [(i + 1) / (n * (n + 1) / 2) for i in range(n)]
+    if kind == "minus-sqrt":  # Megatron-LM: c_j = f(j/N) - f((j+1)/N), f(x) = 1 - sqrt(x), oldest first
+        return [((j + 1) / n) ** 0.5 - (j / n) ** 0.5 for j in range(n)]
     return [(1 - alpha) ** (n - 1)] + [alpha * (1 - alpha) ** (n - i) for i in range(2, n + 1)]
 
 
@@ -59,13 +61,14 @@ REFERENCES: dict[str, Ref] = {
     "sma": _average("sma"),
     "wma": _average("wma"),
     "ema": _average("ema"),
+    "minus-sqrt": _average("minus-sqrt"),
 }
 
 
 def fp32_bound(base, xs, per, glob, method: str) -> torch.Tensor:
     """Rounding bound of fp32 accumulation: about n * 2^-24 * sum |w_i x_i| (+ base terms)."""
     n = len(xs) + 2
-    if method in ("sma", "wma", "ema"):
+    if method in ("sma", "wma", "ema", "minus-sqrt"):
         w = _avg_weights(method, len(xs), glob.get("alpha", 0.2))
     else:
         w = [p.get("weight", p.get("scale", 1.0)) for p in per]

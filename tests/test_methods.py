@@ -62,6 +62,7 @@ CASES: dict[str, list[tuple[dict, list[dict], bool]]] = {
     "sma": [({}, [{}, {}, {}, {}], False)],
     "wma": [({}, [{}, {}, {}], False)],
     "ema": [({"alpha": 0.2}, [{}, {}, {}, {}], False), ({"alpha": 0.9}, [{}, {}], False)],
+    "minus-sqrt": [({}, [{}, {}, {}, {}], False), ({}, [{}, {}], False)],
 }
 
 

@@ -33,7 +33,7 @@ def _kernels() -> dict[str, Any] | None:
     if _KERNELS is None and not _FAILED:
         try:
             _KERNELS = _build()
-        except ImportError:
+        except (ImportError, RuntimeError, OSError):  # no numba, or no writable cache directory
             _FAILED = True
     return _KERNELS
 

@@ -24,7 +24,7 @@ from moemerge.io.safetensors_format import parse_header, parse_header_length
 if TYPE_CHECKING:
     from moemerge.names import DcpNames
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "TensorInfo", "Checkpoint", "row_geometry"]
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "RowShaped", "TensorInfo", "Checkpoint", "row_geometry"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -43,8 +43,23 @@ def row_geometry(shape: tuple[int, ...]) -> tuple[int, int]:
     return (shape[0] if shape else 1), 1
 
 
+class RowShaped:
+    """`rows` and `row_len` (the row-chunking view, `row_geometry`) of anything with a `shape`."""
+
+    __slots__ = ()
+    shape: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return row_geometry(self.shape)[0]
+
+    @property
+    def row_len(self) -> int:
+        return row_geometry(self.shape)[1]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TensorInfo:
+class TensorInfo(RowShaped):
     """Where one tensor of a checkpoint lives and what it is."""
 
     name: str
@@ -63,14 +78,6 @@ class TensorInfo:
     def read_nbytes(self) -> int:
         """Bytes read from storage for the whole tensor."""
         return self.nbytes if self.stored_nbytes is None else self.stored_nbytes
-
-    @property
-    def rows(self) -> int:
-        return row_geometry(self.shape)[0]
-
-    @property
-    def row_len(self) -> int:
-        return row_geometry(self.shape)[1]
 
     @property
     def row_bytes(self) -> int:

@@ -27,7 +27,7 @@ from moemerge.io import storage
 from moemerge.io.checkpoint import INDEX_NAME
 from moemerge.io.manifest import MANIFEST_NAME, Manifest, TensorEntry
 from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
-from moemerge.io.writer import (CONFIG_COPY_NAME, MARKER_NAME, TensorPlacement, as_manifest, atomic_write,
+from moemerge.io.writer import (CONFIG_COPY_NAME, MARKER_NAME, TensorPlacement, as_manifest, atomic_write, close_fds,
                                 check_output, start_writeback)
 from moemerge.names import DcpNames, parse_dcp_names, stored_keys
 
@@ -356,10 +356,4 @@ class DcpModelWriter:
         return swap.describe(self.final, self.path, swapped=self.swapped, resumable=False)
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._fds.clear()
+        close_fds(self._fds, self._lock)

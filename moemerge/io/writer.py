@@ -28,7 +28,7 @@ from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
 __all__ = [
     "MANIFEST_NAME", "MARKER_NAME", "CONFIG_COPY_NAME", "TensorPlacement", "ModelWriter",
     "SupportsFlush", "SupportsReadBack", "SupportsAdopt", "SupportsComplete", "LocalModelWriter",
-    "check_output", "as_manifest",
+    "check_output", "as_manifest", "atomic_write", "close_fds",
 ]
 
 MARKER_NAME = ".moemerge-incomplete"
@@ -246,6 +246,17 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
+def close_fds(fds: dict[str, int], lock: threading.Lock) -> None:
+    """Close a writer's open shard files (errors ignored: closing follows a flush or a failure)."""
+    with lock:
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        fds.clear()
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Write `path` so that a reader sees the old bytes or the new ones, never a mix.
 
@@ -424,10 +435,4 @@ class LocalModelWriter:
         return swap.describe(self.final, self.path, swapped=self.swapped, resumable=True)
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._fds.clear()
+        close_fds(self._fds, self._lock)

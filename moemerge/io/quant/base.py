@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from moemerge.io.checkpoint import TensorInfo, row_geometry
+from moemerge.io.checkpoint import RowShaped, TensorInfo
 from moemerge.io.dtypes import itemsize
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ __all__ = ["Part", "QuantSpec", "QuantScheme", "Codec"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Part:
+class Part(RowShaped):
     """One stored tensor of a quantized logical tensor."""
 
     role: str
@@ -60,14 +60,6 @@ class Part:
     dtype: str
     """Safetensors dtype name (`F8_E4M3`, `F32`, `U8`)."""
     shape: tuple[int, ...]
-
-    @property
-    def rows(self) -> int:
-        return row_geometry(self.shape)[0]
-
-    @property
-    def row_len(self) -> int:
-        return row_geometry(self.shape)[1]
 
     @property
     def nbytes(self) -> int:
@@ -94,7 +86,7 @@ class QuantScheme:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class QuantSpec:
+class QuantSpec(RowShaped):
     """How one logical tensor is stored: its codec, what is served, and the parts on disk."""
 
     codec: str
@@ -119,14 +111,6 @@ class QuantSpec:
             if p.role == role:
                 return p
         raise KeyError(f"`{self.name}` ({self.codec}) has no part `{role}`")
-
-    @property
-    def rows(self) -> int:
-        return row_geometry(self.shape)[0]
-
-    @property
-    def row_len(self) -> int:
-        return row_geometry(self.shape)[1]
 
     @property
     def stored_nbytes(self) -> int:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from moemerge.errors import CheckpointError
 from moemerge.io import storage
 from moemerge.io.dtypes import itemsize
-from moemerge.io.limits import MAX_JSON_BYTES, check_tensor_count, loads_unique, read_limited, side_file_limit
+from moemerge.io.limits import MAX_JSON_BYTES, check_tensor_count, loads_unique, read_limited
+from moemerge.io.sidefiles import side_file_limit
 from moemerge.io.safetensors_format import parse_header, parse_header_length
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from moemerge.sizes import format_size
 
 __all__ = [
     "MAX_JSON_BYTES", "MAX_TOKENIZER_BYTES", "MAX_OWN_JSON_BYTES", "MAX_TENSORS",
-    "check_size", "read_limited", "loads_unique", "check_tensor_count", "side_file_limit",
+    "check_size", "read_limited", "loads_unique", "check_tensor_count",
 ]
 
 #: config.json, generation_config.json, model.safetensors.index.json. Real ones are KBs; the
@@ -31,17 +31,6 @@ MAX_OWN_JSON_BYTES = 256_000_000
 #: tiny tensors: 8 s, 0.43 GB; 2 x 500k: 132 s, 1.5 GB on a busy 2-core machine; 2 x 1M took
 #: 451 s and 4 GB, issue 11); above the limit a checkpoint is refused in about a second.
 MAX_TENSORS = 500_000
-
-
-def side_file_limit(name: str) -> int:
-    """The size limit for the file `name` beside the weights."""
-    from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
-
-    if is_tokenizer_file(name):
-        return MAX_TOKENIZER_BYTES
-    if name in MODEL_FILES or name.endswith(".index.json"):
-        return MAX_JSON_BYTES
-    return MAX_OWN_JSON_BYTES
 
 
 def check_size(size: int, *, where: str, limit: int, what: str) -> None:

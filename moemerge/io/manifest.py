@@ -10,9 +10,11 @@ from typing import Any
 
 from moemerge.errors import CheckpointError
 
-__all__ = ["MANIFEST_NAME", "Manifest", "TensorEntry"]
+__all__ = ["MANIFEST_NAME", "MARKER_NAME", "Manifest", "TensorEntry"]
 
 MANIFEST_NAME = "moemerge-manifest.json"
+#: Present in an output while it is being written (removed by the commit, after the manifest).
+MARKER_NAME = ".moemerge-incomplete"
 
 #: Top-level keys in the order a manifest built in code writes them (a manifest read from disk
 #: keeps the order it had, so rewriting it gives the same bytes).

@@ -8,9 +8,10 @@ from typing import Any
 
 from moemerge.errors import CheckpointError
 from moemerge.io import storage
-from moemerge.io.limits import read_limited, side_file_limit
+from moemerge.io import limits
+from moemerge.io.limits import read_limited
 
-__all__ = ["MODEL_FILES", "is_tokenizer_file", "read_side_files", "retag_config_dtype"]
+__all__ = ["MODEL_FILES", "is_tokenizer_file", "side_file_limit", "read_side_files", "retag_config_dtype"]
 
 MODEL_FILES = ("config.json", "generation_config.json")
 _TOKENIZER = re.compile(
@@ -19,6 +20,15 @@ _TOKENIZER = re.compile(
 )
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def side_file_limit(name: str) -> int:
+    """The size limit for the file `name` beside the weights (`io.limits`)."""
+    if is_tokenizer_file(name):
+        return limits.MAX_TOKENIZER_BYTES
+    if name in MODEL_FILES or name.endswith(".index.json"):
+        return limits.MAX_JSON_BYTES
+    return limits.MAX_OWN_JSON_BYTES
 
 
 def is_tokenizer_file(name: str) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 from moemerge.errors import OutputError
 from moemerge.io import storage
 from moemerge.io.checkpoint import INDEX_NAME
-from moemerge.io.writer import MANIFEST_NAME, MARKER_NAME
+from moemerge.io.manifest import MANIFEST_NAME, MARKER_NAME
 
 __all__ = ["NEW_SUFFIX", "OLD_SUFFIX", "staging_path", "finished", "recover", "target_for",
            "commit", "describe", "recover_remote", "remote_target_for", "commit_remote", "unfinished", "note_state"]

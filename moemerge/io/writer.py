@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 from moemerge.errors import OutputError
 from moemerge.io import storage
 from moemerge.io.checkpoint import INDEX_NAME
-from moemerge.io.manifest import MANIFEST_NAME, Manifest
+from moemerge.io.manifest import MANIFEST_NAME, MARKER_NAME, Manifest
 from moemerge.io.safetensors_format import ShardLayout
 from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
 
@@ -31,7 +31,6 @@ __all__ = [
     "check_output", "as_manifest", "atomic_write", "close_fds",
 ]
 
-MARKER_NAME = ".moemerge-incomplete"
 CONFIG_COPY_NAME = "moemerge-config.yml"
 
 

@@ -25,20 +25,11 @@ from moemerge.errors import CheckpointError
 from moemerge.io.checkpoint import Checkpoint, TensorInfo
 from moemerge.io.dtypes import is_float
 from moemerge.io.quant.base import Codec, Part, QuantScheme, QuantSpec
-from moemerge.io.quant.block_fp8 import BlockFP8
-from moemerge.io.quant.channel_fp8 import ChannelFP8
-from moemerge.io.quant.mxfp4 import MXFP4
+from moemerge.io.quant.registry import _BY_NAME, CODECS, get_codec
 
 __all__ = ["CODECS", "get_codec", "parse_scheme", "find_quantized", "dequantizing", "describe",
            "Codec", "Part", "QuantScheme", "QuantSpec"]
 
-#: Every layout moemerge reads and writes, in the order detection tries them.
-CODECS: tuple[Codec, ...] = (
-    BlockFP8(),
-    MXFP4(),
-    ChannelFP8(),
-)
-_BY_NAME = {c.name: c for c in CODECS}
 
 #: DeepSeek-V3's tiles: what FP8 + `_scale_inv` without a quantization_config means.
 DEFAULT_BLOCK = (128, 128)
@@ -52,14 +43,6 @@ _QUANT_NAME = re.compile(
 
 #: compressed-tensors' static attention scales: activations, plain floats (not a weight's scale).
 _KV_SCALES = ("k_scale", "v_scale", "q_scale")
-
-
-def get_codec(name: str) -> Codec:
-    """The registered codec `name` (`fp8-block`, `mxfp4`, `fp8-channel`)."""
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise ValueError(f"unknown quantization codec {name!r}; known: {', '.join(_BY_NAME)}") from None
 
 
 def _ints(value: Any) -> tuple[int, ...] | None:

@@ -32,7 +32,7 @@ class QuantizedView(Checkpoint):
     itself but through `inner`, and owns it (`close` closes it)."""
 
     def __init__(self, inner: Checkpoint, scheme: QuantScheme, specs: dict[str, QuantSpec]) -> None:
-        from moemerge.io.quant import get_codec
+        from moemerge.io.quant.registry import get_codec
 
         hidden = {p.name for s in specs.values() for p in s.parts + s.extras}
         tensors = {n: t for n, t in inner.tensors.items() if n not in hidden}

@@ -157,8 +157,16 @@ def run(
     resume: bool = False,
     dashboard: str | None = None,
     quantize: str | None = None,
+    copy_tokenizer: bool = True,
+    model_card: bool = False,
+    num_threads: int | None = None,
 ) -> RunResult:
     """Merge per `config` into the model directory `out`; returns when the output is committed.
+
+    MergeKit's options: `copy_tokenizer` copies the tokenizer source's tokenizer files (default,
+    as MergeKit); `model_card` writes README.md (Hub front matter, method, models, the config)
+    and `mergekit_config.yml` (`moemerge run` does by default, as mergekit-yaml); `num_threads`
+    sets torch's CPU threads (mergekit-yaml `-j`).
 
     Everything is validated before the first output byte; on any error no index and no
     manifest are written, so the partial output never looks finished. `chunk_rows` caps rows
@@ -182,6 +190,12 @@ def run(
     t0 = time.monotonic()
     cfg = _as_config(config)
     _check_run_options(workers=workers, scheduler=scheduler, device=device)
+    if num_threads is not None:
+        if num_threads < 1:
+            raise ConfigError(f"--num-threads: expected a positive number of threads, got {num_threads}")
+        import torch
+
+        torch.set_num_threads(num_threads)
     lease, ckpts = _lock_and_open(cfg, out, overwrite=overwrite,
                                   what="moemerge pma" if "pma" in (manifest_extra or {}) else "moemerge run")
     cluster = None
@@ -193,7 +207,8 @@ def run(
 
             client, cluster = start_client(workers=workers, scheduler=scheduler, memory_budget=the_plan.memory_budget,
                                            dashboard=dashboard)
-        output = _prepare_output(the_plan, cfg, ckpts, out, overwrite=overwrite, seed=seed, resume=resume)
+        output = _prepare_output(the_plan, cfg, ckpts, out, overwrite=overwrite, seed=seed, resume=resume,
+                                 copy_tokenizer=copy_tokenizer, model_card=model_card)
         try:
             prog = progress if not isinstance(progress, bool) else (Progress() if progress else NullProgress())
             digests, resumed = _compute(the_plan, cfg, ckpts, output, client=client, own_cluster=cluster is not None,
@@ -260,11 +275,16 @@ class _Output:
 
 
 def _prepare_output(p: Plan, cfg: MergeConfig, ckpts: list[Checkpoint], out: str, *, overwrite: bool, seed: int,
-                    resume: bool) -> _Output:
+                    resume: bool, copy_tokenizer: bool = True, model_card: bool = False) -> _Output:
     """Read the side files, open the writer and the journal, check free space, lay out the output."""
     side = read_side_files(p.side_source or ckpts[0].url, cfg.storage_options, model=True, tokenizer=False)
-    tok = read_side_files(p.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
+    tok = (read_side_files(p.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
+           if copy_tokenizer else {})
     source = {k: v for k, v in cfg.source.items() if k != "storage_options"}
+    if model_card:  # ours, not an input's README.md (read_side_files never reads one)
+        from moemerge.modelcard import card_files
+
+        side = {**side, **card_files(cfg, source)}
     target = output_target(out, p.out_format, cfg.storage_options)  # the writer kind, decided once
     check_streamable(p, target.kind)  # a quantized tensor's scales wait for its codes in a stream
     writer = io_open_writer(target, p, overwrite=overwrite, attributes={"config": source})

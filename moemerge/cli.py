@@ -6,15 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from moemerge.errors import MoemergeError
-from moemerge.settings import (DEFAULT_ALPHA, DEFAULT_BUDGET, DEFAULT_DEVICE, DEFAULT_LAST, DEFAULT_MIN_SNAPSHOTS,
-                               DEFAULT_PMA_METHOD, DEFAULT_SHARD_SIZE, DEFAULT_UNIT_BYTES, EXIT_NOT_READY, OUT_FORMATS,
-                               PMA_METHODS, QUANTIZE_CHOICES, VERSION)
+from moemerge.settings import (DEFAULT_ALPHA, DEFAULT_BUDGET, DEFAULT_COPY_TOKENIZER, DEFAULT_DEVICE, DEFAULT_LAST,
+                               DEFAULT_MIN_SNAPSHOTS, DEFAULT_PMA_METHOD, DEFAULT_SHARD_SIZE, DEFAULT_UNIT_BYTES,
+                               DEFAULT_WRITE_MODEL_CARD, EXIT_NOT_READY, MERGEKIT_LOADER_FLAGS, MERGEKIT_NOT_NEEDED,
+                               OUT_FORMATS, PMA_METHODS, QUANTIZE_CHOICES, VERSION)
+from moemerge.sizes import parse_kmb
 
 __all__ = ["main"]
 
@@ -26,7 +29,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", default=DEFAULT_BUDGET,
                    help=f"memory for buffers, e.g. 128MB, 4GB (default {DEFAULT_BUDGET})")
     p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"largest output shard (default {DEFAULT_SHARD_SIZE})")
-    p.add_argument("--seed", type=int, default=0, help="seed of random methods (DARE, DELLA)")
+    # MergeKit's spelling, same destination: the last one given wins
+    p.add_argument("--out-shard-size", dest="shard_size", type=parse_kmb, metavar="SIZE",
+                   help="largest output shard in MergeKit's units: K, M, B = thousands, millions, billions of "
+                        "bytes (1B = 10^9 bytes, unlike --shard-size's 1B = one byte)")
+    p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0,
+                   help="seed of random methods (DARE, DELLA); --random-seed is MergeKit's name")
     p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
                    help="write weights quantized with fresh scales: like-input (the first input's layout; the "
                         "default when all inputs are quantized alike), fp8-block (128x128 block FP8), mxfp4 "
@@ -47,6 +55,46 @@ def _run_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an unfinished (crashed or killed) run of the same merge into OUT, "
                         "keeping the tensors it had finished")
+
+
+def _mergekit_opts(p: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's flags, with MergeKit's meaning (`moemerge run` is a drop-in for it)."""
+    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=DEFAULT_COPY_TOKENIZER,
+                   help="copy the tokenizer source's tokenizer files (default on)")
+    p.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=DEFAULT_WRITE_MODEL_CARD,
+                   help="write README.md (Hub front matter, method, models, config) and mergekit_config.yml "
+                        "(default on)")
+    p.add_argument("--cuda", dest="device", action="store_const", const="cuda", help="same as --device cuda")
+    p.add_argument("-j", "--num-threads", type=int, default=None, metavar="N", help="torch CPU threads")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the plan's notes")
+    p.add_argument("--quiet", dest="no_progress", action="store_true", help="same as --no-progress")
+    p.add_argument("--trust-remote-code", action="store_true", help=MERGEKIT_NOT_NEEDED["--trust-remote-code"])
+    p.add_argument("--allow-crimes", action="store_true", help=MERGEKIT_NOT_NEEDED["--allow-crimes"])
+    loader = p.add_argument_group("MergeKit loader flags", MERGEKIT_NOT_NEEDED["loader"])
+    for flag in MERGEKIT_LOADER_FLAGS:  # collected by name, for one note
+        if flag in ("--lora-merge-cache", "--transformers-cache"):  # these take a directory
+            loader.add_argument(flag, dest="mergekit_loader", action="append", default=[], metavar="DIR",
+                                type=_named(flag))
+        else:
+            loader.add_argument(flag, dest="mergekit_loader", action="append_const", const=flag, default=[])
+
+
+def _named(flag: str) -> Callable[[str], str]:
+    """An argparse `type` recording that `flag` was given (its value is not needed)."""
+    def name(_value: str) -> str:
+        return flag
+    return name
+
+
+def _mergekit_notes(args: argparse.Namespace) -> list[str]:
+    """The notes for mergekit-yaml flags given that change nothing here."""
+    notes = []
+    if args.mergekit_loader:
+        notes.append(f"{', '.join(args.mergekit_loader)}: {MERGEKIT_NOT_NEEDED['loader']}")
+    for flag, given in (("--trust-remote-code", args.trust_remote_code), ("--allow-crimes", args.allow_crimes)):
+        if given:
+            notes.append(f"{flag}: {MERGEKIT_NOT_NEEDED[flag]}")
+    return notes
 
 
 def _dask_opts(p: argparse.ArgumentParser) -> None:
@@ -104,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     _common(p)
     _run_opts(p)
+    _mergekit_opts(p)
 
     p = sub.add_parser("plan", help="dry run: what will be read and written, how much memory")
     p.add_argument("config")
@@ -181,10 +230,16 @@ def _dask_kw(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_run(args: argparse.Namespace) -> None:
     from moemerge.api import run
 
+    for n in _mergekit_notes(args):
+        _err.print(f"note: {n}", markup=False)
     res = run(args.config, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size,
               seed=args.seed, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-              out_format=args.format, resume=args.resume, quantize=args.quantize, **_dask_kw(args))
+              out_format=args.format, resume=args.resume, quantize=args.quantize, copy_tokenizer=args.copy_tokenizer,
+              model_card=args.write_model_card, num_threads=args.num_threads, **_dask_kw(args))
     _report(res)
+    if args.verbose:
+        for n in res.plan.notes:
+            _err.print(f"note: {n}", markup=False)
 
 
 def _report(res: Any) -> None:

@@ -227,7 +227,21 @@ def load_config(path: str, *, storage_options: dict[str, Any] | None = None) -> 
         raise ConfigError(f"{path}: {e.message}") from e
 
 
+def _as_number(v: Any) -> Any:
+    """A string that `float()` reads as a finite number -> that float; anything else unchanged.
+    YAML 1.1 reads `1e-2` (no dot) as a string, and MergeKit accepts `"0.3"`; both are numbers."""
+    if isinstance(v, str):
+        try:
+            x = float(v)
+        except ValueError:
+            return v
+        if math.isfinite(x):  # "nan" and "inf" stay strings (and are refused as such where a number is due)
+            return x
+    return v
+
+
 def _parse_value(v: Any, key: str) -> ParamValue:
+    v = [_as_number(x) for x in v] if isinstance(v, list) else _as_number(v)
     if isinstance(v, bool | int | float | str):
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"parameter `{key}`: {v} is not a finite number")

@@ -19,7 +19,7 @@ from moemerge.io.lease import take_lease
 from moemerge.io.safetensors_format import ShardLayout
 from moemerge.io.sidefiles import read_side_files
 from moemerge.io.manifest import MANIFEST_NAME, Manifest, TensorEntry
-from moemerge.io.writer import CONFIG_COPY_NAME, LocalModelWriter, TensorPlacement, check_output
+from moemerge.io.writer import OWN_SIDE_FILES, LocalModelWriter, TensorPlacement, check_output
 from moemerge.io.zarr_reader import ZarrCheckpoint
 from moemerge.planner.layout import lay_out_shards
 from moemerge.settings import DEFAULT_SHARD_SIZE, VERSION
@@ -110,9 +110,10 @@ def export(store: str, out: str, *, shard_size: str | int | None = None, overwri
                         "checksum (corrupted store); nothing was exported"
                     )
             files = read_side_files(store, storage_options, model=True, tokenizer=True)
-            cfg_copy = ck.side_file(CONFIG_COPY_NAME)
-            if cfg_copy is not None:
-                files[CONFIG_COPY_NAME] = cfg_copy
+            for own in OWN_SIDE_FILES:  # the config copies and the model card, when the merge wrote them
+                raw = ck.side_file(own)
+                if raw is not None:
+                    files[own] = raw
             total = sum(ck.tensors[n].nbytes for n in names)
             index = {
                 "metadata": {"total_size": total, "moemerge_version": VERSION},

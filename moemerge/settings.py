@@ -22,6 +22,10 @@ __all__ = [
     "JOURNAL_EVERY_TENSORS",
     "JOURNAL_EVERY_SECONDS",
     "JOURNAL_MIN_SECONDS",
+    "DEFAULT_WRITE_MODEL_CARD",
+    "DEFAULT_COPY_TOKENIZER",
+    "MERGEKIT_LOADER_FLAGS",
+    "MERGEKIT_NOT_NEEDED",
 ]
 
 #: The package version (recorded in manifests, indexes and resume journals).
@@ -42,6 +46,24 @@ DEFAULT_DEVICE = "cpu"
 OUT_FORMATS = ("safetensors", "zarr", "dcp")
 #: `--quantize` (YAML `quantize:`): the output quantizations (config.py says what each means).
 QUANTIZE_CHOICES = ("none", "like-input", "fp8-block", "mxfp4")
+
+#: `run --write-model-card` (MergeKit's default): README.md and mergekit_config.yml beside the model.
+DEFAULT_WRITE_MODEL_CARD = True
+#: `run --copy-tokenizer` (MergeKit's default): copy the tokenizer files of the tokenizer source.
+DEFAULT_COPY_TOKENIZER = True
+#: mergekit-yaml flags that only tune MergeKit's own loader and writer: `moemerge run` accepts
+#: them (a MergeKit command line works unchanged) and notes that they change nothing here.
+MERGEKIT_LOADER_FLAGS = ("--lazy-unpickle", "--low-cpu-memory", "--read-to-gpu", "--clone-tensors", "--async-write",
+                         "--lora-merge-cache", "--transformers-cache", "--safe-serialization",
+                         "--no-safe-serialization")
+#: Why each of those (and the other accepted-only mergekit-yaml flags) is not needed.
+MERGEKIT_NOT_NEEDED = {
+    "loader": "not needed by moemerge (it streams byte ranges of safetensors files and always writes "
+              "safetensors)",
+    "--trust-remote-code": "not needed: moemerge never runs model code",
+    "--allow-crimes": "accepted: moemerge does not compare architectures by name; inputs must still have "
+                      "the same tensor names and shapes",
+}
 
 #: `pma --schedule` (alias `--method`): the averages over one run's snapshots; `linear` and
 #: `minus-sqrt` are Megatron-LM's coefficient schedules (methods/averages.py).

@@ -6,7 +6,7 @@ import re
 
 from moemerge.errors import ConfigError
 
-__all__ = ["parse_size", "format_size"]
+__all__ = ["parse_size", "parse_kmb", "format_size"]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -39,6 +39,27 @@ def parse_size(text: str | int, *, what: str = "size", minimum: int = 1) -> int:
             f"{what}: {format_size(value)} is below the minimum {format_size(minimum)}"
         )
     return value
+
+
+_KMB = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+
+
+def parse_kmb(text: str | int) -> int:
+    """MergeKit's sizes (`--out-shard-size`, mergekit/common.py `parse_kmb`): an integer with an
+    optional K, M or B suffix meaning thousands, millions or billions of bytes, so `"1B"` ->
+    1_000_000_000 (one billion bytes, not one byte), `"500M"` -> 500_000_000, `"123"` -> 123.
+
+    Raises ConfigError (a ValueError) on anything else.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    s = str(text).strip()
+    unit = s[-1:].lower() if s[-1:].isalpha() else ""
+    digits = s[:-1] if unit else s
+    if unit not in _KMB or not digits.isdigit():
+        raise ConfigError(f"--out-shard-size: expected an integer with an optional K, M or B suffix "
+                          f"(thousands, millions, billions of bytes; MergeKit's units), e.g. 5B or 500M, got {text!r}")
+    return int(digits) * _KMB[unit]
 
 
 def format_size(n: float) -> str:

@@ -190,7 +190,9 @@ def test_overwrite_leaves_no_side_files_of_the_old_output(tmp_path: Path, ckpt_f
     code, _, err = run_cli("run", _linear_cfg(tmp_path, c, d), out, "--overwrite", "--no-progress")
     assert code == 0, err
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([INDEX, MANIFEST, "moemerge-config.yml", "model-00001-of-00001.safetensors"]), names
+    # README.md and mergekit_config.yml: the new run's model card (`run` writes one by default)
+    assert names == sorted([INDEX, MANIFEST, "moemerge-config.yml", "model-00001-of-00001.safetensors",
+                            "README.md", "mergekit_config.yml"]), names
     assert run_cli("verify", out)[0] == 0
 
 

@@ -27,7 +27,7 @@ from moemerge.io import storage
 from moemerge.io.checkpoint import INDEX_NAME
 from moemerge.io.manifest import MANIFEST_NAME, Manifest, TensorEntry
 from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
-from moemerge.io.writer import (CONFIG_COPY_NAME, MARKER_NAME, TensorPlacement, as_manifest, atomic_write, close_fds,
+from moemerge.io.writer import (MARKER_NAME, OWN_SIDE_FILES, TensorPlacement, as_manifest, atomic_write, close_fds,
                                 check_output, start_writeback)
 from moemerge.names import DcpNames, parse_dcp_names, stored_keys
 
@@ -205,7 +205,7 @@ class DcpModelWriter:
                     os.remove(old)
             for name in os.listdir(self.path):
                 stale = (name.endswith((".distcp", ".safetensors")) and name not in self.sizes)
-                side = name in MODEL_FILES or name == CONFIG_COPY_NAME or is_tokenizer_file(name)
+                side = name in MODEL_FILES or name in OWN_SIDE_FILES or is_tokenizer_file(name)
                 if (stale or side) and os.path.isfile(os.path.join(self.path, name)):
                     os.remove(os.path.join(self.path, name))
             for fname, size in self.sizes.items():

@@ -24,7 +24,7 @@ from moemerge.io.s3_uploads import abort_stale_uploads
 from moemerge.io.safetensors_format import ShardLayout
 from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
 from moemerge.io.manifest import MANIFEST_NAME, Manifest
-from moemerge.io.writer import CONFIG_COPY_NAME, MARKER_NAME, TensorPlacement, as_manifest, check_output
+from moemerge.io.writer import MARKER_NAME, OWN_SIDE_FILES, TensorPlacement, as_manifest, check_output
 
 __all__ = ["RemoteModelWriter", "S3_MIN_PART", "S3_MAX_PARTS", "DEFAULT_PART_SIZE"]
 
@@ -356,7 +356,7 @@ class RemoteModelWriter:
                 for p in self.fs.ls(self.root, detail=False) if self.root else []:
                     name = p.rstrip("/").rsplit("/", 1)[-1]
                     stale_shard = name.endswith(".safetensors") and name not in keep
-                    side = name in MODEL_FILES or name == CONFIG_COPY_NAME or is_tokenizer_file(name)
+                    side = name in MODEL_FILES or name in OWN_SIDE_FILES or is_tokenizer_file(name)
                     if (stale_shard or side or name.endswith(".moemerge-partial")) and self.fs.isfile(p):
                         self.fs.rm(p)
             self.fs.invalidate_cache(self.root)

@@ -26,12 +26,20 @@ from moemerge.io.safetensors_format import ShardLayout
 from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
 
 __all__ = [
-    "MANIFEST_NAME", "MARKER_NAME", "CONFIG_COPY_NAME", "TensorPlacement", "ModelWriter",
+    "MANIFEST_NAME", "MARKER_NAME", "CONFIG_COPY_NAME", "CARD_NAME", "MERGEKIT_CONFIG_NAME", "OWN_SIDE_FILES",
+    "TensorPlacement", "ModelWriter",
     "SupportsFlush", "SupportsReadBack", "SupportsAdopt", "SupportsComplete", "LocalModelWriter",
     "check_output", "as_manifest", "atomic_write", "close_fds",
 ]
 
 CONFIG_COPY_NAME = "moemerge-config.yml"
+#: The model card (`moemerge.modelcard`): Hugging Face reads its front matter as metadata.
+CARD_NAME = "README.md"
+#: MergeKit's name for the config copy, written with the card.
+MERGEKIT_CONFIG_NAME = "mergekit_config.yml"
+#: Side files moemerge itself writes at commit; a new run drops old ones first, so an output
+#: written with `--no-write-model-card` never keeps an earlier run's card.
+OWN_SIDE_FILES = (CONFIG_COPY_NAME, CARD_NAME, MERGEKIT_CONFIG_NAME)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -374,7 +382,7 @@ class LocalModelWriter:
             keep = {s.file for s in self.shards}
             for name in os.listdir(self.path):
                 stale_shard = name.endswith(".safetensors") and name not in keep
-                side = name in MODEL_FILES or name == CONFIG_COPY_NAME or is_tokenizer_file(name)
+                side = name in MODEL_FILES or name in OWN_SIDE_FILES or is_tokenizer_file(name)
                 if (stale_shard or side) and os.path.isfile(os.path.join(self.path, name)):
                     os.remove(os.path.join(self.path, name))
             for s in self.shards:

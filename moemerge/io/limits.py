@@ -13,7 +13,7 @@ from moemerge.sizes import format_size
 
 __all__ = [
     "MAX_JSON_BYTES", "MAX_TOKENIZER_BYTES", "MAX_OWN_JSON_BYTES", "MAX_TENSORS",
-    "check_size", "read_limited", "loads_unique", "check_tensor_count",
+    "check_size", "read_limited", "loads_unique", "check_tensor_count", "DuplicateKey", "no_duplicate_keys",
 ]
 
 #: config.json, generation_config.json, model.safetensors.index.json. Real ones are KBs; the
@@ -61,19 +61,22 @@ def read_limited(fs: Any, path: str, *, where: str, limit: int, what: str) -> by
     return data
 
 
-class _DuplicateKey(ValueError):
+class DuplicateKey(ValueError):
+    """A JSON object names a key twice (raised by `no_duplicate_keys`)."""
+
     def __init__(self, key: str) -> None:
         super().__init__(f"duplicate key {key!r}")
         self.key = key
 
 
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook` for json.loads that raises DuplicateKey on a repeated key."""
     out = dict(pairs)  # C speed; a Python loop per key cost seconds on a 1M-tensor header
     if len(out) != len(pairs):
         seen: set[str] = set()
         for k, _ in pairs:
             if k in seen:
-                raise _DuplicateKey(k)
+                raise DuplicateKey(k)
             seen.add(k)
     return out
 
@@ -85,8 +88,8 @@ def loads_unique(raw: bytes | str, *, where: str) -> Any:
     A repeated key raises CheckpointError naming it; invalid JSON raises ValueError.
     """
     try:
-        return json.loads(raw, object_pairs_hook=_unique)
-    except _DuplicateKey as e:
+        return json.loads(raw, object_pairs_hook=no_duplicate_keys)
+    except DuplicateKey as e:
         raise CheckpointError(
             f"{where}: names `{e.key}` twice; JSON lets the last one silently win, so the file is "
             "ambiguous: fix or re-download it"

@@ -27,7 +27,7 @@ from moemerge.io import storage
 from moemerge.io.checkpoint import INDEX_NAME
 from moemerge.io.manifest import MANIFEST_NAME, Manifest, TensorEntry
 from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
-from moemerge.io.writer import (MARKER_NAME, OWN_SIDE_FILES, TensorPlacement, as_manifest, atomic_write, close_fds,
+from moemerge.io.writer import (MARKER_NAME, OWN_SIDE_FILES, TensorPlacement, as_manifest, atomic_write, close_fds, open_laid_out,
                                 check_output, start_writeback)
 from moemerge.names import DcpNames, parse_dcp_names, stored_keys
 
@@ -167,17 +167,7 @@ class DcpModelWriter:
     # -- files -----------------------------------------------------------------------------
 
     def _fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(file)
-                if fd is None:
-                    try:
-                        fd = self._fds[file] = os.open(os.path.join(self.path, file), os.O_RDWR)
-                    except OSError as e:
-                        raise OutputError(f"{self.url}/{file}: cannot open the laid-out data file ({e.strerror}); "
-                                          "every worker must see the output directory (a shared filesystem)") from e
-        return fd
+        return open_laid_out(self._fds, self._lock, self.path, file, url=self.url, what="data file")
 
     def _pwrite(self, fd: int, data: memoryview | bytes, offset: int, file: str) -> None:
         view = memoryview(data)

@@ -29,7 +29,7 @@ __all__ = [
     "MANIFEST_NAME", "MARKER_NAME", "CONFIG_COPY_NAME", "CARD_NAME", "MERGEKIT_CONFIG_NAME", "OWN_SIDE_FILES",
     "TensorPlacement", "ModelWriter",
     "SupportsFlush", "SupportsReadBack", "SupportsAdopt", "SupportsComplete", "LocalModelWriter",
-    "check_output", "as_manifest", "atomic_write", "close_fds",
+    "check_output", "as_manifest", "atomic_write", "close_fds", "open_laid_out",
 ]
 
 CONFIG_COPY_NAME = "moemerge-config.yml"
@@ -253,6 +253,24 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
+def open_laid_out(fds: dict[str, int], lock: threading.Lock, directory: str, file: str, *, url: str,
+                  what: str) -> int:
+    """The cached descriptor of `file`, a file laid out by `prepare` (perhaps by another process:
+    a Dask worker opens what the client laid out), opened once for positional writes."""
+    fd = fds.get(file)
+    if fd is None:
+        with lock:
+            fd = fds.get(file)
+            if fd is None:
+                try:
+                    fd = fds[file] = os.open(os.path.join(directory, file), os.O_RDWR)
+                except OSError as e:
+                    raise OutputError(
+                        f"{url}/{file}: cannot open the laid-out {what} ({e.strerror}); every "
+                        "worker must see the output directory (a shared filesystem)") from e
+    return fd
+
+
 def close_fds(fds: dict[str, int], lock: threading.Lock) -> None:
     """Close a writer's open shard files (errors ignored: closing follows a flush or a failure)."""
     with lock:
@@ -331,19 +349,7 @@ class LocalModelWriter:
         return f"LocalModelWriter({self.url!r}, shards={len(self.shards)})"
 
     def _fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(file)
-                if fd is None:
-                    path = os.path.join(self.path, file)
-                    try:
-                        fd = self._fds[file] = os.open(path, os.O_RDWR)
-                    except OSError as e:
-                        raise OutputError(
-                            f"{self.url}/{file}: cannot open the laid-out shard ({e.strerror}); every "
-                            "worker must see the output directory (a shared filesystem)") from e
-        return fd
+        return open_laid_out(self._fds, self._lock, self.path, file, url=self.url, what="shard")
 
     def flush(self) -> None:
         """Put what this writer wrote on disk (a worker's part, before another process commits)."""

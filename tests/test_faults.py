@@ -868,6 +868,21 @@ def _tree(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _reads_refused(run_cli, tmp_path: Path, a: Path, b: Path, message: str) -> None:
+    """A linear merge of a and b is refused with `message` in one error (exit 1, no traceback; a
+    list of problems continues on indented lines): no finished output, input a unchanged."""
+    before = _tree(a)
+    out = tmp_path / "out"
+    code, _, err = run_cli("run", write_yaml(tmp_path / "m.yaml", _reads_linear(a, b)), out, "--no-progress")
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and err.count("moemerge: error:") == 1, err
+    assert lines[0].startswith("moemerge: error:") and all(ln.startswith(" ") for ln in lines[1:]), err
+    assert message in err, err
+    assert not out.exists() or not (out / "moemerge-manifest.json").exists()
+    assert _tree(a) == before
+
+
 def _reads_linear(a: Path, b: Path) -> dict:
     return {"merge_method": "linear", "models": [
         {"model": str(a), "parameters": {"weight": 0.4}},
@@ -1448,15 +1463,7 @@ def test_duplicate_key_in_index_is_refused(tmp_path: Path, run_cli) -> None:
     # the same tensor listed twice, pointing at two shards: JSON would let the last one win
     body = ", ".join(f'"{k}": "{v}"' for k, v in wmap.items()) + f', "{dup}": "{other}"'
     index.write_text('{"metadata": {"total_size": 1}, "weight_map": {' + body + "}}")
-    before = _tree(a)
-    out = tmp_path / "out"
-    code, _, err = run_cli("run", write_yaml(tmp_path / "m.yaml", _reads_linear(a, b)), out, "--no-progress")
-    assert code == 1
-    line = err.strip()
-    assert "\n" not in line
-    assert f"{a}/model.safetensors.index.json: names `{dup}` twice" in line
-    assert not out.exists() or not (out / "moemerge-manifest.json").exists()
-    assert _tree(a) == before
+    _reads_refused(run_cli, tmp_path, a, b, f"{a}/model.safetensors.index.json: names `{dup}` twice")
 
 
 # -- row 9: resource exhaustion from inputs --------------------------------------------------------
@@ -1503,15 +1510,8 @@ def test_oversized_config_json_is_refused_before_it_is_read(tmp_path: Path, run_
         f.write(b'{"model_type": "test"}')
         f.write(b" " * (MAX_JSON_BYTES + 1_000_000))
     size = big.stat().st_size
-    before = _tree(a)
-    out = tmp_path / "out"
-    code, _, err = run_cli("run", write_yaml(tmp_path / "m.yaml", _reads_linear(a, b)), out, "--no-progress")
-    assert code == 1
-    line = err.strip()
-    assert "\n" not in line
-    assert f"{a}/config.json: is {size / 1e6:.2f} MB, above the 64.00 MB limit for config.json" in line
-    assert not out.exists() or not (out / "moemerge-manifest.json").exists()
-    assert _tree(a) == before
+    _reads_refused(run_cli, tmp_path, a, b,
+                   f"{a}/config.json: is {size / 1e6:.2f} MB, above the 64.00 MB limit for config.json")
 
 
 def test_oversized_tokenizer_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1553,14 +1553,8 @@ def test_too_many_tensors_are_refused_at_header_parse(tmp_path: Path, run_cli, m
     seed = random.SystemRandom().randrange(2**31)
     a = _many_tensor_checkpoint(tmp_path / "a", 1001, seed)
     b = _many_tensor_checkpoint(tmp_path / "b", 1001, seed + 1)
-    before = _tree(a)
-    out = tmp_path / "out"
-    code, _, err = run_cli("run", write_yaml(tmp_path / "m.yaml", _reads_linear(a, b)), out, "--no-progress")
-    assert code == 1
-    assert f"{a}/model.safetensors: holds 1,001 tensors, above moemerge's limit of 1,000 per checkpoint" in err
-    assert "Traceback" not in err
-    assert not out.exists() or not (out / "moemerge-manifest.json").exists()
-    assert _tree(a) == before
+    _reads_refused(run_cli, tmp_path, a, b,
+                   f"{a}/model.safetensors: holds 1,001 tensors, above moemerge's limit of 1,000 per checkpoint")
     monkeypatch.setattr(limits, "MAX_TENSORS", 1001)  # at the limit: planned
     code, _, err = run_cli("plan", write_yaml(tmp_path / "m.yaml", _reads_linear(a, b)))
     assert code == 0, err

@@ -27,7 +27,7 @@ from moemerge.io import storage
 from moemerge.io.checkpoint import INDEX_NAME
 from moemerge.io.manifest import MANIFEST_NAME, Manifest, TensorEntry
 from moemerge.io.sidefiles import MODEL_FILES, is_tokenizer_file
-from moemerge.io.writer import (MARKER_NAME, OWN_SIDE_FILES, TensorPlacement, as_manifest, atomic_write, close_fds, open_laid_out,
+from moemerge.io.writer import (MARKER_NAME, OWN_SIDE_FILES, TensorPlacement, as_manifest, atomic_write, close_fds, flush_fds, open_laid_out,
                                 check_output, start_writeback)
 from moemerge.names import DcpNames, parse_dcp_names, stored_keys
 
@@ -229,11 +229,7 @@ class DcpModelWriter:
 
     def flush(self) -> None:
         """Put what this writer wrote on disk (a worker's part, before another process commits)."""
-        for file, fd in list(self._fds.items()):
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                raise OutputError(f"{self.url}/{file}: cannot flush the data file ({e.strerror}); is the disk full?") from e
+        flush_fds(self._fds, url=self.url, what="data file")
 
     def read_back(self, name: str, block: int = 64 << 20) -> Iterator[memoryview]:
         """The bytes written for tensor `name`, in order, `block` bytes at a time."""

@@ -29,7 +29,7 @@ __all__ = [
     "MANIFEST_NAME", "MARKER_NAME", "CONFIG_COPY_NAME", "CARD_NAME", "MERGEKIT_CONFIG_NAME", "OWN_SIDE_FILES",
     "TensorPlacement", "ModelWriter",
     "SupportsFlush", "SupportsReadBack", "SupportsAdopt", "SupportsComplete", "LocalModelWriter",
-    "check_output", "as_manifest", "atomic_write", "close_fds", "open_laid_out",
+    "check_output", "as_manifest", "atomic_write", "close_fds", "flush_fds", "open_laid_out",
 ]
 
 CONFIG_COPY_NAME = "moemerge-config.yml"
@@ -271,6 +271,15 @@ def open_laid_out(fds: dict[str, int], lock: threading.Lock, directory: str, fil
     return fd
 
 
+def flush_fds(fds: dict[str, int], *, url: str, what: str) -> None:
+    """fsync every open file of a writer; a failure names the file (usually a full disk)."""
+    for file, fd in list(fds.items()):
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            raise OutputError(f"{url}/{file}: cannot flush the {what} ({e.strerror}); is the disk full?") from e
+
+
 def close_fds(fds: dict[str, int], lock: threading.Lock) -> None:
     """Close a writer's open shard files (errors ignored: closing follows a flush or a failure)."""
     with lock:
@@ -353,11 +362,7 @@ class LocalModelWriter:
 
     def flush(self) -> None:
         """Put what this writer wrote on disk (a worker's part, before another process commits)."""
-        for file, fd in list(self._fds.items()):
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                raise OutputError(f"{self.url}/{file}: cannot flush the shard ({e.strerror}); is the disk full?") from e
+        flush_fds(self._fds, url=self.url, what="shard")
 
     def read_back(self, name: str, block: int = 64 << 20) -> Iterator[memoryview]:
         """The bytes written for tensor `name`, in order, `block` bytes at a time."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from moemerge.settings import VERSION as __version__
 from moemerge.io.manifest import Manifest, TensorEntry
-from moemerge.io.sidefiles import retag_config_dtype
+from moemerge.io.sidefiles import retag_config_dtype, update_config
 from moemerge.io.writer import CONFIG_COPY_NAME, ModelWriter
 from moemerge.planner.plan import Plan
 from moemerge.planner.quant import with_quant_config
@@ -67,8 +67,8 @@ def commit_output(writer: ModelWriter, p: Plan, digests: Mapping[str, str], *, s
     dtype = main_dtype(p)
     files = dict(side_files)
     if "config.json" in files:
-        files["config.json"] = with_quant_config(retag_config_dtype(files["config.json"], dtype),
-                                                 p.quantization_config)
+        files["config.json"] = with_quant_config(
+            retag_config_dtype(update_config(files["config.json"], p.config_updates), dtype), p.quantization_config)
     files[CONFIG_COPY_NAME] = config_copy
     manifest = output_manifest(p, digests, config=config, seed=seed, inputs=inputs, extra=extra)
     for check in checks:

@@ -11,7 +11,8 @@ from moemerge.io import storage
 from moemerge.io import limits
 from moemerge.io.limits import read_limited
 
-__all__ = ["MODEL_FILES", "is_tokenizer_file", "side_file_limit", "read_side_files", "retag_config_dtype"]
+__all__ = ["MODEL_FILES", "is_tokenizer_file", "side_file_limit", "read_side_files", "retag_config_dtype",
+           "update_config"]
 
 MODEL_FILES = ("config.json", "generation_config.json")
 _TOKENIZER = re.compile(
@@ -78,4 +79,22 @@ def retag_config_dtype(raw: bytes, dtype: str) -> bytes:
         del cfg["quantization_config"]
     if "dtype" in cfg:
         cfg["dtype"] = name
+    return (json.dumps(cfg, indent=2) + "\n").encode()
+
+
+def update_config(raw: bytes, updates: tuple[tuple[str, Any], ...]) -> bytes:
+    """config.json with each top-level `(key, value)` of `updates` set (nothing to set: `raw`).
+
+    An unreadable config.json with updates to make is an error: writing it unchanged would ship
+    weights whose shapes or layer count it does not describe."""
+    if not updates:
+        return raw
+    try:
+        cfg = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"config.json is not JSON ({e}); cannot set {', '.join(k for k, _ in updates)}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config.json is not a JSON object; cannot set {', '.join(k for k, _ in updates)}")
+    for key, value in updates:
+        cfg[key] = value
     return (json.dumps(cfg, indent=2) + "\n").encode()

@@ -139,6 +139,10 @@ class Plan:
     `like-input`, `fp8-block`, `mxfp4`; None when not decided (a plan from `build_plan` alone)."""
     quantization_config: dict[str, Any] | None = None
     """The output config.json's `quantization_config`; None: none (removed if the input had one)."""
+    config_updates: tuple[tuple[str, Any], ...] = ()
+    """Top-level config.json fields the output sets (`key`, value), applied in order at commit:
+    what slices (`num_hidden_layers`, per-layer lists) and a rebuilt vocabulary (`vocab_size`)
+    change. Empty: config.json as the side source has it (dtype and quantization retagged)."""
 
     def placements(self) -> dict[str, TensorPlacement]:
         """Where each planned tensor goes in a safetensors output."""

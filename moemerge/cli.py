@@ -25,10 +25,26 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True)
 _out = Console(highlight=False, soft_wrap=True)
 
 
+def _shard_size(text: str) -> str:
+    """`--shard-size` as given, once known to be a size of at least `settings.MIN_SHARD_SIZE`."""
+    from moemerge import settings
+    from moemerge.errors import ConfigError
+    from moemerge.sizes import parse_size
+
+    try:
+        parse_size(text, what="--shard-size", minimum=settings.MIN_SHARD_SIZE)
+    except ConfigError as e:
+        hint = ("; here B is bytes, so 1B is one byte: for MergeKit's units (1B = 10^9 bytes) write "
+                "--out-shard-size 1B or --shard-size 1GB" if text.strip()[-1:] in "bB" else "")
+        raise argparse.ArgumentTypeError(f"{e}{hint}") from None
+    return text
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", default=DEFAULT_BUDGET,
                    help=f"memory for buffers, e.g. 128MB, 4GB (default {DEFAULT_BUDGET})")
-    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, help=f"largest output shard (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, type=_shard_size,
+                   help=f"largest output shard, at least 1MB (default {DEFAULT_SHARD_SIZE})")
     # MergeKit's spelling, same destination: the last one given wins
     p.add_argument("--out-shard-size", dest="shard_size", type=parse_kmb, metavar="SIZE",
                    help="largest output shard in MergeKit's units: K, M, B = thousands, millions, billions of "
@@ -185,8 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="convert a moemerge Zarr output to a safetensors directory")
     p.add_argument("store", help="the Zarr output (local path or URL)")
     p.add_argument("out", help="the safetensors directory to write")
-    p.add_argument("--shard-size", default=None,
-                   help="largest output shard (default: the shards the merge planned)")
+    p.add_argument("--shard-size", default=None, type=_shard_size,
+                   help="largest output shard, at least 1MB (default: the shards the merge planned)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished output")
 
     p = sub.add_parser("verify", help="check an output against its manifest checksums")

@@ -7,6 +7,7 @@ __all__ = [
     "VERSION",
     "DEFAULT_BUDGET",
     "DEFAULT_SHARD_SIZE",
+    "MIN_SHARD_SIZE",
     "MIN_BUDGET",
     "DEFAULT_UNIT_BYTES",
     "DEFAULT_DEVICE",
@@ -35,6 +36,9 @@ VERSION = "0.1.0"
 DEFAULT_BUDGET = "2GB"
 #: `--shard-size`: the largest output shard.
 DEFAULT_SHARD_SIZE = "5GB"
+#: The smallest `--shard-size` the CLI accepts, in bytes. Below it a size is almost surely a
+#: unit mix-up (`1B` in MergeKit's units is 10^9 bytes, here one byte: one file per tensor).
+MIN_SHARD_SIZE = 10**6
 #: The smallest budget accepted, in bytes: below it, per-call overheads dominate every chunk.
 MIN_BUDGET = 10**6
 #: `--unit-size`, in bytes of input per work unit (DESIGN "Work units and scale"): about 256 MB

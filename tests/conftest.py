@@ -79,6 +79,14 @@ def ckpt_factory(tmp_path: Path) -> Callable[..., Path]:
 
 
 @pytest.fixture
+def small_shards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the CLI's `--shard-size` go below 1 MB: tiny test models need several shards."""
+    from moemerge import settings
+
+    monkeypatch.setattr(settings, "MIN_SHARD_SIZE", 1)
+
+
+@pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, str, str]]:
     """Run `moemerge ARGS` in-process; returns (exit code, stdout, stderr)."""
 

@@ -16,6 +16,9 @@ from safetensors.torch import load_file
 
 from moemerge import __version__
 
+#: tiny test models need `--shard-size` below the CLI's 1 MB minimum to get several shards
+pytestmark = pytest.mark.usefixtures("small_shards")
+
 INDEX = "model.safetensors.index.json"
 MANIFEST = "moemerge-manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -100,6 +100,9 @@ from moemerge.pma.update import update
 from moemerge.verify import verify
 from test_s3 import _config, _objects, _open_uploads, fast, models  # noqa: F401  (fixtures)
 
+#: tiny test models need `--shard-size` below the CLI's 1 MB minimum to get several shards
+pytestmark = pytest.mark.usefixtures("small_shards")
+
 MANIFEST = "moemerge-manifest.json"
 INDEX = "model.safetensors.index.json"
 
@@ -123,6 +126,7 @@ import moemerge.cli as cli, moemerge.api, moemerge.pma.update
 from moemerge.io.writer import LocalModelWriter
 from moemerge.pma.state import StateStore
 from rich.console import Console
+
 
 def slow(fn):
     def wrapper(*a, **k):

@@ -82,6 +82,7 @@ def test_cuda_flag_means_device_cuda(tmp_path: Path, inputs, run_cli) -> None:
 
 def test_out_shard_size_1b_is_a_billion_bytes(tmp_path: Path, inputs, run_cli, monkeypatch) -> None:
     import moemerge.api as api
+    from moemerge import settings
 
     cfg = _dare(tmp_path, inputs)
     seen: list[object] = []
@@ -90,7 +91,15 @@ def test_out_shard_size_1b_is_a_billion_bytes(tmp_path: Path, inputs, run_cli, m
     code, out, err = run_cli("plan", cfg, "--json", "--out-shard-size", "1B")
     assert code == 0, err
     assert seen == [10**9] and len(json.loads(out)["shards"]) == 1
-    # --shard-size keeps its meaning (1B: one byte, so one shard per tensor); 1K is 1KB in both
+    # --shard-size below 1MB is refused (1B here would be one byte: one file per tensor), and the
+    # error says how to write MergeKit's billion
+    for flag in ("1B", "1KB", "999999"):
+        code, _, err = run_cli("plan", cfg, "--json", "--shard-size", flag)
+        assert code == 2 and "--shard-size" in err and "below the minimum 1.00 MB" in err, err
+        assert ("--out-shard-size 1B" in err) == flag.endswith("B"), err
+    assert run_cli("plan", cfg, "--json", "--shard-size", "1MB")[0] == 0
+    # --out-shard-size keeps MergeKit's meaning at any size: 1K is 1000 bytes, as --shard-size 1KB
+    monkeypatch.setattr(settings, "MIN_SHARD_SIZE", 1)
     one_byte = json.loads(run_cli("plan", cfg, "--json", "--shard-size", "1B")[1])["shards"]
     assert len(one_byte) == 3
     k = json.loads(run_cli("plan", cfg, "--json", "--out-shard-size", "1K")[1])["shards"]

@@ -27,6 +27,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+#: tiny test models need `--shard-size` below the CLI's 1 MB minimum to get several shards
+pytestmark = pytest.mark.usefixtures("small_shards")
+
 WEIGHTS = (0.2, 0.3, 0.5)
 SEEDS = (11, 22, 33)
 SHARD = "20KB"  # the tiny models below are 100-400 KB: several shards each

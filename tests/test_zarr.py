@@ -23,6 +23,9 @@ from moemerge.io.zarr_store import array_path, tensor_name
 from moemerge.io.zarr_writer import zarr_chunks
 from moemerge.verify import verify
 
+#: tiny test models need `--shard-size` below the CLI's 1 MB minimum to get several shards
+pytestmark = pytest.mark.usefixtures("small_shards")
+
 _LOGICAL = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from moemerge.config import MergeConfig, load_config, parse_config
 from moemerge.engine import NullProgress, Progress, run_local
-from moemerge.errors import CheckpointError, ConfigError
+from moemerge.errors import CheckpointError, ConfigError, PlanError
 from moemerge.io.checkpoint import Checkpoint, TensorInfo
 from moemerge.io.quant import dequantizing
 from moemerge.io.journal import Journal, ResumeCheck
@@ -71,6 +71,9 @@ def _open_all(cfg: MergeConfig) -> list[Checkpoint]:
     dequantized (`io.quant`); quantized-looking tensors no layout claims are refused unless the
     YAML's `non_float` says how to copy them.
     """
+    from moemerge.io.hub import begin_run
+
+    begin_run()  # Hub branches are pinned afresh: each to one commit for the whole run
     opened: list[Checkpoint] = []
     problems: list[str] = []
     for loc in cfg.model_locations():
@@ -89,14 +92,39 @@ def _open_all(cfg: MergeConfig) -> list[Checkpoint]:
             c.close()
         raise CheckpointError(problems[0] if len(problems) == 1 else
                               "cannot read the inputs:\n  " + "\n  ".join(problems))
-    return opened
+    from moemerge.tokenizers_merge import with_vocabulary  # embeddings re-indexed to a built vocabulary
+
+    try:
+        return with_vocabulary(cfg, opened)
+    except BaseException:
+        for c in opened:
+            c.close()
+        raise
+
+
+def input_files(config: MergeConfig) -> dict[str, dict[str, Any]]:
+    """What every input file of `config` is now (`io.identity`: size, change stamps, header
+    hash per file; headers only): recorded with an output to tell later whether it is stale."""
+    from moemerge.io.identity import input_identity
+
+    ckpts = _open_all(config)
+    try:
+        return input_identity(ckpts)
+    finally:
+        for c in ckpts:
+            c.close()
 
 
 def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int,
           shard_size: str | int, seed: int, chunk_rows: int | None = None,
           out_format: str = "safetensors", unit_size: str | int | None = None,
-          quantize: str | None = None) -> Plan:
+          quantize: str | None = None, allow_crimes: bool = False) -> Plan:
+    from moemerge.planner.architecture import mixed_architectures
     from moemerge.planner.quant import plan_with_quant, resolve_output_quant
+
+    mixed = None if allow_crimes else mixed_architectures([(c.url, c.config()) for c in ckpts])
+    if mixed:
+        raise PlanError(mixed)
 
     oq = resolve_output_quant(quantize or cfg.quantize, ckpts, ckpts[0].tensors, out_format=out_format)
     budget = parse_size(memory_budget, what="--memory-budget", minimum=MIN_BUDGET)
@@ -108,6 +136,14 @@ def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int
         cfg, {c.url: c.tensors for c in ckpts}, memory_budget=budget, shard_size=shard,
         seed=seed, n_layers_hint=hint, chunk_rows=chunk_rows, out_format=out_format, quant=oq.specs, keep=oq.keep, **units,
     ), oq)
+    from moemerge.tokenizers_merge import vocab_config_updates
+
+    p = replace(p, config_updates=p.config_updates + vocab_config_updates(ckpts, side))
+    if cfg.slices:  # the output's layer count and per-layer config.json lists (planner/slices.py)
+        from moemerge.planner.slices import slice_config_updates
+
+        cats = {c.url: c.tensors for c in ckpts}
+        p = replace(p, config_updates=p.config_updates + slice_config_updates(cfg, cats, side))
     from moemerge.io.quant import describe  # which inputs are stored quantized, and how
 
     said = [line for line in map(describe, ckpts) if line]
@@ -116,15 +152,18 @@ def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int
 
 def plan(config: MergeConfig | dict[str, Any] | str, *, memory_budget: str | int = DEFAULT_BUDGET,
          shard_size: str | int = DEFAULT_SHARD_SIZE, seed: int = 0, chunk_rows: int | None = None,
-         unit_size: str | int | None = None, out_format: str = "safetensors", quantize: str | None = None) -> Plan:
+         unit_size: str | int | None = None, out_format: str = "safetensors", quantize: str | None = None,
+         allow_crimes: bool = False) -> Plan:
     """Validate a config against its checkpoints' headers and return the plan (no data read).
 
-    `quantize` (`none`, `like-input`, `fp8-block`, `mxfp4`) overrides the config's `quantize:`."""
+    `quantize` (`none`, `like-input`, `fp8-block`, `mxfp4`) overrides the config's `quantize:`;
+    `allow_crimes` lets inputs of different architectures through (MergeKit's `--allow-crimes`)."""
     cfg = _as_config(config)
     ckpts = _open_all(cfg)
     try:
         return _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
-                     chunk_rows=chunk_rows, unit_size=unit_size, out_format=out_format, quantize=quantize)
+                     chunk_rows=chunk_rows, unit_size=unit_size, out_format=out_format, quantize=quantize,
+                     allow_crimes=allow_crimes)
     finally:
         for c in ckpts:
             c.close()
@@ -160,13 +199,15 @@ def run(
     copy_tokenizer: bool = True,
     model_card: bool = False,
     num_threads: int | None = None,
+    allow_crimes: bool = False,
 ) -> RunResult:
     """Merge per `config` into the model directory `out`; returns when the output is committed.
 
     MergeKit's options: `copy_tokenizer` copies the tokenizer source's tokenizer files (default,
     as MergeKit); `model_card` writes README.md (Hub front matter, method, models, the config)
     and `mergekit_config.yml` (`moemerge run` does by default, as mergekit-yaml); `num_threads`
-    sets torch's CPU threads (mergekit-yaml `-j`).
+    sets torch's CPU threads (mergekit-yaml `-j`); `allow_crimes` merges inputs whose config.json
+    names different architectures (refused otherwise, as MergeKit does).
 
     Everything is validated before the first output byte; on any error no index and no
     manifest are written, so the partial output never looks finished. `chunk_rows` caps rows
@@ -201,7 +242,8 @@ def run(
     cluster = None
     try:
         the_plan = _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
-                         chunk_rows=chunk_rows, out_format=out_format, unit_size=unit_size, quantize=quantize)
+                         chunk_rows=chunk_rows, out_format=out_format, unit_size=unit_size, quantize=quantize,
+                         allow_crimes=allow_crimes)
         if client is None and (workers or scheduler):  # reach the cluster before any output exists
             from moemerge.engine.cluster import start_client
 
@@ -278,8 +320,12 @@ def _prepare_output(p: Plan, cfg: MergeConfig, ckpts: list[Checkpoint], out: str
                     resume: bool, copy_tokenizer: bool = True, model_card: bool = False) -> _Output:
     """Read the side files, open the writer and the journal, check free space, lay out the output."""
     side = read_side_files(p.side_source or ckpts[0].url, cfg.storage_options, model=True, tokenizer=False)
-    tok = (read_side_files(p.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
-           if copy_tokenizer else {})
+    from moemerge.tokenizers_merge import output_tokenizer_files
+
+    tok = output_tokenizer_files(cfg, ckpts, copy_tokenizer=copy_tokenizer, donor=p.tokenizer_source or ckpts[0].url)
+    if tok is None:
+        tok = (read_side_files(p.tokenizer_source or ckpts[0].url, cfg.storage_options, model=False, tokenizer=True)
+               if copy_tokenizer else {})
     source = {k: v for k, v in cfg.source.items() if k != "storage_options"}
     if model_card:  # ours, not an input's README.md (read_side_files never reads one)
         from moemerge.modelcard import card_files

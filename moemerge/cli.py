@@ -7,10 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, cast
 
 from moemerge.errors import MoemergeError
 from moemerge.settings import (DEFAULT_ALPHA, DEFAULT_BUDGET, DEFAULT_COPY_TOKENIZER, DEFAULT_DEVICE, DEFAULT_LAST,
@@ -21,8 +18,34 @@ from moemerge.sizes import parse_kmb
 
 __all__ = ["main"]
 
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
-_out = Console(highlight=False, soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+class _LazyConsole:
+    """A rich Console made on first print: importing rich costs a tenth of a second that
+    `--help` and `--version` (argparse's own output) never need."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kwargs)
+        return getattr(self._console, name)
+
+
+def Table(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - rich's Table, imported when a table is printed
+    from rich.table import Table as RichTable
+
+    return RichTable(*args, **kwargs)
+
+
+_err = cast("Console", _LazyConsole(stderr=True, highlight=False, soft_wrap=True))
+_out = cast("Console", _LazyConsole(highlight=False, soft_wrap=True))
 
 
 def _shard_size(text: str) -> str:
@@ -71,6 +94,9 @@ def _run_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an unfinished (crashed or killed) run of the same merge into OUT, "
                         "keeping the tensors it had finished")
+    p.add_argument("--hub-cache", default=None, metavar="DIR",
+                   help="download the Hub models' files into DIR (huggingface_hub's cache layout) instead of "
+                        "reading them in place with range requests")
 
 
 def _mergekit_opts(p: argparse.ArgumentParser) -> None:
@@ -85,7 +111,8 @@ def _mergekit_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="also print the plan's notes")
     p.add_argument("--quiet", dest="no_progress", action="store_true", help="same as --no-progress")
     p.add_argument("--trust-remote-code", action="store_true", help=MERGEKIT_NOT_NEEDED["--trust-remote-code"])
-    p.add_argument("--allow-crimes", action="store_true", help=MERGEKIT_NOT_NEEDED["--allow-crimes"])
+    p.add_argument("--allow-crimes", action="store_true",
+                   help="merge inputs whose config.json names different architectures (refused without it)")
     loader = p.add_argument_group("MergeKit loader flags", MERGEKIT_NOT_NEEDED["loader"])
     for flag in MERGEKIT_LOADER_FLAGS:  # collected by name, for one note
         if flag in ("--lora-merge-cache", "--transformers-cache"):  # these take a directory
@@ -107,9 +134,8 @@ def _mergekit_notes(args: argparse.Namespace) -> list[str]:
     notes = []
     if args.mergekit_loader:
         notes.append(f"{', '.join(args.mergekit_loader)}: {MERGEKIT_NOT_NEEDED['loader']}")
-    for flag, given in (("--trust-remote-code", args.trust_remote_code), ("--allow-crimes", args.allow_crimes)):
-        if given:
-            notes.append(f"{flag}: {MERGEKIT_NOT_NEEDED[flag]}")
+    if args.trust_remote_code:
+        notes.append(f"--trust-remote-code: {MERGEKIT_NOT_NEEDED['--trust-remote-code']}")
     return notes
 
 
@@ -170,10 +196,27 @@ def _parser() -> argparse.ArgumentParser:
     _run_opts(p)
     _mergekit_opts(p)
 
+    p = sub.add_parser("multi", help="run several named merges of one YAML file (MergeKit's mergekit-multi)",
+                       description="Run the merges of a multi-document YAML file (documents separated by ---, "
+                       "each with a `name:`; a reference to a name means that merge's output) in dependency "
+                       "order, as MergeKit's mergekit-multi. A finished merge is kept only when its config and "
+                       "input files are unchanged since it was made.")
+    p.add_argument("config")
+    p.add_argument("--intermediate-dir", "-I", required=True, metavar="DIR",
+                   help="where the named merges are written (DIR/NAME)")
+    p.add_argument("--out-path", default=None, metavar="OUT", help="the output of the unnamed (final) merge")
+    p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep finished merges whose config and inputs are unchanged (default on)")
+    _common(p)
+    _run_opts(p)
+    _mergekit_opts(p)
+
     p = sub.add_parser("plan", help="dry run: what will be read and written, how much memory")
     p.add_argument("config")
     p.add_argument("out", nargs="?", default=None, help="the output location (how Dask splits work depends on it)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--allow-crimes", action="store_true",
+                   help="plan a merge of inputs whose config.json names different architectures")
     p.add_argument("--format", default=OUT_FORMATS[0], choices=OUT_FORMATS)
     _common(p)
     _dask_opts(p)
@@ -243,19 +286,47 @@ def _dask_kw(args: argparse.Namespace) -> dict[str, Any]:
             "dashboard": args.dashboard}
 
 
+def _run_kw(args: argparse.Namespace) -> dict[str, Any]:
+    """`api.run`'s settings from the flags `run` and `multi` share (all but config, out, overwrite, resume)."""
+    if getattr(args, "hub_cache", None):  # read by io.hub when a Hub model is opened (workers inherit it)
+        from moemerge.io.hub import set_cache_dir
+
+        set_cache_dir(args.hub_cache)
+    return {"memory_budget": args.memory_budget, "shard_size": args.shard_size, "seed": args.seed,
+            "device": args.device, "progress": not args.no_progress, "out_format": args.format,
+            "quantize": args.quantize, "copy_tokenizer": args.copy_tokenizer, "model_card": args.write_model_card,
+            "num_threads": args.num_threads, "allow_crimes": args.allow_crimes, **_dask_kw(args)}
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from moemerge.api import run
 
     for n in _mergekit_notes(args):
         _err.print(f"note: {n}", markup=False)
-    res = run(args.config, args.out, memory_budget=args.memory_budget, shard_size=args.shard_size,
-              seed=args.seed, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-              out_format=args.format, resume=args.resume, quantize=args.quantize, copy_tokenizer=args.copy_tokenizer,
-              model_card=args.write_model_card, num_threads=args.num_threads, **_dask_kw(args))
+    res = run(args.config, args.out, overwrite=args.overwrite, resume=args.resume, **_run_kw(args))
     _report(res)
     if args.verbose:
         for n in res.plan.notes:
             _err.print(f"note: {n}", markup=False)
+
+
+def _cmd_multi(args: argparse.Namespace) -> None:
+    from moemerge.multi import Decision, run_multi
+
+    for n in _mergekit_notes(args):
+        _err.print(f"note: {n}", markup=False)
+
+    def said(d: Decision) -> None:
+        if d.action == "keep":
+            _out.print(f"kept {d.doc.label}: {d.doc.out} ({d.why})", markup=False)
+        else:
+            _out.print(f"running {d.doc.label} -> {d.doc.out}" + (f" ({d.why})" if d.why else ""), markup=False)
+
+    for _, res in run_multi(args.config, intermediate_dir=args.intermediate_dir, out_path=args.out_path,
+                            lazy=args.lazy, overwrite=args.overwrite, resume=args.resume, on_decision=said,
+                            **_run_kw(args)):
+        if res is not None:
+            _report(res)
 
 
 def _report(res: Any) -> None:
@@ -276,7 +347,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from moemerge.api import plan, plan_split
 
     p = plan(args.config, memory_budget=args.memory_budget, shard_size=args.shard_size, seed=args.seed,
-             unit_size=args.unit_size, out_format=args.format, quantize=args.quantize)
+             unit_size=args.unit_size, out_format=args.format, quantize=args.quantize,
+             allow_crimes=args.allow_crimes)
     dask = plan_split(p, args.workers, args.out) if args.workers else None
     if args.json:
         _out.print_json(json.dumps({**p.summary(), **({"dask": dask} if dask else {})}))
@@ -401,7 +473,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 _COMMANDS = {
-    "run": _cmd_run, "plan": _cmd_plan, "pma": _cmd_pma, "inspect": _cmd_inspect,
+    "run": _cmd_run, "multi": _cmd_multi, "plan": _cmd_plan, "pma": _cmd_pma, "inspect": _cmd_inspect,
     "export": _cmd_export, "verify": _cmd_verify, "demo": _cmd_demo,
 }
 

@@ -23,6 +23,8 @@ from moemerge.settings import QUANTIZE_CHOICES
 
 if TYPE_CHECKING:
     from moemerge.methods.base import Method, ParamSpec
+    from moemerge.slices_config import SliceSpec
+    from moemerge.io.vocab.settings import TokenizerSettings
 
 __all__ = [
     "Scalar",
@@ -32,6 +34,7 @@ __all__ = [
     "ModelSpec",
     "MergeConfig",
     "load_config",
+    "read_yaml_documents",
     "parse_config",
     "resolve_value",
     "param_problem",
@@ -104,7 +107,13 @@ class MergeConfig:
     out_dtype: str | None = None
     """Safetensors dtype name of the output (default: `dtype`, else the inputs' dtype)."""
     tokenizer_source: str | None = None
-    """`base` (default), or a model location whose tokenizer files are copied."""
+    """`base`, `union` or a model location: the output vocabulary (see `tokenizer`); unset:
+    embeddings are merged row by row and the base's tokenizer files are copied."""
+    tokenizer: TokenizerSettings | None = None
+    """How the output vocabulary is built (`tokenizer_source` or the `tokenizer:` block,
+    moemerge.io.vocab); None: no vocabulary is built."""
+    chat_template: str | None = None
+    """`chat_template:`: a template name, `auto` or a Jinja text, written with the tokenizer."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for every location (e.g. an S3 endpoint); never printed."""
     dcp: DcpNames | None = None
@@ -120,6 +129,11 @@ class MergeConfig:
     `fp8-block` 128x128 block FP8 (DeepSeek-V3); `mxfp4` gpt-oss MXFP4 experts. None: the default."""
     source: dict[str, Any] = field(default_factory=dict)
     """The mapping this config was parsed from, written beside the output."""
+    slices: tuple[SliceSpec, ...] = ()
+    """MergeKit's `slices:` (or `modules: {default: ...}`), in output order; empty: `models:`
+    merges whole models. With slices, `models` lists every model a slice reads (no parameters)."""
+    module_parameters: dict[str, ParamValue] = field(default_factory=dict)
+    """`modules.default.parameters`: between the slices' parameters and the top level's."""
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of the config (storage options left out)."""
@@ -141,12 +155,7 @@ _TOP_KEYS = {
     "tokenizer_source", "storage_options", "slices", "tokenizer", "chat_template",
     "name", "modules", "non_float", "dcp", "quantize",
 }
-_UNSUPPORTED = {
-    "slices": "`slices:` is not supported yet; list whole models under `models:`",
-    "modules": "`modules:` is not supported yet; list whole models under `models:`",
-    "tokenizer": "`tokenizer:` (tokenizer merging) is not supported yet; use `tokenizer_source`",
-    "chat_template": "`chat_template:` is not supported yet; edit tokenizer_config.json after the merge",
-}
+_UNSUPPORTED: dict[str, str] = {}
 
 
 #: A merge config is a few KB; reading stops past this many characters (a huge file is refused
@@ -191,8 +200,9 @@ def _check_expansion(doc: Any, path: str) -> None:
     size(doc)
 
 
-def load_config(path: str, *, storage_options: dict[str, Any] | None = None) -> MergeConfig:
-    """Read and validate a YAML config from a path or fsspec URL."""
+def read_yaml_documents(path: str, *, storage_options: dict[str, Any] | None = None) -> list[Any]:
+    """The YAML documents of the file at `path` (a path or fsspec URL), each checked against
+    alias bombs; at most MAX_CONFIG_CHARS characters are read. Errors name the file."""
     import fsspec
 
     try:
@@ -208,7 +218,7 @@ def load_config(path: str, *, storage_options: dict[str, Any] | None = None) -> 
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e})") from e
     try:
-        doc = yaml.safe_load(text)
+        docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as e:
         # PyYAML's own message spans several lines (it quotes the source); keep one line
         mark = getattr(e, "problem_mark", None)
@@ -217,7 +227,18 @@ def load_config(path: str, *, storage_options: dict[str, Any] | None = None) -> 
         raise ConfigError(f"{path}: not valid YAML{at} ({what})") from e
     except RecursionError as e:  # thousands of nested brackets
         raise ConfigError(f"{path}: YAML nested too deeply to read; a merge config is a few levels deep") from e
-    _check_expansion(doc, path)
+    for doc in docs:
+        _check_expansion(doc, path)
+    return docs or [None]
+
+
+def load_config(path: str, *, storage_options: dict[str, Any] | None = None) -> MergeConfig:
+    """Read and validate a YAML config from a path or fsspec URL."""
+    docs = read_yaml_documents(path, storage_options=storage_options)
+    if len(docs) != 1:
+        raise ConfigError(f"{path}: holds {len(docs)} YAML documents (separated by `---`); `moemerge run` takes "
+                          "one merge: run several named merges with `moemerge multi` (MergeKit's mergekit-multi)")
+    doc = docs[0]
     try:
         return parse_config(doc, where=path)
     except ConfigError as e:
@@ -279,16 +300,10 @@ def _parse_params(doc: Any, where: str) -> dict[str, ParamValue]:
 
 
 def _parse_model_ref(v: Any, key: str) -> str:
-    if isinstance(v, dict) and set(v) <= {"model", "path"}:
-        v = v.get("model", v.get("path"))
-        if isinstance(v, dict):
-            v = v.get("path")
-    if not isinstance(v, str) or not v.strip():
-        raise ConfigError(f"`{key}`: expected a checkpoint path or URL, got {v!r}")
-    if "+" in v and not v.startswith(("s3://", "gs://", "http")) and not v.startswith("/"):
-        # MergeKit's `model+lora` syntax
-        raise ConfigError(f"`{key}`: LoRA references ('{v}') are not supported yet; merge the adapter first")
-    return v
+    """A model reference (path, URL, Hub id, `@revision`, `+adapter`) as the location opened."""
+    from moemerge.io.hub import model_reference
+
+    return model_reference(v, key)
 
 
 def _parse_dtype(v: Any, key: str) -> str | None:
@@ -346,7 +361,13 @@ def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
     if "merge_method" not in doc:
         raise ConfigError(f"{where}: missing required key `merge_method`")
     method = get_method(str(doc["merge_method"]))  # raises, listing valid names
-    models_doc = doc.get("models")
+    sliced = None
+    if doc.get("slices") is not None or doc.get("modules") is not None:  # layer ranges (slices_config.py)
+        from moemerge.slices_config import parse_slices
+
+        b = doc.get("base_model")
+        sliced = parse_slices(doc, None if b is None or method.base == "none" else _parse_model_ref(b, "base_model"))
+    models_doc = doc.get("models") if sliced is None else [{"model": m} for m in sliced.models]
     if not isinstance(models_doc, list) or not models_doc:
         raise ConfigError(f"{where}: `models` must be a non-empty list of {{model: PATH}} entries")
     models = []
@@ -372,8 +393,9 @@ def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
     tok = doc.get("tokenizer_source")
     if tok is not None and not isinstance(tok, str):
         raise ConfigError(f"{where}: `tokenizer_source` must be 'base' or a model location")
-    if tok == "union":  # MergeKit builds a merged vocabulary (and resizes embeddings) for this
-        raise ConfigError(f"{where}: `tokenizer_source: union` is not supported yet; use 'base' or a model location")
+    from moemerge.io.vocab.settings import parse_chat_template, parse_tokenizer_settings
+
+    tok_settings = parse_tokenizer_settings(doc, where, _parse_model_ref)
     cfg = MergeConfig(
         merge_method=method.name,
         models=tuple(models),
@@ -382,13 +404,22 @@ def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
         dtype=_parse_dtype(doc.get("dtype"), "dtype"),
         out_dtype=_parse_dtype(doc.get("out_dtype"), "out_dtype"),
         tokenizer_source=tok,
+        tokenizer=tok_settings,
+        chat_template=parse_chat_template(doc.get("chat_template"), where),
         non_float=_parse_non_float(doc.get("non_float"), where),
         quantize=_parse_quantize(doc.get("quantize"), doc.get("out_dtype"), where),
         storage_options=dict(storage_options),
         dcp=None if doc.get("dcp") is None else parse_dcp_names(doc["dcp"], where="dcp"),
         source=dict(doc),
+        slices=sliced.slices if sliced else (),
+        module_parameters=sliced.module_parameters if sliced else {},
     )
-    check_method_config(cfg, method)
+    if sliced is not None:
+        from moemerge.slices_config import check_slices_config
+
+        check_slices_config(cfg, method)
+    else:
+        check_method_config(cfg, method)
     return cfg
 
 

@@ -65,8 +65,6 @@ MERGEKIT_NOT_NEEDED = {
     "loader": "not needed by moemerge (it streams byte ranges of safetensors files and always writes "
               "safetensors)",
     "--trust-remote-code": "not needed: moemerge never runs model code",
-    "--allow-crimes": "accepted: moemerge does not compare architectures by name; inputs must still have "
-                      "the same tensor names and shapes",
 }
 
 #: `pma --schedule` (alias `--method`): the averages over one run's snapshots; `linear` and

@@ -341,3 +341,55 @@ def karcher(base, xs, per, glob, name=""):
 
 
 REFERENCES.update(multislerp=multislerp, karcher=karcher)
+
+
+# -- arcee_fusion, ram, ramplus_tl (MergeKit 0.1.5: merge_methods/arcee_fusion.py, ram.py) --------
+
+def arcee_fusion(base, xs, per, glob, name=""):
+    """MergeKit's arcee_fusion in float64 on whole tensors (every element, no 1M-element sample).
+
+    Sets AMBIGUOUS["last"] to the elements whose importance is within 1e-5 (relative) of the
+    threshold: there float32 and float64 rounding may decide the mask either way.
+    """
+    x = xs[0]
+    vec = x.reshape(1, -1) if x.dim() <= 1 else x  # softmax along the last dim; a 1-D tensor is one vector
+    bv = base.reshape(1, -1) if base.dim() <= 1 else base
+    p = torch.softmax(vec, dim=-1) + 1e-8
+    q = torch.softmax(bv, dim=-1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(-1, keepdim=True).clamp_min(0.0)  # KL >= 0: only rounding is below
+    imp = ((vec - bv).abs() * kl).reshape(x.shape)
+    srt = imp.reshape(-1).sort().values
+    n = srt.numel()
+    q1, med, q3 = (srt[int(f * (n - 1))].item() for f in (0.25, 0.5, 0.75))
+    thr = med + 1.5 * (q3 - q1)
+    AMBIGUOUS["last"] = (imp - thr).abs() <= 1e-5 * max(abs(thr), 1e-30)
+    return base + (x - base) * (imp >= thr)
+
+
+def _ram_masks(base, xs, eps):
+    tv = torch.stack([x - base for x in xs]).reshape(len(xs), -1)
+    moved = tv.abs() > eps
+    c = moved.sum(0, keepdim=True)
+    return tv * moved, moved, c
+
+
+def ram(base, xs, per, glob, name=""):
+    """b + per element: the one moved task-vector value, or the mean of the moved ones (|d| > eps)."""
+    tv, _, c = _ram_masks(base, xs, glob.get("epsilon", 1e-5))
+    merged = (tv * (c == 1) + tv * (c > 1) / c.clamp(min=1)).sum(0)
+    return base + merged.reshape(base.shape)
+
+
+def ramplus_tl(base, xs, per, glob, name=""):
+    """ram, with a value only model i moved scaled by 1 + r clamp(shared_i / max(unique_i, eps), 0, alpha)."""
+    eps = glob.get("epsilon", 1e-5)
+    tv, moved, c = _ram_masks(base, xs, eps)
+    shared = (moved & (c > 1)).sum(1).double()
+    unique = (moved & (c == 1)).sum(1).double()
+    rho = shared / unique.clamp(min=eps)
+    lam = 1 + glob.get("r", 0.1) * rho.clamp(min=0, max=glob.get("alpha", 0.2))
+    merged = (tv * (c == 1) * lam.unsqueeze(-1) + tv * (c > 1) / c.clamp(min=1)).sum(0)
+    return base + merged.reshape(base.shape)
+
+
+REFERENCES.update(arcee_fusion=arcee_fusion, ram=ram, ramplus_tl=ramplus_tl)

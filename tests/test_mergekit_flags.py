@@ -197,3 +197,28 @@ def test_non_finite_string_numbers_are_refused(tmp_path: Path, inputs, run_cli, 
     code, _, err = run_cli("plan", write_yaml(tmp_path / "bad.yml", doc))
     assert code == 1, err
     assert "weight" in err
+
+
+def test_mixing_architectures_is_refused_before_work_unless_allow_crimes(tmp_path: Path, inputs, run_cli) -> None:
+    """MergeKit refuses inputs whose config.json names different architectures; so do we, before
+    any output exists, listing each input's architecture; `--allow-crimes` merges them."""
+    base, a, b = inputs
+    for path, arch in ((base, "LlamaForCausalLM"), (a, "LlamaForCausalLM"), (b, "MistralForCausalLM")):
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["architectures"] = [arch]
+        (path / "config.json").write_text(json.dumps(cfg))
+    cfg = _dare(tmp_path, inputs)
+    out = tmp_path / "out"
+    for cmd in (("run", cfg, out), ("plan", cfg)):
+        code, _, err = run_cli(*cmd, "--quiet" if cmd[0] == "run" else "--json")
+        assert code == 1, err
+        assert "mix architectures" in err and "--allow-crimes" in err, err
+        assert f"{b} is MistralForCausalLM (test)" in err and f"{a} is LlamaForCausalLM (test)" in err, err
+    assert not out.exists()
+    assert run_cli("plan", cfg, "--json", "--allow-crimes")[0] == 0
+    code, _, err = run_cli("run", cfg, out, "--quiet", "--allow-crimes")
+    assert code == 0, err
+    assert run_cli("verify", out)[0] == 0
+    # the same architecture spelled alike everywhere: no flag needed
+    (b / "config.json").write_text((a / "config.json").read_text())
+    assert run_cli("run", cfg, tmp_path / "out2", "--quiet")[0] == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.sizes import format_size
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.errors import MergeRuntimeError
 from moemerge.io.dtypes import itemsize, to_torch
@@ -68,6 +68,13 @@ class ChunkView:
 
     def scratch(self, k: int) -> torch.Tensor:
         return self._scratch[k]
+
+    def stored(self) -> tuple[torch.Tensor, ...] | None:
+        """Every source's rows as stored (base first), for kernels that convert as they
+        compute (methods/_fused.py); None when inputs are cast on reading (MergeKit's `dtype`)."""
+        if self._in_cast is not None and any(r.dtype != self._in_cast for r in self._raws):
+            return None
+        return tuple(self._raws)
 
 
 def typed_views(t: TensorPlan, buf: torch.Tensor, r0: int, r1: int) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.errors import MergeRuntimeError
 from moemerge.methods.base import Method
@@ -35,7 +35,7 @@ def first_read(method: Method, t: TensorPlan, kind: str, k: int) -> bool:
 
 
 #: 16-bit floats are non-finite exactly when every exponent bit is set (bf16: 8 bits, fp16: 5).
-_EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+_EXPONENT = {"torch.bfloat16": 0x7F80, "torch.float16": 0x7C00}  # by name: no torch at import
 
 
 def _bad(x: torch.Tensor) -> bool:
@@ -44,7 +44,7 @@ def _bad(x: torch.Tensor) -> bool:
     flat = x.reshape(-1)
     if flat.device.type != "cpu":
         return not bool(torch.isfinite(flat).all())
-    mask = _EXPONENT.get(flat.dtype)
+    mask = _EXPONENT.get(str(flat.dtype))
     for s in range(0, flat.numel(), _STEP):
         block = flat[s:s + _STEP]
         if mask is not None:

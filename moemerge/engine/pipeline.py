@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.engine.buffers import BufferPool, Cancelled, PoolCache
 from moemerge.engine.cadence import Cadence, Tally
@@ -199,8 +199,8 @@ class _Pipeline:
         t = self.plan.tensors[job.ti]
         mv = buf.numpy().data
         futs = [
-            self.readers.submit(self.checkpoints[src].read_rows, t.name, job.r0, job.r1, mv[off:off + n])
-            for src, (off, n) in zip(t.sources_used, segments(t, job.r0, job.r1))
+            self.readers.submit(self.checkpoints[src].read_rows, t.read_name(i), job.r0, job.r1, mv[off:off + n])
+            for i, (src, (off, n)) in enumerate(zip(t.sources_used, segments(t, job.r0, job.r1)))
         ]
         for f in futs:
             f.result()

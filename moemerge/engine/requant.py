@@ -3,7 +3,7 @@ rows of each stored part (codes, scales) right after them, with fresh scales (`-
 
 from __future__ import annotations
 
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.io.quant_out import Segment, quantize_into
 from moemerge.planner.plan import TensorPlan

@@ -1,30 +1,31 @@
-"""The safetensors dtype names, their torch dtypes and sizes."""
+"""The safetensors dtype names, their sizes and torch dtypes.
+
+Plain Python (no torch import): headers are parsed, and plans built, without loading torch;
+`to_torch` / `from_torch` import it when a tensor is actually made.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DTYPES", "itemsize", "to_torch", "from_torch", "is_float", "parse_dtype_name"]
 
-#: safetensors name -> torch dtype. Unsigned 16/32/64 map to torch's uint types (torch >= 2.3).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+#: safetensors name -> bytes per element. Unsigned 16/32/64 map to torch's uint types (torch >= 2.3).
+DTYPES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }
-_FROM_TORCH = {v: k for k, v in DTYPES.items()}
+#: safetensors name -> the torch dtype's attribute name.
+_TORCH_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}
+_FROM_TORCH: dict[str, str] = {f"torch.{v}": k for k, v in _TORCH_NAMES.items()}
 _FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 #: Names users write in configs (MergeKit's `dtype:` / `out_dtype:`) -> safetensors name.
@@ -40,15 +41,18 @@ _USER_NAMES = {
 
 def itemsize(name: str) -> int:
     """Bytes per element of a safetensors dtype name."""
-    return DTYPES[name].itemsize
-
-
-def to_torch(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def to_torch(name: str) -> torch.dtype:
+    import torch
+
+    dtype: torch.dtype = getattr(torch, _TORCH_NAMES[name])
+    return dtype
+
+
 def from_torch(dtype: torch.dtype) -> str:
-    return _FROM_TORCH[dtype]
+    return _FROM_TORCH[str(dtype)]
 
 
 def is_float(name: str) -> bool:

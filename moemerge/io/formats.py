@@ -145,8 +145,18 @@ def open_checkpoint(url: str, storage_options: dict[str, Any] | None = None, *,
     `names` picks and renames a DCP checkpoint's model keys (None: the `model.` keys). A
     location no format recognizes is a CheckpointError naming what each looks for.
     """
+    from moemerge.io.hub import split_lora
+
+    lora = split_lora(url, storage_options)
+    if lora is not None:  # `model+adapter`: the model, its LoRA delta added on read (io.lora)
+        from moemerge.io.lora import open_lora
+
+        return open_lora(url, lora[0], lora[1], storage_options,
+                         lambda m: open_checkpoint(m, storage_options, names=names, formats=formats))
     try:
         fs, root = storage.resolve(url, storage_options)
+    except CheckpointError:
+        raise  # already names the location (a Hub repository or revision that is not there)
     except Exception as e:  # bad protocol, missing driver, bad options
         raise CheckpointError(f"{url}: cannot open this location ({e})") from e
     root = root.rstrip("/") or root
@@ -154,7 +164,8 @@ def open_checkpoint(url: str, storage_options: dict[str, Any] | None = None, *,
         if fmt.sniff(fs, url, root):
             return fmt.open(url, fs, root, storage_options, names)
     if not storage.with_retries(lambda: fs.isdir(root), what=f"look up {root}", url=url):
-        raise CheckpointError(f"{url}: checkpoint directory does not exist")
+        hint = "; a LoRA reference is MODEL+ADAPTER with a PEFT adapter directory" if "+" in url else ""
+        raise CheckpointError(f"{url}: checkpoint directory does not exist{hint}")
     dirs = [f for f in formats if f.name != "safetensors-file"]
     raise CheckpointError(
         f"{url}: no {_listing([f.marker for f in dirs])} here; point at {_listing([f.what for f in dirs])}")

@@ -15,6 +15,7 @@ from moemerge.errors import CheckpointError
 from moemerge.io import storage
 from moemerge.io.checkpoint import INDEX_NAME, Checkpoint
 from moemerge.io.formats import unwrap
+from moemerge.io.hub import revision_stamp
 
 __all__ = ["input_identity", "changed_input"]
 
@@ -46,10 +47,13 @@ def _stamp(fs: Any, path: str) -> dict[str, Any]:
     if storage.is_local(fs):
         # ctime too: `os.utime` can put mtime back after an in-place rewrite, nothing puts ctime back
         st = os.stat(path)
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+        # a Hub file from the hub cache: its commit too (a branch that moved is another input)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                **revision_stamp(fs, path)}
     fs.invalidate_cache(path)  # s3fs answers `info` from its listings cache: ask the store itself
     info = fs.info(path)
-    return {"size": info.get("size"), **{k: str(info[k]) for k in _STAMP_KEYS if info.get(k) is not None}}
+    return {"size": info.get("size"), **{k: str(info[k]) for k in _STAMP_KEYS if info.get(k) is not None},
+            **revision_stamp(fs, path)}
 
 
 def input_identity(ckpts: list[Checkpoint]) -> dict[str, dict[str, Any]]:
@@ -65,6 +69,11 @@ def input_identity(ckpts: list[Checkpoint]) -> dict[str, dict[str, Any]]:
             path = storage.join(inner.root, name) if inner.root else name
             shown = inner.url if getattr(inner, "_bare", False) else f"{inner.url.rstrip('/')}/{name}"
             jobs.append((shown, inner.fs, path, headers.get(name), optional))
+        view: Any = ck
+        while view is not inner:  # views that read files of their own (a LoRA adapter, io.lora)
+            extra = getattr(view, "identity_files", None)
+            jobs.extend((shown, fs, path, header, False) for shown, fs, path, header in (extra() if extra else ()))
+            view = view.inner
 
     def one(job: tuple[str, Any, str, str | None, bool]) -> tuple[str, dict[str, Any] | None]:
         shown, fs, path, header, optional = job

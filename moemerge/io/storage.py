@@ -157,7 +157,7 @@ def describe_error(e: BaseException) -> str:
 
 
 def redact(text: str, storage_options: dict[str, Any] | None = None) -> str:
-    """`text` with every secret-looking storage option and AWS secret from the environment masked."""
+    """`text` with every secret-looking storage option and AWS / Hub secret from the environment masked."""
     secrets: set[str] = set()
 
     def walk(opts: Any) -> None:
@@ -174,7 +174,7 @@ def redact(text: str, storage_options: dict[str, Any] | None = None) -> str:
                 walk(v)
 
     walk(storage_options or {})
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         if len(os.environ.get(var, "")) >= 4:
             secrets.add(os.environ[var])
     for s in sorted(secrets, key=len, reverse=True):
@@ -234,7 +234,16 @@ _S3_BOTO_RETRIES = {"max_attempts": 2, "mode": "standard"}
 
 
 def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """`s3://b/k`, `file:///x`, `./x` -> (filesystem, path within it)."""
+    """`s3://b/k`, `file:///x`, `./x` -> (filesystem, path within it).
+
+    `hf://org/name@rev` and `model+adapter` references resolve through `io.hub` (a Hub commit
+    read in place or from the hub cache; a LoRA reference's model)."""
+    if str(url).startswith("hf://") or "+" in str(url):
+        from moemerge.io.hub import resolve_reference
+
+        hooked = resolve_reference(str(url), storage_options)
+        if hooked is not None:
+            return hooked
     check_storage_options(url, storage_options)
     options = dict(storage_options or {})
     if str(url).startswith(("s3://", "s3a://")):

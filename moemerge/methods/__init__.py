@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from moemerge.errors import ConfigError
+from moemerge.methods.arcee_fusion import ARCEE_FUSION
 from moemerge.methods.averages import EMA, MINUS_SQRT, SMA, WMA, average_weights
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams
 from moemerge.methods.generalized import FAMILY
@@ -11,6 +12,7 @@ from moemerge.methods.model_stock import MODEL_STOCK
 from moemerge.methods.nearswap import NEARSWAP
 from moemerge.methods.nuslerp import NUSLERP
 from moemerge.methods.passthrough import PASSTHROUGH
+from moemerge.methods.ram import RAM, RAMPLUS_TL
 from moemerge.methods.sce import SCE
 from moemerge.methods.slerp import SLERP
 from moemerge.methods.spherical import KARCHER, MULTISLERP
@@ -32,6 +34,9 @@ REGISTRY: dict[str, Method] = {
         SCE,
         MULTISLERP,
         KARCHER,
+        ARCEE_FUSION,
+        RAM,
+        RAMPLUS_TL,
         PASSTHROUGH,
         SMA,
         WMA,

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
+from moemerge.methods import _fused
+from moemerge.methods._fused import Ranked
 from moemerge.methods.base import Chunk, StatPass, TensorParams
 from moemerge.methods.stats import (Threshold, high_histogram, low_histogram,
                                     pick_high_bin, pick_threshold)
@@ -26,7 +28,7 @@ from moemerge.methods.stats import (Threshold, high_histogram, low_histogram,
 __all__ = ["Target", "Selection", "selection_passes", "top_mask", "bool_view"]
 
 #: values(chunk, stats, source) -> non-negative float32 values of that source for the chunk
-Values = Callable[[Chunk, Mapping[str, Any], int], torch.Tensor]
+Values = Callable[[Chunk, Mapping[str, Any], int], "torch.Tensor"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,18 +62,32 @@ def bool_view(buf: torch.Tensor, shape: Sequence[int], k: int = 0) -> torch.Tens
 
 
 def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: int, *,
-                     work: Callable[[Chunk], torch.Tensor], count_zeros: bool = False) -> Selection:
+                     work: Callable[[Chunk], torch.Tensor], count_zeros: bool = False,
+                     fused: Callable[[Chunk], Ranked | None] | None = None) -> Selection:
     """The passes selecting each target's q largest values among the n of a tensor.
 
     `work(chunk)` is a chunk-shaped float32 scratch buffer the passes may overwrite (it must
     not hold the values). `count_zeros`: also count each source's zeros in pass 1 (stored
-    under key -1 - source of the high histograms; `Target.q` may use them).
+    under key -1 - source of the high histograms; `Target.q` may use them). `fused(chunk)`:
+    the same values as computed by the compiled kernels straight from the stored inputs
+    (methods/_fused.py), or None where they cannot run (then `values`).
     """
     sources = sorted({t.source for t in targets})
     hi_key, lo_key, tie_key = f"{prefix}:high", f"{prefix}:low", f"{prefix}:ties"
 
+    def ranked(chunk: Chunk) -> Ranked | None:
+        return fused(chunk) if fused is not None else None
+
     def map_high(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> dict[int, torch.Tensor]:
         out = {}
+        rk = ranked(chunk)
+        if rk is not None:  # one pass over the stored rows for every source, on every core
+            hist, zeros = _fused.histograms(rk, sources, [-1] * len(sources))
+            for k, s in enumerate(sources):
+                out[s] = torch.from_numpy(hist[k])
+                if count_zeros:
+                    out[-1 - s] = torch.tensor([int(zeros[k])])
+            return out
         for s in sources:
             bits = _bits(values(chunk, stats, s))
             out[s] = high_histogram(bits, out=work(chunk).view(torch.int32))
@@ -102,6 +118,16 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
     def map_low(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> dict[str, torch.Tensor]:
         out = {}
         plans = plan_targets(stats)
+        rk = ranked(chunk)
+        if rk is not None:
+            live = [t for t in targets if plans[t.name][1] >= 0]
+            hist, _ = _fused.histograms(rk, [t.source for t in live], [plans[t.name][1] for t in live]) \
+                if live else (None, None)
+            for t in targets:
+                out[t.name] = torch.zeros(1, dtype=torch.int64)
+            for k, t in enumerate(live):
+                out[t.name] = torch.from_numpy(hist[k])
+            return out
         cache: dict[int, torch.Tensor] = {}
         for t in targets:
             q, b, _ = plans[t.name]
@@ -139,6 +165,17 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
     def map_ties(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> dict[str, np.ndarray | None]:
         out: dict[str, np.ndarray | None] = {}
         thrs = thresholds(stats)
+        rk = ranked(chunk)
+        if rk is not None:
+            live = [t for t in targets if thrs[t.name].needs_tiebreak]
+            counts = _fused.tie_counts(rk, [t.source for t in live], [thrs[t.name].bits for t in live],
+                                       chunk.row_stop - chunk.row_start) if live else None
+            for t in targets:
+                out[t.name] = None
+            for k, t in enumerate(live):
+                assert counts is not None
+                out[t.name] = counts[k]
+            return out
         for t in targets:
             thr = thrs[t.name]
             if not thr.needs_tiebreak:

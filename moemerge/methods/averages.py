@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.methods._kernels import weighted_sum
 from moemerge.methods.base import Chunk, Method, ParamSpec, TensorParams, check_range

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 __all__ = ["Interval", "FINITE", "ParamSpec", "TensorParams", "Chunk", "StatPass", "Method", "check_range"]
 

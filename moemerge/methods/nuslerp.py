@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.methods._vectors import exact_dots, reduce_dots, row_dots
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.methods._vectors import gram_dots, reduce_dots
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams, check_range

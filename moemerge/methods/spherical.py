@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.errors import MergeRuntimeError
 from moemerge.methods._kernels import weighted_delta_sum, weighted_sum

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 __all__ = [
     "BLOCK",

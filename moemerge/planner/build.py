@@ -136,7 +136,13 @@ def build_plan(
     """
     method = get_method(cfg.merge_method)
     roles = _roles(cfg, method)
-    sel = _select(cfg, method, roles, catalogs, seed=seed, n_layers_hint=n_layers_hint, quant=quant, keep=keep)
+    n_inputs = len(roles.inputs)
+    if cfg.slices:  # MergeKit's `slices:`: output layers taken from layer ranges (planner/slices.py)
+        from moemerge.planner.slices import select_slices
+
+        sel, n_inputs = select_slices(cfg, method, roles.sources, catalogs, seed=seed, quant=quant, keep=keep)
+    else:
+        sel = _select(cfg, method, roles, catalogs, seed=seed, n_layers_hint=n_layers_hint, quant=quant, keep=keep)
     problems = list(sel.unsupported + sel.missing + sel.mismatched + sel.param_problems)
     if problems:
         kind = MismatchError if (sel.missing or sel.mismatched) and not sel.param_problems else PlanError
@@ -144,7 +150,7 @@ def build_plan(
         if len(problems) == 1:
             raise kind(problems[0])
         raise kind(f"cannot plan this merge ({len(problems)} problems):\n  {_listed(problems)}")
-    sizing = _size(method, sel.planned, n_inputs=len(roles.inputs), memory_budget=memory_budget,
+    sizing = _size(method, sel.planned, n_inputs=n_inputs, memory_budget=memory_budget,
                    unit_bytes=unit_bytes)
     entries, glued = layout_entries(sel.planned)  # a quantized tensor's parts in its place
     shards, where = lay_out_shards(entries, shard_size, glued)
@@ -365,13 +371,15 @@ def _tensor_plans(method: Method, planned: Sequence[PlannedTensor], sizing: _Siz
         totals.bytes_read += in_bytes * (1 + n_pass if multi else 1)
         totals.bytes_written += sum(x.nbytes for x in q.parts) if q else math.prod(r.shape) * itemsize(p.out_dtype)
         compute = "F64" if (sizing.comp_elem == 8 and _wide(p)) else "F32"
-        fname, off = where[q.parts[0].name if q else r.name]
+        fname, off = where[q.parts[0].name if q else p.name]
+        renamed = any(i.name != p.name for i in p.infos)  # slices: a layer read under another index
         tensors.append(TensorPlan(
-            name=r.name, shape=r.shape, rows=rows, row_len=row_len, method=p.method, inputs=p.inputs,
+            name=p.name, shape=r.shape, rows=rows, row_len=row_len, method=p.method, inputs=p.inputs,
             base=p.base, in_dtypes=tuple(i.dtype for i in p.infos), out_dtype=p.out_dtype,
             compute_dtype=compute, params=p.params or _COPY_PARAMS,
             rows_per_chunk=rows_per_chunk, out_file=fname, out_offset=off,
             **({"quant": placed(q, where)} if q else {}),
+            in_names=tuple(i.name for i in p.infos) if renamed else (),
         ))
     return tensors, totals, one_row
 

@@ -64,6 +64,15 @@ class TensorPlan:
     """Absolute byte offset of the tensor's data in `out_file` (a quantized one's first part)."""
     quant: OutQuant | None = None
     """Written quantized (`--quantize`): merged into `out_dtype` F32, then stored as these parts."""
+    in_names: tuple[str, ...] = ()
+    """The stored name read from each source, in `sources_used` order; empty: `name` in every
+    source. Slices (planner/slices.py) read layer 2 of one model into output layer 7. Names on
+    the plan rather than a renaming checkpoint view: one source is read under different names
+    for different output tensors (a layer taken twice), and the plan travels to Dask workers."""
+
+    def read_name(self, i: int) -> str:
+        """The tensor name to read from the i-th source of `sources_used`."""
+        return self.in_names[i] if self.in_names else self.name
 
     @property
     def sources_used(self) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ row i (0..m-1); columns are cut every `col_block` (the last block may be partial
 
 from __future__ import annotations
 
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.io.quant import _fp8_kernels
 
@@ -86,7 +86,7 @@ def _inexact(values: torch.Tensor, scale_e: torch.Tensor, fp8: torch.dtype, row_
 
 
 def quantize(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block: int, fp8: torch.dtype,
-             *, amax: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32,
+             *, amax: torch.Tensor | None = None, scale_dtype: torch.dtype | None = None,
              search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [n, cols] fp8, scales [m, tc] scale_dtype) with fresh scales amax / fmax.
 
@@ -99,6 +99,7 @@ def quantize(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block: i
     group exactly is taken: requantizing dequantized data gives its bytes back, and data no
     scale reproduces (any real merge) gets amax / fmax as the reference does.
     """
+    scale_dtype = torch.float32 if scale_dtype is None else scale_dtype  # None: float32 (no torch at import)
     n, cols = values.shape
     fmax = torch.finfo(fp8).max
     if amax is None:

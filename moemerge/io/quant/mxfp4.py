@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.errors import CheckpointError
 from moemerge.io.checkpoint import TensorInfo

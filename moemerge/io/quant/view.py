@@ -13,7 +13,7 @@ import math
 import threading
 from typing import Any
 
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.io.checkpoint import Checkpoint, TensorInfo
 from moemerge.io.dtypes import itemsize, to_torch

@@ -1,0 +1,361 @@
+"""Fused CPU kernels for the statistics methods (ties, dare, breadcrumbs, della, sce): one pass
+over a chunk's stored inputs computes task vectors, histogram bins, masks and the sign vote,
+in row ranges on every core, with the same bits as the torch path (tests/test_select_kernels.py).
+
+Each entry point returns None when it cannot run (numba missing or off with MOEMERGE_NO_NUMBA=1,
+a device other than the CPU, a compute dtype other than float32, inputs cast or of mixed or
+other dtypes than bf16/float32); the method then runs its torch path, which stays the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from moemerge.methods.base import Chunk, TensorParams
+from moemerge.methods.stats import Threshold, _for_row_ranges, stream_key
+
+if TYPE_CHECKING:
+    from moemerge.methods._memo import ScratchMemo
+    from moemerge.methods._selection import Selection
+
+__all__ = ["available", "Ranked", "abs_delta_values", "variance_values", "histograms", "tie_counts",
+           "generalized_apply", "l1_partials", "sce_masked", "sce_apply"]
+
+_KERNELS: Any = None
+_FAILED = False
+#: Threshold bits no value reaches (selects nothing) and a cut row after every row (ties: all)
+_NEVER = 1 << 31
+_ALL_ROWS = 1 << 62
+
+
+def _kernels() -> Any:
+    global _KERNELS, _FAILED
+    if _KERNELS is None and not _FAILED:
+        try:
+            from moemerge.methods import _select_numba
+
+            _KERNELS = _select_numba
+        except (ImportError, RuntimeError, OSError):  # no numba, or no writable cache directory
+            _FAILED = True
+    return _KERNELS
+
+
+def available() -> bool:
+    """Whether the compiled loops can run (numba importable, not switched off)."""
+    return os.environ.get("MOEMERGE_NO_NUMBA", "") in ("", "0") and _kernels() is not None
+
+
+def _stored(chunk: Chunk) -> np.ndarray | None:
+    """[sources, elements] numpy view of the chunk's stored rows (base first), bf16 as uint16
+    bits, when every source has one dtype (bf16 or float32) and lies evenly spaced in one
+    read buffer; None otherwise (the torch path converts)."""
+    get = getattr(chunk, "stored", None)
+    if get is None or chunk.compute_dtype != torch.float32 or not chunk.has_base or not available():
+        return None
+    raws: Sequence[torch.Tensor] | None = get()
+    if raws is None or not raws:
+        return None
+    dt = raws[0].dtype
+    if dt not in (torch.bfloat16, torch.float32) or any(r.dtype != dt or r.device.type != "cpu"
+                                                         or not r.is_contiguous() for r in raws):
+        return None
+    n = raws[0].numel()
+    if n == 0 or any(r.numel() != n for r in raws):
+        return None
+    size = raws[0].element_size()
+    ptrs = [r.data_ptr() for r in raws]
+    step = ptrs[1] - ptrs[0] if len(ptrs) > 1 else n * size
+    if step < n * size or step % size or any(b - a != step for a, b in zip(ptrs, ptrs[1:])):
+        return None
+    flat = raws[0].reshape(-1)
+    a0 = flat.view(torch.int16).numpy().view(np.uint16) if dt == torch.bfloat16 else flat.numpy()
+    return np.lib.stride_tricks.as_strided(a0, shape=(len(raws), n), strides=(step, size), writeable=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ranked:
+    """What a selection ranks, computed from the stored inputs: |x_s - base| of input s, or
+    (variance) sce's variance of the task vectors."""
+
+    src: np.ndarray
+    n_inputs: int
+    variance: bool
+
+    def row(self, source: int) -> int:
+        return 0 if self.variance else source + 1
+
+
+def abs_delta_values(chunk: Chunk) -> Ranked | None:
+    src = _stored(chunk)
+    return None if src is None else Ranked(src=src, n_inputs=chunk.n_inputs, variance=False)
+
+
+def variance_values(chunk: Chunk) -> Ranked | None:
+    src = _stored(chunk)
+    return None if src is None else Ranked(src=src, n_inputs=chunk.n_inputs, variance=True)
+
+
+def _flat_ranges(total: int, body: Any) -> None:
+    _for_row_ranges(total, 1, body)
+
+
+def histograms(ranked: Ranked, sources: Sequence[int], bins: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per target t (source sources[t]): the high-bits histogram (bins[t] < 0, 32,768 bins) or
+    the low-bits histogram inside high bin bins[t] (65,536 bins), and the count of zeros."""
+    k = _kernels()
+    trow = np.array([ranked.row(s) for s in sources], np.int64)
+    tbin = np.array(list(bins), np.int64)
+    width = 1 << 15 if all(b < 0 for b in bins) else 1 << 16
+    n = ranked.src.shape[1]
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def body(j0: int, j1: int) -> None:
+        hist = np.zeros((len(trow), width), np.int64)
+        zeros = np.zeros(len(trow), np.int64)
+        k.hist_k(ranked.src, ranked.n_inputs, trow, tbin, j0, j1, hist, zeros)
+        parts.append((hist, zeros))  # list.append is atomic; the sums do not depend on order
+
+    _flat_ranges(n, body)
+    return sum(p[0] for p in parts[1:]) + parts[0][0], sum(p[1] for p in parts[1:]) + parts[0][1]
+
+
+def tie_counts(ranked: Ranked, sources: Sequence[int], thr_bits: Sequence[int], rows: int) -> np.ndarray:
+    """[targets, rows]: values equal to thr_bits[t] in each chunk row."""
+    k = _kernels()
+    trow = np.array([ranked.row(s) for s in sources], np.int64)
+    thr = np.array(list(thr_bits), np.int64)
+    row_len = ranked.src.shape[1] // rows
+    counts = np.zeros((len(trow), rows), np.int64)
+    _for_row_ranges(rows, row_len, lambda r0, r1: k.ties_k(ranked.src, ranked.n_inputs, trow, thr, r0, r1,
+                                                           row_len, counts))
+    return counts
+
+
+def _encode(thr: Threshold, ties: np.ndarray | None) -> tuple[int, int, int]:
+    """(bits, cut row, tied values kept in the cut row) of `top_mask`'s rule: above `bits`, or
+    equal to it in a row before the cut row, or among the cut row's first few equal values."""
+    if thr.q == 0:
+        return _NEVER, -1, 0
+    if thr.take_equal <= 0:
+        return thr.bits, -1, 0
+    if thr.take_equal >= thr.equal:
+        return thr.bits, _ALL_ROWS, 0
+    assert ties is not None
+    cut = int(np.searchsorted(ties, thr.take_equal, side="left")) - 1  # ties[cut] < take <= ties[cut+1]
+    return thr.bits, cut, thr.take_equal - int(ties[cut])
+
+
+def _targets(sel: Selection, stats: Mapping[str, Any], names: Sequence[Sequence[str]]) -> tuple[np.ndarray, ...]:
+    """thr, cut and take arrays [len(names), 2] for the selection targets names[i] (up to 2 each)."""
+    thrs = sel.thresholds(stats)
+    ties = stats[sel.tie_key]
+    thr = np.full((max(1, len(names)), 2), _NEVER, np.int64)
+    cut = np.full_like(thr, -1)
+    take = np.zeros_like(thr)
+    for i, group in enumerate(names):
+        for m, name in enumerate(group):
+            thr[i, m], cut[i, m], take[i, m] = _encode(thrs[name], ties[name])
+    return thr, cut, take
+
+
+def _random_bound(p: float) -> tuple[int, bool]:
+    """`random_keep`'s rule as (bound, keep all): z < bound, bound = ceil(p 2^53) 2^11."""
+    limit = math.ceil(p * 2.0**53) if p > 0 else 0
+    if limit <= 0:
+        return 0, False
+    if limit >= 1 << 53:
+        return 0, True
+    return limit << 11, False
+
+
+def _groups(shape: tuple[int, ...], n: int) -> tuple[int, int, int]:
+    """[groups, m, inner] layout of a chunk of n elements for DELLA's ranks along dim 1
+    (a 1-D tensor is one group, a 2-D one ranks within rows): `_magprune_probs`'s groups."""
+    if len(shape) <= 1:
+        return 1, n, 1
+    if len(shape) == 2:
+        return n // shape[-1], shape[-1], 1
+    m, inner = shape[1], math.prod(shape[2:])
+    return n // (m * inner), m, inner
+
+
+def _keep_masks(fam: Any, chunk: Chunk, p: TensorParams, src: np.ndarray, inputs: Sequence[int],
+                deltas: Sequence[np.ndarray | None], masks: Sequence[np.ndarray]) -> None:
+    """Random (DARE) or magprune (DELLA) keep-masks of `inputs` into `masks` (flat bool), and
+    their task vectors into `deltas` where given, as `_Family.keep_mask` draws them."""
+    k = _kernels()
+    n = src.shape[1]
+    start = chunk.row_start * chunk.row_len
+    for i, d, mask in zip(inputs, deltas, masks):
+        dens = fam.density(p, i)
+        key = np.uint64(stream_key(p.seed, chunk.name, i))
+        bound, everything = _random_bound(dens) if fam.sparsify == "random" else (0, False)
+        if fam.sparsify == "random":
+            mode = 2 if everything else (1 if bound else 3)
+        else:
+            mode = 3 if dens <= 0 else 0
+        if d is not None:
+            _flat_ranges(n, lambda j0, j1, i=i, key=key, bound=bound, mode=mode, d=d, mask=mask: k.delta_mask_k(
+                src, i + 1, j0, j1, start, key, np.uint64(bound), mode, d, mask))
+        elif mode == 3:
+            mask[:] = False
+        if fam.sparsify == "magprune" and dens > 0:
+            eps = float(p.per_input[i].get("epsilon", 0.15))
+            groups, m, inner = _groups(chunk.shape, n)
+            _for_row_ranges(groups, m * inner, lambda g0, g1, i=i, key=key, dens=dens, eps=eps, mask=mask:
+                            k.magprune_k(src, i + 1, m, inner, g0, g1, key, start, dens - eps, 2 * eps, mask))
+
+
+def _slots(chunk: Chunk, inputs: Sequence[int]) -> list[torch.Tensor]:
+    """Where each input's keep-mask goes: its slot (`generalized._mask_slot`), else a new one."""
+    from moemerge.methods.generalized import _mask_slot
+
+    out = []
+    for i in inputs:
+        slot = _mask_slot(chunk, i, chunk.shape)
+        out.append(slot if slot is not None else torch.empty(chunk.shape, dtype=torch.bool))
+    return out
+
+
+def l1_partials(fam: Any, chunk: Chunk, stats: Mapping[str, Any], p: TensorParams,
+                memo: ScratchMemo) -> dict[int, tuple[int, int]] | None:
+    """`_Family.map_l1` (random or magprune): task vectors into scratch 4 + i, keep-masks into
+    their slots, the exact L1 sums; records both in `memo` for apply on the same read."""
+    from moemerge.methods.generalized import _mask_slot
+    from moemerge.methods.stats import exact_abs_sums
+
+    src = _stored(chunk)
+    if src is None:
+        return None
+    inputs = fam.sparse_inputs(p)
+    memo.clear()
+    slots = _slots(chunk, inputs)
+    _keep_masks(fam, chunk, p, src, inputs, [chunk.scratch(4 + i).reshape(-1).numpy() for i in inputs],
+                [s.reshape(-1).numpy() for s in slots])
+    out = {}
+    for i, slot in zip(inputs, slots):
+        d = chunk.scratch(4 + i)
+        out[i] = exact_abs_sums(d, slot.view(d.shape))
+        memo.add(chunk, f"delta{i}", *([f"keep{i}"] if _mask_slot(chunk, i, d.shape) is not None else []))
+    return out
+
+
+def generalized_apply(fam: Any, chunk: Chunk, stats: Mapping[str, Any], p: TensorParams,
+                      memo: ScratchMemo) -> torch.Tensor | None:
+    """`_Family.apply` in one pass over the stored inputs, into scratch 1 (None: torch path)."""
+    from moemerge.methods.generalized import _mask_slot
+
+    src = _stored(chunk)
+    if src is None:
+        return None
+    k = _kernels()
+    w = p.column("weight")
+    n = len(w)
+    sparse = set(fam.sparse_inputs(p))
+    kind = np.zeros(n, np.int64)
+    names: list[list[str]] = [[] for _ in range(n)]
+    key = np.zeros(n, np.uint64)
+    bound = np.zeros(n, np.uint64)
+    masks = np.zeros((1, 1), np.bool_)
+    if fam.sparsify in ("magnitude", "outliers"):
+        sel = fam.selection(p, chunk.shape)
+        for i in sparse:
+            kind[i] = 1 if fam.sparsify == "magnitude" else 2
+            names[i] = [f"{i}:top"] if fam.sparsify == "magnitude" else [f"{i}:hi", f"{i}:lo"]
+        thr, cut, take = _targets(sel, stats, names) if sparse else _targets(sel, stats, [])
+    else:
+        thr = np.full((max(1, n), 2), _NEVER, np.int64)
+        cut, take = np.full_like(thr, -1), np.zeros_like(thr)
+    if fam.sparsify == "random":
+        for i in sparse:
+            b, everything = _random_bound(fam.density(p, i))
+            if not everything:  # keeping all multiplies by 1.0: the same bits as no mask
+                kind[i], key[i], bound[i] = 3, stream_key(p.seed, chunk.name, i), b
+    elif fam.sparsify == "magprune" and sparse:
+        order = sorted(sparse)
+        masks = np.empty((n, src.shape[1]), np.bool_)
+        todo = []
+        for i in order:
+            kind[i] = 4
+            slot = _mask_slot(chunk, i, chunk.shape)
+            if memo.has(chunk, f"keep{i}") and slot is not None:  # drawn by the rescale pass on this read
+                masks[i] = slot.reshape(-1).numpy()
+            else:
+                todo.append(i)
+        if todo:
+            _keep_masks(fam, chunk, p, src, todo, [None] * len(todo), [masks[i] for i in todo])
+    memo.clear()  # scratch 1 is written below
+    factors = stats.get("l1", {})
+    fac = np.array([factors.get(i, 1.0) for i in range(n)], np.float32)
+    use_fac = np.array([factors.get(i, 1.0) != 1.0 for i in range(n)], np.bool_)
+    w32 = np.array(w, np.float32)
+    total = math.fsum(w)
+    div = np.float32(1.0 if abs(total) < 1e-8 else total)
+    lam = float(p.glob.get("lambda", 1.0))
+    normalize = bool(p.glob.get("normalize", fam.normalize))
+    out_t = chunk.scratch(1)
+    out = out_t.reshape(-1).numpy()
+    rows, row_len = chunk.row_stop - chunk.row_start, chunk.row_len
+
+    def body(r0: int, r1: int) -> None:
+        k.generalized_k(src, r0, r1, row_len, chunk.row_start, kind, thr, cut, take, key, bound, masks, fac,
+                        use_fac, w32, fam.consensus, normalize, div, np.float32(lam), lam != 1.0, out)
+
+    _for_row_ranges(rows, row_len, body)
+    return out_t
+
+
+def sce_masked(chunk: Chunk, stats: Mapping[str, Any], sel: Selection | None,
+               memo: ScratchMemo) -> list[torch.Tensor] | None:
+    """sce's task vectors times the variance selection's mask, into scratch 3 + i."""
+    out = [chunk.scratch(3 + i) for i in range(chunk.n_inputs)]
+    tag = "masked" if sel is not None else "deltas"
+    if memo.has(chunk, tag):
+        return out
+    src = _stored(chunk)
+    if src is None:
+        return None
+    k = _kernels()
+    if sel is not None:
+        thr, cut, take = _targets(sel, stats, [["var"]])
+    else:
+        thr = np.full((1, 2), _NEVER, np.int64)
+        cut, take = np.full_like(thr, -1), np.zeros_like(thr)
+    memo.clear()
+    rows, row_len = chunk.row_stop - chunk.row_start, chunk.row_len
+    bufs = tuple(d.reshape(-1).numpy() for d in out)
+
+    def body(r0: int, r1: int) -> None:
+        k.sce_k(src, chunk.n_inputs, r0, r1, row_len, chunk.row_start, sel is not None, thr, cut, take, bufs)
+
+    _for_row_ranges(rows, row_len, body)
+    memo.set(chunk, tag)
+    return out
+
+
+def sce_apply(chunk: Chunk, stats: Mapping[str, Any], sel: Selection | None,
+              memo: ScratchMemo) -> torch.Tensor | None:
+    """sce's apply on the masked task vectors (one pass), into scratch 1."""
+    src = _stored(chunk)
+    if src is None:
+        return None
+    deltas = sce_masked(chunk, stats, sel, memo)
+    if deltas is None:
+        return None
+    memo.clear()
+    energy = stats["energy"]
+    total = math.fsum(energy)
+    eta = [1.0 / len(energy)] * len(energy) if abs(total) < 1e-6 else [e / total for e in energy]
+    out_t = chunk.scratch(1)
+    out = out_t.reshape(-1).numpy()
+    bufs = tuple(d.reshape(-1).numpy() for d in deltas)
+    eta32 = np.array(eta, np.float32)
+    _flat_ranges(src.shape[1], lambda j0, j1: _kernels().sce_apply_k(src, bufs, eta32, j0, j1, out))
+    return out_t

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from moemerge._gc import gc_paused
 from moemerge.config import MergeConfig, load_config, parse_config
 from moemerge.engine import NullProgress, Progress, run_local
 from moemerge.errors import CheckpointError, ConfigError, PlanError
@@ -64,6 +65,7 @@ def _as_config(config: MergeConfig | dict[str, Any] | str) -> MergeConfig:
     return load_config(str(config))
 
 
+@gc_paused  # headers of 92k tensors: collections would walk every object (moemerge._gc)
 def _open_all(cfg: MergeConfig) -> list[Checkpoint]:
     """Open every checkpoint (headers only); report every unreadable one in one error.
 
@@ -115,6 +117,15 @@ def input_files(config: MergeConfig) -> dict[str, dict[str, Any]]:
             c.close()
 
 
+@gc_paused
+def use_hub_cache(path: str | None) -> None:
+    """Download Hub models' files into `path` (huggingface_hub's cache layout; `--hub-cache`)
+    instead of reading them in place by range requests; None: read in place (the default)."""
+    from moemerge.io.hub import set_cache_dir
+
+    set_cache_dir(path)
+
+
 def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int,
           shard_size: str | int, seed: int, chunk_rows: int | None = None,
           out_format: str = "safetensors", unit_size: str | int | None = None,
@@ -136,9 +147,9 @@ def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int
         cfg, {c.url: c.tensors for c in ckpts}, memory_budget=budget, shard_size=shard,
         seed=seed, n_layers_hint=hint, chunk_rows=chunk_rows, out_format=out_format, quant=oq.specs, keep=oq.keep, **units,
     ), oq)
-    from moemerge.tokenizers_merge import vocab_config_updates
+    from moemerge.tokenizers_merge import plan_with_vocabulary
 
-    p = replace(p, config_updates=p.config_updates + vocab_config_updates(ckpts, side))
+    p = plan_with_vocabulary(p, ckpts, side)  # config.json's vocab_size, when a vocabulary was built
     if cfg.slices:  # the output's layer count and per-layer config.json lists (planner/slices.py)
         from moemerge.planner.slices import slice_config_updates
 

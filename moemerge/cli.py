@@ -288,10 +288,10 @@ def _dask_kw(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_kw(args: argparse.Namespace) -> dict[str, Any]:
     """`api.run`'s settings from the flags `run` and `multi` share (all but config, out, overwrite, resume)."""
-    if getattr(args, "hub_cache", None):  # read by io.hub when a Hub model is opened (workers inherit it)
-        from moemerge.io.hub import set_cache_dir
+    if getattr(args, "hub_cache", None):  # read when a Hub model is opened (Dask workers inherit it)
+        from moemerge.api import use_hub_cache
 
-        set_cache_dir(args.hub_cache)
+        use_hub_cache(args.hub_cache)
     return {"memory_budget": args.memory_budget, "shard_size": args.shard_size, "seed": args.seed,
             "device": args.device, "progress": not args.no_progress, "out_format": args.format,
             "quantize": args.quantize, "copy_tokenizer": args.copy_tokenizer, "model_card": args.write_model_card,

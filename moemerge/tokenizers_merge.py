@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from moemerge.errors import CheckpointError, MismatchError
@@ -14,8 +15,9 @@ if TYPE_CHECKING:
     from moemerge.config import MergeConfig
     from moemerge.io.checkpoint import Checkpoint
     from moemerge.io.vocab.build import Vocabulary
+    from moemerge.planner.plan import Plan
 
-__all__ = ["with_vocabulary", "vocabulary_of", "vocab_config_updates", "output_tokenizer_files"]
+__all__ = ["with_vocabulary", "vocabulary_of", "plan_with_vocabulary", "output_tokenizer_files"]
 
 
 def with_vocabulary(cfg: MergeConfig, opened: list[Checkpoint]) -> list[Checkpoint]:
@@ -38,8 +40,24 @@ def with_vocabulary(cfg: MergeConfig, opened: list[Checkpoint]) -> list[Checkpoi
     vocab = build_vocabulary(settings, by_url, models=[m.model for m in cfg.models], base=cfg.base_model,
                              storage_options=cfg.storage_options, chat_template=template)
     peers = [by_url[s] for s in vocab.sources]
+    _check_recipe_rows(vocab, peers)
     return [VocabView(c, vocab.sources.index(c.url), vocab, peers) if c.url in vocab.sources else c
             for c in opened]
+
+
+def _check_recipe_rows(vocab: Vocabulary, peers: Sequence[Checkpoint]) -> None:
+    """Every row a lacking model borrows exists: the lending input has that tensor (a tied model
+    has no lm_head to lend), with the same row shape. Checked here, before any work."""
+    lenders = {i for r in vocab.recipes.values() for i, _ in r.terms}
+    for src, names in vocab.tensors.items():
+        for n in names:
+            want = peers[vocab.sources.index(src)].tensors[n].shape[1:]
+            for i in sorted(lenders):
+                t = peers[i].tensors.get(n)
+                if t is None or t.shape[1:] != want:
+                    what = "has no tensor" if t is None else f"has {list(t.shape)} for"
+                    raise MismatchError(f"{peers[i].url}: {what} `{n}`, whose rows fill tokens other models lack "
+                                        f"({src} has it as {[vocab.size, *want]}); merge models of one architecture")
 
 
 def _check_same_vocab_size(opened: Sequence[Checkpoint]) -> None:
@@ -51,7 +69,7 @@ def _check_same_vocab_size(opened: Sequence[Checkpoint]) -> None:
             named, _ = vocab_tensors(c)
         except CheckpointError:
             continue  # the planner reports shape problems in full
-        for n, r in named.items():
+        for n, r in sorted(named.items(), key=lambda kv: ("embed" not in kv[0], kv[0])):  # the embedding first
             first = rows.setdefault(n, (c.url, r))
             if first[1] != r:
                 raise MismatchError(
@@ -70,17 +88,23 @@ def vocabulary_of(ckpts: Sequence[Checkpoint]) -> Vocabulary | None:
     return None
 
 
-def vocab_config_updates(ckpts: Sequence[Checkpoint], side_config: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
-    """config.json fields a built vocabulary sets: `vocab_size` (MergeKit writes the padded
-    size), inside `text_config` for models that keep it there."""
+def plan_with_vocabulary(p: Plan, ckpts: Sequence[Checkpoint], side_config: dict[str, Any] | None) -> Plan:
+    """`p` with what a built vocabulary changes: config.json's `vocab_size` (MergeKit writes the
+    padded size; inside `text_config` for models that keep it there) and a note for `plan`."""
     vocab = vocabulary_of(ckpts)
     if vocab is None:
-        return ()
+        return p
     cfg = side_config or {}
     text = cfg.get("text_config")
     if "vocab_size" not in cfg and isinstance(text, dict) and "vocab_size" in text:
-        return (("text_config", {**json.loads(json.dumps(text)), "vocab_size": vocab.size}),)
-    return (("vocab_size", vocab.size),)
+        update: tuple[str, Any] = ("text_config", {**json.loads(json.dumps(text)), "vocab_size": vocab.size})
+    else:
+        update = ("vocab_size", vocab.size)
+    lacking = sum(1 for row in vocab.own for r in row if r < 0)
+    said = (f"output vocabulary: {vocab.n_tokens} tokens"
+            + (f" + {vocab.size - vocab.n_tokens} padding rows (the mean row)" if vocab.size > vocab.n_tokens else "")
+            + f"; embedding rows matched by token, {lacking} row(s) filled for inputs lacking a token")
+    return replace(p, config_updates=p.config_updates + (update,), notes=p.notes + vocab.notes + (said,))
 
 
 def output_tokenizer_files(cfg: MergeConfig, ckpts: Sequence[Checkpoint], *, copy_tokenizer: bool,

@@ -424,16 +424,18 @@ CONFIG_ERRORS: dict[str, tuple[Callable[[Path, Path], dict], tuple[str, ...]]] =
     "missing_weight": (
         lambda a, b: _doc(a, b, models=[{"model": str(a), "parameters": {"weight": 1}}, {"model": str(b)}]),
         ("models[1].parameters.weight",)),
-    "slices": (
-        lambda a, b: {"merge_method": "linear",
-                      "slices": [{"sources": [{"model": str(a), "layer_range": [0, 2]}]}]},
-        ("slices", "not supported yet")),
+    "slices_of_different_lengths": (
+        lambda a, b: {"merge_method": "linear", "parameters": {"weight": 1.0},
+                      "slices": [{"sources": [{"model": str(a), "layer_range": [0, 2]},
+                                              {"model": str(b), "layer_range": [0, 1]}]}]},
+        ("slices[0].sources", "same number of layers")),
     "ema_alpha_above_1": (
         lambda a, b: {"merge_method": "ema", "models": [{"model": str(a)}, {"model": str(b)}],
                       "parameters": {"alpha": 1.5}},
         ("alpha", "1.5")),
     "bad_dtype": (lambda a, b: _doc(a, b, dtype="float17"), ("dtype", "float17")),
-    "tokenizer_source_union": (lambda a, b: _doc(a, b, tokenizer_source="union"), ("union", "not supported yet")),
+    "tokenizer_source_and_block": (lambda a, b: _doc(a, b, tokenizer_source="union", tokenizer={"source": "base"}),
+                                   ("tokenizer_source", "not both")),
 }
 
 

@@ -28,6 +28,7 @@ LAYER_OF: dict[str, str] = {
     "moemerge.pma": "pma",
     "moemerge.planner": "planner",
     "moemerge.config": "config",
+    "moemerge.slices_config": "config",  # the `slices:` / `modules:` part of the YAML schema
     "moemerge.io": "io",
     "moemerge.methods": "methods",
     # neutral leaves: importable from anywhere, importing only each other

@@ -139,6 +139,8 @@ def _too_far(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def test_every_mergekit_method_has_a_golden_case() -> None:
     methods = {_method(c) for c in CASES}
+    # arcee_fusion, ram, ramplus_tl: tests/golden/methods3 (tests/test_methods_mergekit3.py)
+    methods |= {yaml.safe_load(p.read_text())["merge_method"] for p in (GOLDEN / "methods3" / "configs").glob("*.yaml")}
     ours = set(REGISTRY) - {"sma", "wma", "ema", "minus-sqrt"}  # PMA averages are not MergeKit methods
     assert ours <= methods, f"no MergeKit golden case for {sorted(ours - methods)}: add one to scripts/mergekit_golden.py"
 

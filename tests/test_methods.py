@@ -63,6 +63,10 @@ CASES: dict[str, list[tuple[dict, list[dict], bool]]] = {
     "wma": [({}, [{}, {}, {}], False)],
     "ema": [({"alpha": 0.2}, [{}, {}, {}, {}], False), ({"alpha": 0.9}, [{}, {}], False)],
     "minus-sqrt": [({}, [{}, {}, {}, {}], False), ({}, [{}, {}], False)],
+    # MergeKit 0.1.5's three newer methods (more cases: tests/test_methods_mergekit3.py)
+    "arcee_fusion": [({}, [{}], True)],
+    "ram": [({"epsilon": 0.2}, [{}, {}, {}], True)],
+    "ramplus_tl": [({"epsilon": 0.2, "r": 0.5, "alpha": 1.0}, [{}, {}, {}], True)],
 }
 
 

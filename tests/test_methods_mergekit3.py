@@ -10,7 +10,6 @@ MergeKit's own outputs on the tiny float32 Llama inputs of tests/golden/inputs/.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -237,22 +236,79 @@ def test_golden_files_are_what_the_manifest_says() -> None:
         assert hashlib.sha256((METHODS3 / rel).read_bytes()).hexdigest() == digest, f"{rel} changed; rerun the script"
 
 
-@pytest.mark.parametrize("case", GOLDEN_CASES)
-def test_output_matches_mergekit(tmp_path: Path, case: str) -> None:
-    doc = yaml.safe_load((METHODS3 / "configs" / f"{case}.yaml").read_text())
+def _golden_doc(case: str) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((METHODS3 / "configs" / f"{case}.yaml").read_text())
     doc["base_model"] = str(GOLDEN / doc["base_model"])
     for m in doc["models"]:
         m["model"] = str(GOLDEN / m["model"])
-    ours = _run(doc, tmp_path / "out")
+    return doc
+
+
+def _golden_io(case: str, tmp: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(ours, MergeKit's, base, other model) of a golden case."""
+    doc = _golden_doc(case)
+    ours = _run(doc, tmp / "out")
     ref = load_file(str(METHODS3 / "outputs" / f"{case}.safetensors"))
-    assert sorted(ours) == sorted(ref)
+    base = load_file(str(Path(doc["base_model"]) / "model.safetensors"))
+    other = [m["model"] for m in doc["models"] if m["model"] != doc["base_model"]][-1]
+    assert sorted(ours) == sorted(ref) == sorted(base)
+    return ours, ref, base, load_file(str(Path(other) / "model.safetensors"))
+
+
+def _off(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (ours.double() - ref.double()).abs() > 1e-5 * ref.double().abs().clamp_min(1.0)
+
+
+@pytest.mark.parametrize("case", [c for c in GOLDEN_CASES if not c.startswith("arcee_fusion")])
+def test_output_matches_mergekit(tmp_path: Path, case: str) -> None:
+    ours, ref, base, _ = _golden_io(case, tmp_path)
     problems = []
     for name, r in ref.items():
         assert ours[name].dtype == r.dtype == torch.float32, name
-        diff = (ours[name].double() - r.double()).abs()
-        bad = diff > 1e-5 * r.double().abs().clamp_min(1.0)
+        bad = _off(ours[name], r)
         if bad.any():
+            diff = (ours[name].double() - r.double()).abs()
             problems.append(f"{name}: {int(bad.sum())}/{r.numel()} elements off, max |diff| {diff.max():.3g}")
     assert not problems, f"{case} differs from MergeKit 0.1.5:\n  " + "\n  ".join(problems)
-    moved = sum(int((ours[n] != load_file(str(Path(doc["base_model"]) / "model.safetensors"))[n]).sum()) for n in ours)
-    assert moved > 0 and math.isfinite(moved), f"{case}: the merge left the base unchanged"
+    assert any(not torch.equal(ours[n], base[n]) for n in ours), f"{case}: the merge left the base unchanged"
+
+
+def _mergekit_fusion_float32(b: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MergeKit 0.1.5's arcee_fusion importance and threshold, replayed in float32 torch as it runs them."""
+    p = torch.softmax(x, dim=-1) + 1e-8
+    q = torch.softmax(b, dim=-1) + 1e-8
+    imp = (x - b).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    srt = imp.reshape(-1).sort().values
+    q1, med, q3 = srt[(torch.tensor([0.25, 0.5, 0.75]) * (srt.numel() - 1)).long()]
+    return imp, med + 1.5 * (q3 - q1)
+
+
+@pytest.mark.parametrize("case", [c for c in GOLDEN_CASES if c.startswith("arcee_fusion")])
+def test_arcee_fusion_matches_mergekit_but_for_its_float32_kl(tmp_path: Path, case: str) -> None:
+    """MergeKit computes kl in float32, where it cancels (p ~ q) to ~1% relative error; we take
+    float64. So: (1) MergeKit's output is its float32 formula exactly (the golden is understood);
+    (2) ours is the float64 reference to 1e-5; (3) the two differ only at the few elements whose
+    importance lies within MergeKit's own float32 error of the threshold, and there ours is the
+    other model's value and MergeKit's the base's, or the reverse."""
+    ours, ref, base, other = _golden_io(case, tmp_path)
+    flips_total = 0
+    for name, r in ref.items():
+        b, x = base[name], other[name]
+        imp32, thr32 = _mergekit_fusion_float32(b, x)
+        mk_mask = imp32 >= thr32
+        assert torch.equal(r, b + (x - b) * mk_mask.float()), f"{name}: MergeKit's output is not its own formula"
+        AMBIGUOUS.clear()
+        exact = REFERENCES["arcee_fusion"](b.double(), [x.double()], [{}], {})
+        assert not (_off(ours[name], exact) & ~AMBIGUOUS["last"]).any(), f"{name}: ours is not the float64 reference"
+        ours_mask = ours[name] != b
+        imp64, thr64 = _mergekit_fusion_float32(b.double(), x.double())
+        flips = _off(ours[name], r)
+        assert torch.equal(flips, (ours_mask != mk_mask) & (x != b)), f"{name}: differences beyond the mask"
+        # float32 kl error at each flipped element (and the threshold's) covers its distance to the threshold
+        err = (imp32.double() - imp64).abs() + abs(float(thr32) - float(thr64))
+        assert bool(((imp64 - thr64).abs() <= err)[flips].all()), f"{name}: a flip not explained by float32 rounding"
+        assert bool(((imp64 - thr64).abs() <= 0.02 * abs(float(thr64)))[flips].all()), f"{name}: a flip far from the threshold"
+        flips_total += int(flips.sum())
+        assert int(flips.sum()) <= max(2, r.numel() // 200), f"{name}: {int(flips.sum())} flips"
+    total = sum(t.numel() for t in ref.values())
+    assert flips_total <= total // 500, f"{case}: {flips_total} of {total} elements differ from MergeKit"

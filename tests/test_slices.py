@@ -400,3 +400,108 @@ def test_parse_errors_name_the_slice() -> None:
             {"sources": [{"model": "a", "layer_range": [0]}]}]})
     with pytest.raises((ConfigError, PlanError), match="modules.default"):
         parse_config({"merge_method": "passthrough", "modules": {"default": {"parameters": {}}}})
+
+
+# -- agreement with MergeKit 0.1.5 (tests/golden/slices, scripts/mergekit_golden_slices.py) ------
+
+GOLDEN = Path(__file__).parent / "golden"
+SLICE_CASES = tuple(json.loads((GOLDEN / "slices" / "MANIFEST.json").read_text())["cases"])
+
+
+def _absolute(doc: Any) -> Any:
+    """The golden config with its `inputs/...` model paths made absolute."""
+    if isinstance(doc, dict):
+        return {k: _absolute(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_absolute(v) for v in doc]
+    return str(GOLDEN / doc) if isinstance(doc, str) and doc.startswith("inputs/") else doc
+
+
+@pytest.mark.parametrize("case", SLICE_CASES)
+def test_slices_agree_with_mergekit(tmp_path: Path, case: str) -> None:
+    import yaml
+
+    doc = _absolute(yaml.safe_load((GOLDEN / "slices" / f"{case}.yaml").read_text()))
+    out = _run(tmp_path, doc)
+    want = load_file(str(GOLDEN / "slices" / f"{case}.safetensors"))
+    got = _tensors(out)
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        err = (got[name].double() - w.double()).abs() / w.double().abs().clamp(min=1.0)
+        assert err.max().item() <= 1e-5, f"{case}: `{name}` differs from MergeKit by {err.max().item():.3g}"
+    # config.json: the same fields once both are read as transformers reads them
+    ours = transformers.AutoConfig.from_pretrained(str(out)).to_dict()
+    theirs_dir = tmp_path / "mk"
+    theirs_dir.mkdir()
+    (theirs_dir / "config.json").write_text((GOLDEN / "slices" / f"{case}.config.json").read_text())
+    theirs = transformers.AutoConfig.from_pretrained(str(theirs_dir)).to_dict()
+    for d in (ours, theirs):
+        d.pop("transformers_version", None)
+        d.pop("_name_or_path", None)  # where each was read from
+    assert ours == theirs
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["num_hidden_layers"] == json.loads((GOLDEN / "slices" / f"{case}.config.json").read_text())[
+        "num_hidden_layers"]
+
+
+# -- the example in examples/ ---------------------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "slices.yml"
+
+
+def test_the_slices_example_plans_and_runs(tmp_path: Path, ckpt_factory) -> None:
+    """examples/slices.yml, its two Hub names mapped to tiny 32-layer checkpoints: 48 layers out,
+    the second slice's o_proj / down_proj scaled by 0.5, everything else copied."""
+    def tiny(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        t = {"model.embed_tokens.weight": torch.randn(8, 4, generator=g)}
+        for i in range(32):
+            for part in ("self_attn.o_proj", "mlp.down_proj", "mlp.up_proj"):
+                t[f"model.layers.{i}.{part}.weight"] = torch.randn(4, 4, generator=g)
+        t["model.norm.weight"] = torch.randn(4, generator=g)
+        return {k: v.to(torch.bfloat16) for k, v in t.items()}
+
+    conf = {"model_type": "llama", "num_hidden_layers": 32}
+    names = {"meta-llama/Llama-3.1-8B-Instruct": 1, "NousResearch/Hermes-3-Llama-3.1-8B": 2}
+    text = EXAMPLE.read_text()
+    sds = {}
+    for name, seed in names.items():
+        sds[name] = tiny(seed)
+        text = text.replace(name, str(ckpt_factory(f"m{seed}", sds[name], config=conf)))
+    cfg = tmp_path / "slices.yml"
+    cfg.write_text(text)
+    plan = moemerge.plan(str(cfg))
+    assert dict(plan.config_updates)["num_hidden_layers"] == 48
+    assert len(plan.tensors) == 2 + 48 * 3
+    out = tmp_path / "out"
+    moemerge.run(str(cfg), str(out))
+    got = _tensors(out)
+    first, second = sds.values()
+    for k in range(48):
+        src, layer = (first, k) if k < 24 else (second, k - 16)
+        for part in ("self_attn.o_proj", "mlp.down_proj", "mlp.up_proj"):
+            w = src[f"model.layers.{layer}.{part}.weight"].double()
+            scale = 0.5 if k >= 24 and part != "mlp.up_proj" else 1.0
+            assert torch.equal(got[f"model.layers.{k}.{part}.weight"].double(), (w * scale).bfloat16().double())
+    assert torch.equal(got["model.embed_tokens.weight"], first["model.embed_tokens.weight"])
+    assert torch.equal(got["model.norm.weight"], second["model.norm.weight"])
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 48
+
+
+def test_layer_orders_that_config_patterns_cannot_describe_are_refused(llamas: list[Path]) -> None:
+    a, b, _ = llamas
+    doc = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(a), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(b), "layer_range": [1, 3]}]}]}  # output 0, 1, 2, 3 <- 0, 1, 1, 2
+    catalogs = {str(p): {t.name: t for t in moemerge.inspect(str(p))} for p in (a, b)}
+    cfg = parse_config(doc)
+    with pytest.raises(PlanError, match=r"first_k_dense_replace: 2.*output layer 2 would be source layer 1"):
+        slice_config_updates(cfg, catalogs, {"num_hidden_layers": 4, "first_k_dense_replace": 2})
+    with pytest.raises(PlanError, match=r"decoder_sparse_step: 2.*output layer 2 would be source layer 1"):
+        slice_config_updates(cfg, catalogs, {"num_hidden_layers": 4, "decoder_sparse_step": 2})
+    # a per-layer list supersedes the sliding-window pattern: it is remapped instead
+    got = dict(slice_config_updates(cfg, catalogs, {"num_hidden_layers": 4, "sliding_window_pattern": 2,
+                                                    "layer_types": ["s", "f", "s", "f"]}))
+    assert got["layer_types"] == ["s", "f", "f", "s"]
+    # one dense layer first, taken first: the pattern still holds
+    assert dict(slice_config_updates(cfg, catalogs, {"num_hidden_layers": 4, "first_k_dense_replace": 1}))

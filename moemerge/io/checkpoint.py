@@ -15,12 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from moemerge._gc import gc_paused
 from moemerge.errors import CheckpointError
 from moemerge.io import storage
 from moemerge.io.dtypes import itemsize
 from moemerge.io.limits import MAX_JSON_BYTES, check_tensor_count, loads_unique, read_limited
 from moemerge.io.sidefiles import side_file_limit
-from moemerge.io.safetensors_format import parse_header, parse_header_length
+from moemerge.io.safetensors_format import parse_header_entries, parse_header_length
 
 if TYPE_CHECKING:
     from moemerge.names import DcpNames
@@ -167,14 +168,20 @@ class Checkpoint:
             raise CheckpointError(f"{where}: has no 'weight_map' object of tensor name -> file name")
         check_tensor_count(len(wmap), where=where)
         by_file: dict[str, list[str] | None] = {}
+        safe: dict[str, str] = {}  # each file name checked once, not once per tensor
         for tensor, fname in wmap.items():
-            fname = storage.safe_relative(fname, where=where)
-            names = by_file.setdefault(fname, [])
+            rel = safe.get(fname)
+            if rel is None:
+                rel = safe[fname] = storage.safe_relative(fname, where=where)
+            names = by_file.setdefault(rel, [])
             assert names is not None
             names.append(tensor)
         return by_file
 
+    @gc_paused  # a few objects per tensor, none in a cycle (moemerge._gc)
     def _load_shards(self, by_file: dict[str, list[str] | None]) -> None:
+        shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # equal shapes share one tuple
+        tensors = self.tensors
         for fname, expected in sorted(by_file.items()):
             path = storage.join(self.root, fname) if self.root else fname
             where = self.url if self._bare else f"{self.url.rstrip('/')}/{fname}"
@@ -188,24 +195,24 @@ class Checkpoint:
             n = parse_header_length(storage.read_bytes(src, 0, 8) if src.size >= 8 else b"",
                                     file_size=src.size, where=where)
             raw = storage.read_bytes(src, 8, n)
-            header = parse_header(raw, file_size=src.size, where=where)
+            _, _, entries = parse_header_entries(raw, file_size=src.size, where=where, shapes=shapes)
             self.header_digests[fname] = hashlib.sha256(raw).hexdigest()  # the input's identity (io.identity)
             self.files[fname] = src.size
-            check_tensor_count(len(self.tensors) + len(header.tensors), where=self.url)  # all shards
-            wanted = header.tensors.keys() if expected is None else expected
-            for name in wanted:
-                entry = header.tensors.get(name)
-                if entry is None:
-                    raise CheckpointError(
-                        f"{where}: tensor `{name}` is listed in {INDEX_NAME} for this shard "
-                        "but the shard does not contain it"
-                    )
-                if name in self.tensors:
+            check_tensor_count(len(tensors) + len(entries), where=self.url)  # all shards
+            if expected is not None:  # the index lists this shard's tensors: exactly those, in its order
+                at = {e[0]: e for e in entries}
+                for name in expected:
+                    if name not in at:
+                        raise CheckpointError(
+                            f"{where}: tensor `{name}` is listed in {INDEX_NAME} for this shard "
+                            "but the shard does not contain it"
+                        )
+                entries = [at[name] for name in expected]
+            for name, dtype, shape, start, nbytes in entries:
+                if name in tensors:
                     raise CheckpointError(f"{where}: tensor `{name}` appears in two shards")
-                self.tensors[name] = TensorInfo(
-                    name=name, dtype=entry.dtype, shape=entry.shape, file=fname,
-                    start=entry.start, nbytes=entry.nbytes,
-                )
+                tensors[name] = TensorInfo(name=name, dtype=dtype, shape=shape, file=fname, start=start,
+                                           nbytes=nbytes)
 
     # -- side files ------------------------------------------------------------------------
 

@@ -36,6 +36,11 @@ _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B|lo
                   r"(?P<rest>(?:\.[A-Za-z0-9_-]+){0,2})")
 
 
+#: A whole base weight saved with the adapter (PEFT's `save_embedding_layers`): loading the
+#: adapter puts it in place of the model's, so it is served instead of the model's weight.
+_BASE_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
+
+
 def _key_ok(m: re.Match[str]) -> bool:
     """`.weight` (or `.<adapter>.weight`) after lora_A/B; nothing (or `.<adapter>`) after the
     embedding matrices, which PEFT stores as bare parameters."""
@@ -103,12 +108,25 @@ def _config(adapter_url: str, fs: Any, root: str) -> dict[str, Any]:
     return cfg
 
 
-def _targets(url: str, adapter: Checkpoint, base: Checkpoint, cfg: dict[str, Any]) -> dict[str, LoraTarget]:
-    """Every adapted weight, checked against the model: all problems in one error."""
+def _targets(url: str, adapter: Checkpoint, base: Checkpoint,
+             cfg: dict[str, Any]) -> tuple[dict[str, LoraTarget], dict[str, str]]:
+    """Every adapted weight, and every weight the adapter replaces whole (model name ->
+    adapter name), checked against the model: all problems in one error."""
     where = f"{adapter.url}"
     pairs: dict[str, dict[str, str]] = {}
     problems: list[str] = []
+    replaced: dict[str, str] = {}
     for key in sorted(adapter.tensors):
+        r = _BASE_KEY.fullmatch(key)
+        if r is not None:
+            weight, t = f"{r.group('module')}.weight", adapter.tensors[key]
+            w = base.tensors.get(weight)
+            if w is None or (w.shape, w.dtype) != (t.shape, t.dtype):
+                got = "absent" if w is None else f"{w.dtype} {list(w.shape)}"
+                problems.append(f"tensor `{key}`: a whole {t.dtype} {list(t.shape)} weight for `{weight}`, "
+                                f"which in the model is {got}")
+            replaced[weight] = key
+            continue
         m = _KEY.fullmatch(key)
         if m is None or not _key_ok(m):
             what = ("a DoRA magnitude" if "lora_magnitude_vector" in key else
@@ -166,7 +184,7 @@ def _targets(url: str, adapter: Checkpoint, base: Checkpoint, cfg: dict[str, Any
     if problems:
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise CheckpointError(f"{url}: the LoRA adapter {where} does not fit the model:\n  " + "\n  ".join(shown))
-    return out
+    return out, replaced
 
 
 def open_lora(url: str, model: str, adapter_url: str, storage_options: dict[str, Any] | None,
@@ -191,8 +209,8 @@ def open_lora(url: str, model: str, adapter_url: str, storage_options: dict[str,
         if (base.config() or {}).get("quantization_config") or getattr(base, "quantized", None):
             raise CheckpointError(f"{url}: the model is stored quantized; a LoRA adapter is added to plain "
                                   "weights only. Use a bf16/fp16/fp32 copy of the model")
-        targets = _targets(url, adapter, base, cfg)
-        return LoraView(url, base, adapter, targets, adapter_url=adapter_url, adapter_root=root)
+        targets, replaced = _targets(url, adapter, base, cfg)
+        return LoraView(url, base, adapter, targets, replaced, adapter_url=adapter_url, adapter_root=root)
     except BaseException:
         adapter.close()
         base.close()
@@ -203,13 +221,15 @@ class LoraView(Checkpoint):
     """A checkpoint whose LoRA-targeted weights are served with the delta added; everything
     else as is. A wrapper (io.formats.WrapsReader over `inner`): it owns `inner` and the adapter."""
 
-    def __init__(self, url: str, inner: Checkpoint, adapter: Checkpoint, targets: dict[str, LoraTarget], *,
-                 adapter_url: str, adapter_root: str) -> None:
+    def __init__(self, url: str, inner: Checkpoint, adapter: Checkpoint, targets: dict[str, LoraTarget],
+                 replaced: dict[str, str] | None = None, *, adapter_url: str, adapter_root: str) -> None:
         super().__init__(url, inner.fs, inner.root, dict(inner.tensors), inner.files)
         self.header_digests = inner.header_digests
         self.inner = inner
         self.adapter = adapter
         self.targets = targets
+        self.replaced = dict(replaced or {})
+        """Model tensor -> the adapter's whole copy served in its place (`base_layer.weight`)."""
         self.adapter_url = adapter_url
         self._adapter_root = adapter_root
         self._local = threading.local()
@@ -260,7 +280,11 @@ class LoraView(Checkpoint):
         return b
 
     def read_rows(self, name: str, r0: int, r1: int, out: memoryview) -> None:
-        self.inner.read_rows(name, r0, r1, out)
+        whole = self.replaced.get(name)
+        if whole is not None:
+            self.adapter.read_rows(whole, r0, r1, out)
+        else:
+            self.inner.read_rows(name, r0, r1, out)
         t = self.targets.get(name)
         if t is None or r1 <= r0:
             return

@@ -10,6 +10,7 @@ import json
 import math
 import re
 import struct
+from sys import intern
 from dataclasses import dataclass
 
 from moemerge._gc import paused
@@ -129,6 +130,7 @@ def parse_header(raw: bytes, *, file_size: int, where: str) -> ShardHeader:
 #: (name, dtype, shape, absolute start, nbytes) of one tensor, in header order.
 Entry = tuple[str, str, tuple[int, ...], int, int]
 _INT = {int}
+_DTYPE_NAMES = {name: name for name in DTYPES}
 
 
 def parse_header_entries(raw: bytes, *, file_size: int, where: str,
@@ -185,7 +187,9 @@ def parse_header_entries(raw: bytes, *, file_size: int, where: str,
             )
         spans.append((begin, end, name))
         key = tuple(shape)
-        entries.append((name, dtype, shapes.setdefault(key, key), data_start + begin, expect))
+        # one string per dtype and per tensor name across every checkpoint opened, one tuple per
+        # shape: about 60 MB less at 3 x 92k tensors (the JSON decoder makes each anew)
+        entries.append((intern(name), _DTYPE_NAMES[dtype], shapes.setdefault(key, key), data_start + begin, expect))
     spans.sort()
     pos = 0
     for begin, end, name in spans:
@@ -239,3 +243,15 @@ def _no_repeated_keys(raw: bytes, doc: object) -> bool:
         if type(v) is dict:
             kept += len(v)
     return len(_KEY_END.findall(raw)) == kept
+
+
+def _bad_entry(where: str, name: str, dtype: object, shape: object, offs: object) -> CheckpointError:
+    """The error for an entry the fast checks refused, naming its first bad field."""
+    bad = f"{where}: tensor `{name}`"
+    if dtype not in DTYPES:
+        return CheckpointError(f"{bad}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        return CheckpointError(f"{bad}: shape {shape!r} is not a list of non-negative ints")
+    return CheckpointError(f"{bad}: data_offsets {offs!r} are not [begin, end] with begin <= end")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.methods.base import Chunk, TensorParams
 from moemerge.methods.stats import Threshold, _for_row_ranges, stream_key
@@ -219,8 +219,9 @@ def _slots(chunk: Chunk, inputs: Sequence[int]) -> list[torch.Tensor]:
 
     out = []
     for i in inputs:
-        slot = _mask_slot(chunk, i, chunk.shape)
-        out.append(slot if slot is not None else torch.empty(chunk.shape, dtype=torch.bool))
+        shape = tuple(chunk.scratch(0).shape)  # the chunk's [rows, row_len]
+        slot = _mask_slot(chunk, i, shape)
+        out.append(slot if slot is not None else torch.empty(shape, dtype=torch.bool))
     return out
 
 
@@ -284,7 +285,7 @@ def generalized_apply(fam: Any, chunk: Chunk, stats: Mapping[str, Any], p: Tenso
         todo = []
         for i in order:
             kind[i] = 4
-            slot = _mask_slot(chunk, i, chunk.shape)
+            slot = _mask_slot(chunk, i, tuple(chunk.scratch(0).shape))
             if memo.has(chunk, f"keep{i}") and slot is not None:  # drawn by the rescale pass on this read
                 masks[i] = slot.reshape(-1).numpy()
             else:

@@ -35,9 +35,13 @@ def f32(v: Any) -> Any:
 @overload(f32, inline="always")
 def _f32_impl(v: Any) -> Any:
     if isinstance(v, types.Float):
-        return lambda v: np.float32(v)
+        def same(v: Any) -> Any:
+            return np.float32(v)
+        return same
     if isinstance(v, types.Integer):  # bf16: its bits are the high half of the float32's
-        return lambda v: np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
+        def widen(v: Any) -> Any:
+            return np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
+        return widen
     return None
 
 
@@ -249,8 +253,8 @@ def sce_apply_k(src: Any, deltas: Any, eta: Any, j0: int, j1: int, out: Any) -> 
     n = eta.shape[0]
     floor = np.float32(1e-6)
     for j in range(j0, j1):
-        mixed = deltas[0][j] if n == 1 else deltas[0][j] + deltas[1][j]
-        for i in range(2, n):
+        mixed = deltas[0][j]  # torch: d0 + d1, then + d2 ...: the same additions in order
+        for i in range(1, n):
             mixed = mixed + deltas[i][j]
         sgn = (_ONE if mixed >= _ZERO else _ZERO) * _TWO - _ONE
         mixed = _ZERO

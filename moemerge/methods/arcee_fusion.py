@@ -14,7 +14,7 @@ negative rounding residue counts as 0 (KL divergence is never negative).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,12 +89,14 @@ def _fill_importance(x: np.ndarray, b: np.ndarray, kl: np.ndarray | float, out: 
     """out = float32(|x - b| * kl) (|x - b| rounded in the compute dtype, as the output's d)."""
     rows, row_len = x.shape
     step = max(1, BLOCK // max(1, row_len))
-    per_row = isinstance(kl, np.ndarray)
     for r in range(0, rows, step):
         k = min(step, rows - r)
         d = np.subtract(x[r:r + k], b[r:r + k])
         t = np.abs(d).astype(np.float64)
-        t *= kl[r:r + k, None] if isinstance(kl, np.ndarray) and per_row else kl
+        if isinstance(kl, np.ndarray):
+            t *= kl[r:r + k, None]
+        else:
+            t *= kl
         out[r:r + k] = t  # one rounding to float32
 
 
@@ -206,9 +208,20 @@ _NAMES = ("q1", "med", "q3")
 def _selection(shape: tuple[int, ...]) -> Selection:
     n = math.prod(shape)
     # the value at ascending index i is the (n - i)-th largest
-    targets = [Target(name, 0, lambda stats, q=n - i: q) for name, i in zip(_NAMES, quartile_indices(n))]
-    return selection_passes("af", lambda c, s, src: _importance(c, s), targets, n,
-                            work=lambda c: c.scratch(3))
+    targets = [Target(name, 0, _constant(n - i)) for name, i in zip(_NAMES, quartile_indices(n))]
+    return selection_passes("af", _values, targets, n, work=_work)
+
+
+def _constant(q: int) -> Callable[[Mapping[str, Any]], int]:
+    return lambda stats: q
+
+
+def _values(chunk: Chunk, stats: Mapping[str, Any], source: int) -> torch.Tensor:
+    return _importance(chunk, stats)
+
+
+def _work(chunk: Chunk) -> torch.Tensor:
+    return chunk.scratch(3)
 
 
 def _map_min(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> float:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
+from moemerge.methods import _fused
 from moemerge.methods._memo import ScratchMemo
 from moemerge.methods._selection import Selection, Target, bool_view, selection_passes
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams, check_range
@@ -100,7 +101,8 @@ class _Family:
                 bottom = max(0, n - keep - top)
                 targets.append(Target(f"{i}:hi", i, _fixed(n - bottom)))
                 targets.append(Target(f"{i}:lo", i, _fixed(n - bottom - keep)))
-        return selection_passes("sel", self._abs_values, targets, n, work=lambda c: c.scratch(2)) if targets else None
+        return selection_passes("sel", self._abs_values, targets, n, work=lambda c: c.scratch(2),
+                                fused=_fused.abs_delta_values) if targets else None
 
     def _abs_values(self, chunk: Chunk, stats: Mapping[str, Any], i: int) -> torch.Tensor:
         """|d_i| in scratch 4 + i, the values selection ranks."""
@@ -154,6 +156,9 @@ class _Family:
 
     def map_l1(self, chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> dict[int, tuple[int, int]]:
         """The rescale pass: exact L1 norms of each sparsified task vector, whole and kept."""
+        fast = _fused.l1_partials(self, chunk, stats, p, self.memo)  # compiled kernels (same bits)
+        if fast is not None:
+            return fast
         memo = self.memo
         memo.clear()
         _load_base(chunk)
@@ -178,6 +183,9 @@ class _Family:
         return out
 
     def apply(self, chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> torch.Tensor:
+        fast = _fused.generalized_apply(self, chunk, stats, p, self.memo)  # compiled kernels (same bits)
+        if fast is not None:
+            return fast
         memo = self.memo
         sel = self.selection(p, chunk.shape)
         w = p.column("weight")

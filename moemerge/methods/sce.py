@@ -13,6 +13,7 @@ from typing import Any
 
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
+from moemerge.methods import _fused
 from moemerge.methods._memo import ScratchMemo
 from moemerge.methods._selection import Selection, Target, selection_passes
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams, check_range
@@ -81,10 +82,13 @@ def _selection(p: TensorParams, shape: tuple[int, ...]) -> Selection | None:
         return _chunk_variance(chunk)
 
     return selection_passes("sce", values, [Target("var", 0, q)], n, work=lambda c: c.scratch(2),
-                            count_zeros=True)
+                            count_zeros=True, fused=_fused.variance_values)
 
 
 def _masked(chunk: Chunk, stats: Mapping[str, Any], sel: Selection | None) -> list[torch.Tensor]:
+    fast = _fused.sce_masked(chunk, stats, sel, _memo)  # compiled kernels (same bits)
+    if fast is not None:
+        return fast
     if sel is None:
         return _deltas(chunk)
     out = [chunk.scratch(3 + i) for i in range(chunk.n_inputs)]
@@ -114,6 +118,9 @@ def _passes(p: TensorParams, shape: tuple[int, ...]) -> tuple[StatPass, ...]:
 
 def _apply(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> torch.Tensor:
     sel = _selection(p, chunk.shape)
+    fast = _fused.sce_apply(chunk, stats, sel, _memo)  # compiled kernels (same bits)
+    if fast is not None:
+        return fast
     deltas = _masked(chunk, stats, sel)
     _memo.clear()  # the scratch buffers are rewritten below
     energy = stats["energy"]

@@ -344,10 +344,22 @@ def _tensor_plans(method: Method, planned: Sequence[PlannedTensor], sizing: _Siz
     tensors: list[TensorPlan] = []
     totals = _Totals()
     one_row: list[str] = []
+    # (row granularity, statistics passes) by (params, shape): the method decides both from
+    # those alone, and a merge has a few dozen distinct pairs among 92k tensors (params are
+    # shared objects, planner/params.py; they outlive this loop, so their ids are stable)
+    declared: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}
     for p in planned:
         r = p.infos[0]
         rows, row_len = row_geometry(r.shape)
-        gran = method.row_granularity(r.shape, p.params or _COPY_PARAMS) if p.method != "copy" else 1
+        if p.method != "copy":
+            key = (id(p.params), r.shape)
+            got = declared.get(key)
+            if got is None:
+                tp = p.params or _COPY_PARAMS
+                got = declared[key] = (method.row_granularity(r.shape, tp), len(method.passes(tp, r.shape)))
+            gran, n_pass = got
+        else:
+            gran, n_pass = 1, 0
         # chunks fall on the scale blocks of every quantized input (io.quant: one band per read)
         gran = math.lcm(gran, *(max(1, i.row_align) for i in p.infos))
         if out_format == "zarr" and len(r.shape) >= 3:
@@ -365,7 +377,6 @@ def _tensor_plans(method: Method, planned: Sequence[PlannedTensor], sizing: _Siz
         totals.chunk_in = max(totals.chunk_in, elems * sum(itemsize(i.dtype) for i in p.infos))
         totals.chunk_out = max(totals.chunk_out, elems * itemsize(p.out_dtype)
                                + (chunk_parts_bytes(q, rows_per_chunk) if q else 0))
-        n_pass = len(method.passes(p.params or _COPY_PARAMS, r.shape)) if p.method != "copy" else 0
         multi = rows > rows_per_chunk
         totals.passes += n_pass
         totals.bytes_read += in_bytes * (1 + n_pass if multi else 1)

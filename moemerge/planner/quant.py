@@ -227,7 +227,17 @@ def chunk_parts_bytes(spec: QuantSpec, rows: int) -> int:
     """The most bytes of stored parts a chunk of `rows` logical rows produces."""
     from moemerge.io.quant_out import OutQuant, parts_bytes
 
-    return parts_bytes(OutQuant.unplaced(spec), 0, min(rows, spec.rows))
+    # by what decides it: a layout has a few dozen distinct shapes among 92k tensors
+    key = (spec.codec, spec.shape, spec.scheme, tuple((p.role, p.dtype, p.shape) for p in spec.parts), rows)
+    got = _PARTS_BYTES.get(key)
+    if got is None:
+        if len(_PARTS_BYTES) > 4096:
+            _PARTS_BYTES.clear()
+        got = _PARTS_BYTES[key] = parts_bytes(OutQuant.unplaced(spec), 0, min(rows, spec.rows))
+    return got
+
+
+_PARTS_BYTES: dict[tuple[Any, ...], int] = {}
 
 
 def check_streamable(plan: Any, kind: str) -> None:

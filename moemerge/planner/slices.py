@@ -350,6 +350,37 @@ def _check_architecture(cfg: MergeConfig, resolved: Sequence[_Resolved], layers:
                                               "must share one architecture")
 
 
+#: config.json integers that say which layers are of which kind by position, and how:
+#: `prefix` k: layers < k differ from the rest (DeepSeek's dense layers); `period` s: the kind
+#: repeats every s layers (MoE every s-th layer, Gemma's sliding-window pattern).
+_LAYER_PATTERNS = {"first_k_dense_replace": "prefix", "decoder_sparse_step": "period", "moe_layer_freq": "period",
+                   "interleave_moe_layer_step": "period", "sliding_window_pattern": "period"}
+
+
+def _check_layer_patterns(side: Mapping[str, Any], mapping: Sequence[int]) -> None:
+    """Refuse a layer order that config.json's positional layer patterns cannot describe: the
+    output would load with a dense layer's weights where the config expects experts (or a
+    sliding-window layer as a global one). A per-layer list (`layer_types`) supersedes the
+    sliding-window pattern, and it is remapped instead."""
+    problems = []
+    for key, kind in _LAYER_PATTERNS.items():
+        v = side.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= (0 if kind == "prefix" else 1):
+            continue
+        if key == "sliding_window_pattern" and isinstance(side.get("layer_types"), list):
+            continue
+        for i, src in enumerate(mapping):
+            same = (i < v) == (src < v) if kind == "prefix" else (i - src) % v == 0
+            if not same:
+                rule = f"layers below {v} differ from the rest" if kind == "prefix" else f"the layer kind repeats every {v} layers"
+                problems.append(f"config.json `{key}: {v}` ({rule}): output layer {i} would be source layer {src}, "
+                                "of the other kind; choose layer ranges that keep each layer's position in that "
+                                "pattern")
+                break
+    if problems:
+        raise PlanError(problems[0] if len(problems) == 1 else "\n  ".join(["cannot plan these slices:", *problems]))
+
+
 def slice_config_updates(cfg: MergeConfig, catalogs: Mapping[str, Mapping[str, TensorInfo]],
                          side_config: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
     """config.json fields the sliced output changes: the layer count (under the key the side
@@ -363,6 +394,7 @@ def slice_config_updates(cfg: MergeConfig, catalogs: Mapping[str, Mapping[str, T
     """
     mapping = [layer for _, layer in output_layers(cfg, catalogs)]
     side = dict(side_config or {})
+    _check_layer_patterns(side, mapping)
     keys = [k for k in _LAYER_COUNT_KEYS if isinstance(side.get(k), int) and not isinstance(side.get(k), bool)]
     updates: list[tuple[str, Any]] = [(k, len(mapping)) for k in keys or ["num_hidden_layers"]]
     old = side[keys[0]] if keys else None

@@ -56,7 +56,8 @@ class BlockFP8(Codec):
 
     # -- the interface -----------------------------------------------------------------------
 
-    def layout(self, name: str, shape: tuple[int, ...], scheme: QuantScheme) -> QuantSpec:
+    def layout(self, name: str, shape: tuple[int, ...], scheme: QuantScheme, *,
+               scale: TensorInfo | None = None) -> QuantSpec:
         if len(shape) < 2 or len(scheme.block) != 2:
             raise ValueError(f"`{name}` {list(shape)}: block FP8 stores matrices (2-D or more) with a 2-D "
                              f"weight_block_size, got {list(scheme.block)}")
@@ -65,23 +66,35 @@ class BlockFP8(Codec):
         tiles = (*shape[:-2], -(-r // br), -(-shape[-1] // bc))
         # a ragged R inside a stack of matrices puts tile rows off a fixed stride: chunk whole matrices
         align = br if (len(shape) == 2 or r % br == 0) else r
+        # `scale`: the stored scale found beside it; its name and (when it is right) shape are
+        # reused rather than made again for each of 92k tensors
+        scale_name = scale.name if scale is not None else name + scale_suffix(scheme)
+        if scale is not None and scale.shape == tiles:
+            tiles = scale.shape
+        shape = tuple(shape)
         return QuantSpec(
-            codec=self.name, name=name, shape=tuple(shape), dtype="F32", scheme=scheme, row_align=align,
-            parts=(Part(role="weight", name=name, dtype=scheme.fp8, shape=tuple(shape)),
-                   Part(role="scale", name=name + scale_suffix(scheme), dtype="F32", shape=tiles)),
+            codec=self.name, name=name, shape=shape, dtype="F32", scheme=scheme, row_align=align,
+            parts=(Part(role="weight", name=name, dtype=scheme.fp8, shape=shape),
+                   Part(role="scale", name=scale_name, dtype="F32", shape=tiles)),
         )
 
     def find(self, tensors: Mapping[str, TensorInfo], scheme: QuantScheme, where: str) -> dict[str, QuantSpec]:
         suffix = scale_suffix(scheme)
         found: dict[str, QuantSpec] = {}
+        by_fp8: dict[str, QuantScheme] = {}  # one scheme per FP8 dtype, shared by its tensors
         for n, t in tensors.items():
-            s = tensors.get(n + suffix)
-            if t.dtype not in FP8_DTYPES or s is None:
+            if t.dtype not in FP8_DTYPES:
                 continue
-            try:
-                spec = self.layout(n, t.shape, QuantScheme(
+            s = tensors.get(n + suffix)  # the pair by name: one lookup per FP8 tensor
+            if s is None:
+                continue
+            fp8 = by_fp8.get(t.dtype)
+            if fp8 is None:
+                fp8 = by_fp8[t.dtype] = QuantScheme(
                     method=scheme.method, block=scheme.block, strategy=scheme.strategy, fp8=t.dtype,
-                    not_converted=scheme.not_converted, config=scheme.config))
+                    not_converted=scheme.not_converted, config=scheme.config)
+            try:
+                spec = self.layout(n, t.shape, fp8, scale=s)
             except ValueError as e:
                 raise CheckpointError(f"{where}/{t.file}: FP8 tensor {e}") from e
             want = spec.parts[1].shape

@@ -137,7 +137,9 @@ def _union(base: Any, toks: Sequence[tuple[Any, int]], tmp: str) -> Any:
     for tok, limit in toks:
         decoder = tok.added_tokens_decoder
         added_text = {info.content for info in decoder.values()}
-        for text, idx in tok.get_vocab().items():
+        # in id order: MergeKit walks the tokenizer library's hash map, whose order changes from
+        # run to run, so its union numbers the new tokens differently each time (methods.md)
+        for text, idx in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
             if idx < limit and text not in added_text:
                 out_vocab.setdefault(text, None)
         for idx, info in decoder.items():
@@ -184,13 +186,20 @@ def build_vocabulary(settings: TokenizerSettings, ckpts: Mapping[str, Checkpoint
         sizes[loc] = size
         tensors[loc] = tuple(sorted(named))
     with tempfile.TemporaryDirectory() as tmp:
+        named_source = None
+        if settings.source not in ("base", "union"):  # read first: a wrong location is named at once
+            named_source = load_tokenizer(settings.source, storage_options, tmp)
+            if named_source is None:
+                raise CheckpointError(f"{settings.source}: has no tokenizer files; tokenizer_source needs a "
+                                      "tokenizer.json (or tokenizer.model) there")
         toks: dict[str, Any] = {}
         for loc in (base_loc, *[g for g in group if g != base_loc]):
             tok = load_tokenizer(loc, storage_options, tmp)
             if tok is None:
                 if loc == base_loc:
                     raise CheckpointError(f"{loc}: has no tokenizer files (tokenizer.json, tokenizer_config.json, "
-                                          "...); the output vocabulary is built from the base model's tokenizer")
+                                          "...); with tokenizer_source / tokenizer: the output vocabulary is built "
+                                          "from the base model's tokenizer and every model's")
                 notes.append(f"{loc}: no tokenizer files; its vocabulary is taken to be the base model's (as MergeKit)")
                 continue
             toks[loc] = tok
@@ -207,11 +216,7 @@ def build_vocabulary(settings: TokenizerSettings, ckpts: Mapping[str, Checkpoint
             order = (base_loc, *[g for g in group if g != base_loc])  # MergeKit: the base's tokenizer first
             out = _union(base_tok, [(toks[g], sizes[g]) for g in order if g in toks], tmp)
         else:
-            src = load_tokenizer(settings.source, storage_options, tmp)
-            if src is None:
-                raise CheckpointError(f"{settings.source}: has no tokenizer files; tokenizer_source needs a "
-                                      "tokenizer.json (or tokenizer.model) there")
-            out = src
+            out = named_source
         have = set(out.get_vocab())
         for rule in settings.tokens:
             if rule.token not in have:
@@ -232,6 +237,9 @@ def build_vocabulary(settings: TokenizerSettings, ckpts: Mapping[str, Checkpoint
                     row[new] = old
             own.append(tuple(row))
         recipes = _recipes(settings, group, base, vocab, own, model_vocab, sizes)
+        forced = [vocab[r.token] for r in settings.tokens if r.force]
+        if forced:  # `force`: every model takes the configured row, its own row or not
+            own = [tuple(-1 if t in set(forced) else r for t, r in enumerate(row)) for row in own]
         files = tokenizer_files(out, chat_template)
     return Vocabulary(sources=group, n_tokens=n_tokens, size=size, own=tuple(own), recipes=recipes,
                       tensors=tensors, files=files, notes=tuple(notes))
@@ -252,10 +260,12 @@ def _recipes(settings: TokenizerSettings, group: tuple[str, ...], base: str | No
         if (rule is None or not rule.force) and len(present) == len(group):
             continue
         if rule is None:
-            if len(present) == 1 or (base is not None and group.index(base) in present):
-                i = present[0] if len(present) == 1 else group.index(base)  # type: ignore[arg-type]
-                out[t] = Recipe(terms=((i, own[i][t]),))
-            else:  # none present: an empty mean is a zero row
+            b = group.index(base) if base is not None else -1
+            if len(present) == 1:
+                out[t] = Recipe(terms=((present[0], own[present[0]][t]),))
+            elif b in present:
+                out[t] = Recipe(terms=((b, own[b][t]),))
+            else:  # the mean over the models that have it (none: an empty mean, a zero row)
                 out[t] = Recipe(terms=tuple((i, own[i][t]) for i in present))
             continue
         src = rule.source

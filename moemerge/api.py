@@ -452,8 +452,11 @@ def _run_on_dask(p: Plan, cfg: MergeConfig, writer: ModelWriter, target: OutputT
 
 
 def inspect(location: str, storage_options: dict[str, Any] | None = None) -> list[TensorInfo]:
-    """Every tensor of a checkpoint (name, dtype, shape, bytes, file), in file order."""
-    ck = Checkpoint.open(location, storage_options)
+    """Every tensor of a checkpoint (name, dtype, shape, bytes, file), in file order; a Hub id,
+    `@revision` or `model+adapter` as in a config."""
+    from moemerge.io.hub import model_reference
+
+    ck = Checkpoint.open(model_reference(location, "PATH"), storage_options)
     try:
         return sorted(ck.tensors.values(), key=lambda t: (t.file, t.start))
     finally:

@@ -435,18 +435,16 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     from moemerge.api import inspect
     from moemerge.sizes import format_size
 
+    from moemerge.render import print_json_list, print_table
+
     infos = inspect(args.path)
-    if args.json:
-        _out.print_json(json.dumps([
-            {"name": i.name, "dtype": i.dtype, "shape": list(i.shape), "bytes": i.nbytes, "file": i.file}
-            for i in infos]))
+    if args.json:  # streamed, as print_json would print the whole list (92k tensors: 2.8 GB that way)
+        print_json_list(_out, ({"name": i.name, "dtype": i.dtype, "shape": list(i.shape), "bytes": i.nbytes,
+                                "file": i.file} for i in infos))
         return
-    t = Table(title=args.path)
-    for col in ("name", "dtype", "shape", "bytes", "shard"):
-        t.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
-    for i in infos:
-        t.add_row(i.name, i.dtype, str(list(i.shape)), format_size(i.nbytes), i.file)
-    _out.print(t)
+    columns = [(col, "right" if col == "bytes" else "left") for col in ("name", "dtype", "shape", "bytes", "shard")]
+    print_table(_out, args.path, columns,
+                [(i.name, i.dtype, str(list(i.shape)), format_size(i.nbytes), i.file) for i in infos])
     _out.print(f"{len(infos):,} tensors, {format_size(sum(i.nbytes for i in infos))}")
 
 

@@ -20,6 +20,12 @@ def card_files(cfg: MergeConfig, source: dict[str, Any]) -> dict[str, bytes]:
     models as `base_model` (the base first, if any), tags `merge` and `moemerge`."""
     from moemerge.methods import get_method
 
+    from dataclasses import replace
+
+    from moemerge.io.hub import display_reference as shown  # `org/name`, as written, not `hf://org/name`
+
+    cfg = replace(cfg, base_model=shown(cfg.base_model) if cfg.base_model else None,
+                  models=tuple(replace(m, model=shown(m.model)) for m in cfg.models))
     method = get_method(cfg.merge_method)
     config_yaml = yaml.safe_dump(source, sort_keys=False)
     models = list(dict.fromkeys(([cfg.base_model] if cfg.base_model else []) + [m.model for m in cfg.models]))

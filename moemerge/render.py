@@ -52,8 +52,10 @@ def print_table(console: Console, title: str, columns: Sequence[tuple[str, str]]
     deciding = sorted(_deciding_rows(rows, len(columns)))
     sample = [rows[i] for i in deciding]
     small = table(sample)
-    options = console.options.update(no_wrap=True, overflow="ignore")  # what print() sets with soft_wrap
-    widths = small._calculate_column_widths(console, options)
+    # what Table.__rich_console__ measures with (print sets no_wrap and overflow for soft_wrap);
+    # a private method of rich: the check below sends everything to rich if it ever differs
+    options = console.options.update(no_wrap=True, overflow="ignore")
+    widths = small._calculate_column_widths(console, options.update_width(options.max_width - small._extra_width))
     with console.capture() as cap:
         console.print(small)
     drawn = cap.get().split("\n")[:-1]
@@ -81,10 +83,14 @@ def _deciding_rows(rows: Sequence[tuple[str, ...]], n: int) -> set[int]:
     """The rows holding, per column, the longest cell and the longest word (rich's measure of
     a cell is (longest word, longest line); a column's width follows from their maxima)."""
     out: set[int] = set()
+    if not rows:
+        return out
     for c in range(n):
-        longest = max(range(len(rows)), key=lambda i: len(rows[i][c]), default=None)
-        widest_word = max(range(len(rows)), key=lambda i: max(map(len, rows[i][c].split()), default=0), default=None)
-        out.update(i for i in (longest, widest_word) if i is not None)
+        cells = [r[c] for r in rows]
+        full = [len(x) for x in cells]
+        words = [max(map(len, x.split()), default=0) if " " in x else n_ for x, n_ in zip(cells, full)]
+        out.add(max(range(len(rows)), key=full.__getitem__))
+        out.add(max(range(len(rows)), key=words.__getitem__))
     return out
 
 
@@ -109,6 +115,8 @@ def _cell_lines(text: str, width: int, right: bool) -> list[str]:
         return [""]
     if len(text) <= width:
         pieces = [text]
+    elif " " not in text:  # one word longer than the width: folded every `width` characters
+        pieces = [text[i:i + width] for i in range(0, len(text), width)]
     else:
         from rich._wrap import divide_line
 

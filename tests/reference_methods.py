@@ -362,7 +362,8 @@ def arcee_fusion(base, xs, per, glob, name=""):
     n = srt.numel()
     q1, med, q3 = (srt[int(f * (n - 1))].item() for f in (0.25, 0.5, 0.75))
     thr = med + 1.5 * (q3 - q1)
-    AMBIGUOUS["last"] = (imp - thr).abs() <= 1e-5 * max(abs(thr), 1e-30)
+    # (a zero threshold is exact: then kl or |d| is exactly 0 wherever importance is)
+    AMBIGUOUS["last"] = ((imp - thr).abs() <= 1e-5 * abs(thr)) & (thr != 0)
     return base + (x - base) * (imp >= thr)
 
 

@@ -102,8 +102,10 @@ def test_hub_ids_are_read_in_place_by_ranges_and_equal_the_local_merge(hub: HubS
 def test_revision_is_honoured_and_each_equals_its_local_merge(hub: HubStandIn, tmp_path: Path) -> None:
     v1, v2, b = _model(tmp_path, "v1", 11), _model(tmp_path, "v2", 12), _model(tmp_path, "b", 13)
     sha1 = hub.add_folder("org/a", v1, branch="v1")
+    hub.add_folder("org/a", v1, branch="feature/x")
     hub.add_folder("org/a", v2)  # main
-    for ref, local in (("org/a@v1", v1), (f"org/a@{sha1}", v1), ("org/a", v2), ("org/a@main", v2)):
+    for ref, local in (("org/a@v1", v1), (f"org/a@{sha1}", v1), ("org/a@feature/x", v1), ("org/a", v2),
+                       ("org/a@main", v2)):
         name = ref.replace("/", "_").replace("@", "_")
         moemerge.run(_cfg(ref, str(b)), str(tmp_path / f"hub_{name}"), chunk_rows=64)
         moemerge.run(_cfg(str(local), str(b)), str(tmp_path / f"loc_{name}"), chunk_rows=64)
@@ -120,6 +122,8 @@ def test_hub_cache_downloads_then_reads_locally(hub: HubStandIn, tmp_path: Path,
     assert code == 0, err
     moemerge.run(_cfg(str(a), str(b)), str(tmp_path / "ref"))
     _same(_out(tmp_path / "out"), _out(tmp_path / "ref"))
+    card = (tmp_path / "out" / "README.md").read_text()  # the Hub id as written, in the front matter
+    assert "- org/a@dev" in card and "hf://" not in card, card
     snaps = list(cache.glob("models--org--a/snapshots/*/*.safetensors"))
     assert len(snaps) == 2, snaps
     # downloaded whole (that is what the cache is for), then read from disk
@@ -268,3 +272,12 @@ def test_hub_model_with_a_hub_lora_adapter(hub: HubStandIn, tmp_path: Path) -> N
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
     assert not [s for s in hub.requests if s.method == "GET" and s.path.endswith(".safetensors") and s.range is None]
+
+
+def test_inspect_takes_a_hub_id(hub: HubStandIn, tmp_path: Path, run_cli) -> None:
+    hub.add_folder("org/a", _model(tmp_path, "a", 81), branch="v2")
+    code, out, err = run_cli("inspect", "org/a@v2", "--json")
+    assert code == 0, err
+    assert BIG in out and "512" in out
+    code, out, err = run_cli("inspect", "org/a@v3")
+    assert code != 0 and "no such revision" in err, err

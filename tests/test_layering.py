@@ -38,6 +38,11 @@ LAYER_OF: dict[str, str] = {
     "moemerge.settings": "leaf",
     # the planner sizes buffers with the engine's block size; this module imports nothing
     "moemerge.engine.constants": "leaf",
+    # torch on first use, and the collector paused while headers are parsed (start-up, issue 15)
+    "moemerge._lazy": "leaf",
+    "moemerge._gc": "leaf",
+    "moemerge.render": "cli",  # inspect's table and JSON, printed as rich would
+    "moemerge.synthetic_headers": "api",  # headers-only DeepSeek-V3 layouts (scripts/bench_plan.py)
 }
 
 #: What each layer may import besides itself and the leaves.

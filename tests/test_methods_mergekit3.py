@@ -31,8 +31,9 @@ GOLDEN = Path(__file__).parent / "golden"
 METHODS3 = GOLDEN / "methods3"
 
 #: 1-D (one softmax over the whole vector, streamed), tiny (n <= 4: q1 is the minimum),
-#: 2-D and 3-D (one softmax per row), a wide row; none a multiple of a chunk size.
-SHAPES = {"vec": (67,), "tiny": (3,), "mat": (29, 23), "cube": (3, 7, 11), "wide": (5, 301)}
+#: a single element, 2-D and 3-D (one softmax per row; rows of one element), a wide row;
+#: none a multiple of a chunk size.
+SHAPES = {"vec": (67,), "tiny": (3,), "one": (1,), "mat": (29, 23), "col": (7, 1), "cube": (3, 7, 11), "wide": (5, 301)}
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
 
 # method -> (global parameters, number of non-base models); epsilon near the task vectors'
@@ -168,19 +169,30 @@ def test_quartile_indices_are_mergekits() -> None:
 
 
 def test_arcee_fusion_quartiles_are_exact_on_tensors_mergekit_samples(tmp_path: Path) -> None:
-    """Over 1,000,000 elements MergeKit samples; we select exactly over all of them, in any chunking."""
+    """Over 1,000,000 elements MergeKit samples; we select exactly over all of them (streamed here)."""
     seed = _seed()
-    shapes = {"big": (1031, 977), "longvec": (70_001,)}  # 1,007,287 elements; a vector over one BLOCK
-    sds, paths = _models(tmp_path, shapes, 1, torch.float32, torch.Generator().manual_seed(seed))
+    sds, paths = _models(tmp_path, {"big": (1031, 977)}, 1, torch.float32, torch.Generator().manual_seed(seed))
+    got = _run(_doc("arcee_fusion", {}, paths), tmp_path / "out", chunk_rows=257)["big"]  # 4 chunks + 3 rows
+    AMBIGUOUS.clear()
+    ref = REFERENCES["arcee_fusion"](sds[0]["big"].double(), [sds[1]["big"].double()], [{}], {})
+    bad = ((got.double() - ref).abs() > 1e-6 * ref.abs().clamp_min(1.0)) & ~AMBIGUOUS["last"]
+    assert not bad.any(), f"{int(bad.sum())} elements differ from the exact reference (seed {seed})"
+
+
+def test_arcee_fusion_vector_softmax_spans_chunks_and_blocks(tmp_path: Path) -> None:
+    """A 1-D tensor is one softmax vector: its kl is streamed (max, sum, kl passes) over chunks
+    and over the cache-sized blocks inside one chunk, with the same bytes either way."""
+    seed = _seed()
+    sds, paths = _models(tmp_path, {"v": (66_001,)}, 1, torch.float32, torch.Generator().manual_seed(seed))
     doc = _doc("arcee_fusion", {}, paths)
-    whole = _run(doc, tmp_path / "whole")
-    streamed = _run(doc, tmp_path / "streamed", chunk_rows=97, memory_budget="1MB")
-    for name in shapes:
-        assert torch.equal(whole[name].view(torch.uint8), streamed[name].view(torch.uint8)), f"{name} (seed {seed})"
-        AMBIGUOUS.clear()
-        ref = REFERENCES["arcee_fusion"](sds[0][name].double(), [sds[1][name].double()], [{}], {})
-        bad = ((whole[name].double() - ref).abs() > 1e-6 * ref.abs().clamp_min(1.0)) & ~AMBIGUOUS["last"]
-        assert not bad.any(), f"{name}: {int(bad.sum())} elements differ from the exact reference (seed {seed})"
+    whole = _run(doc, tmp_path / "whole")["v"]  # one chunk, two stats.BLOCKs
+    streamed = _run(doc, tmp_path / "streamed", chunk_rows=16_411)["v"]  # five chunks
+    assert torch.equal(whole.view(torch.uint8), streamed.view(torch.uint8)), f"seed {seed}"
+    AMBIGUOUS.clear()
+    ref = REFERENCES["arcee_fusion"](sds[0]["v"].double(), [sds[1]["v"].double()], [{}], {})
+    bad = ((whole.double() - ref).abs() > 1e-6 * ref.abs().clamp_min(1.0)) & ~AMBIGUOUS["last"]
+    assert not bad.any(), f"{int(bad.sum())} elements differ from the exact reference (seed {seed})"
+    assert 0 < int((whole != sds[0]["v"]).sum()) < whole.numel() // 2
 
 
 # -- bad parameters and inputs: refused before any output ------------------------------------------
@@ -312,3 +324,24 @@ def test_arcee_fusion_matches_mergekit_but_for_its_float32_kl(tmp_path: Path, ca
         assert int(flips.sum()) <= max(2, r.numel() // 200), f"{name}: {int(flips.sum())} flips"
     total = sum(t.numel() for t in ref.values())
     assert flips_total <= total // 500, f"{case}: {flips_total} of {total} elements differ from MergeKit"
+
+
+# -- constant memory ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["arcee_fusion", "ramplus_tl"])
+def test_streams_512mib_tensors_under_1gib(big_inputs: list[Path], tmp_path: Path, method: str) -> None:
+    """One 512 MiB bf16 tensor per input, `--memory-budget 128MB`: every pass streams and the
+    child's peak RSS stays under 1 GiB (as tests/test_memory_methods.py for ties and sce)."""
+    from tests.conftest import write_yaml
+    from tests.test_memory import BUDGET, RSS_LIMIT, _run_child
+
+    base, *models = big_inputs
+    config = {"merge_method": method, "base_model": str(base),
+              "models": [{"model": str(p)} for p in models[:1 if method == "arcee_fusion" else 2]]}
+    plan = moemerge.plan(config, memory_budget=BUDGET)
+    (t,) = plan.tensors
+    assert t.rows_per_chunk < t.rows and plan.passes >= 1, "the budget must force streamed passes"
+    peak = _run_child("run", write_yaml(tmp_path / "merge.yml", config), tmp_path / "out",
+                      "--memory-budget", BUDGET, "--no-progress")
+    assert peak < RSS_LIMIT, f"{method}: peak RSS {peak / 2**20:.0f} MiB >= {RSS_LIMIT / 2**20:.0f} MiB"

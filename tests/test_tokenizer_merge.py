@@ -203,11 +203,37 @@ def test_chunk_size_and_read_runs_do_not_change_bytes(tmp_path: Path, monkeypatc
         moemerge.run(doc, str(tmp_path / f"o{i}"), chunk_rows=rows)
         digests.append({f.name: f.read_bytes() for f in (tmp_path / f"o{i}").glob("*.safetensors")})
     import moemerge.io.vocab.view as view
+    from moemerge.io.checkpoint import Checkpoint
 
-    monkeypatch.setattr(view, "BAND_BYTES", 40)  # one or two rows per read run
-    moemerge.run(doc, str(tmp_path / "o3"), memory_budget="16MB", chunk_rows=4)
+    monkeypatch.setattr(view, "BAND_BYTES", 40)  # below one row (64 bytes): every run is one row
+    runs: list[int] = []
+    plain = Checkpoint.read_rows
+
+    def spy(self: Checkpoint, name: str, r0: int, r1: int, out: memoryview) -> None:
+        if name == "model.embed_tokens.weight" and type(self) is Checkpoint:
+            runs.append(r1 - r0)
+        plain(self, name, r0, r1, out)
+
+    monkeypatch.setattr(Checkpoint, "read_rows", spy)
+    moemerge.run(doc, str(tmp_path / "o3"))
     digests.append({f.name: f.read_bytes() for f in (tmp_path / "o3").glob("*.safetensors")})
     assert all(d == digests[0] for d in digests)
+    assert runs and max(runs) == 1  # the stored embedding is only ever read a run at a time
+
+
+def test_tokenizer_source_base_reindexes_other_vocabularies(tmp_path: Path) -> None:
+    a = _model(tmp_path, "a", [f"w{i}" for i in range(20)], [("<s1>", True)])
+    b = _model(tmp_path, "b", [f"w{i}" for i in range(24, 4, -1)] + ["q"], [])  # other ids, other size
+    doc = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "base", "base_model": str(a),
+           "models": [{"model": str(a), "parameters": {"weight": 0.4}}, {"model": str(b), "parameters": {"weight": 0.6}}]}
+    out = tmp_path / "out"
+    moemerge.run(doc, str(out), chunk_rows=2)
+    vocab = _tok(out).get_vocab()
+    assert vocab == _tok(a).get_vocab()
+    sd = _tensors(out)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        ref = _reference([a, b], [0.4, 0.6], vocab, name)  # w0..w4 and <s1>: b takes a's rows
+        assert (sd[name].double() - ref).abs().max() < ATOL
 
 
 def test_vocabulary_mismatch_without_tokenizer_setting_is_an_error_before_work(tmp_path: Path) -> None:
@@ -257,10 +283,29 @@ def test_chat_template_without_tokenizer_merge_resaves_the_donor_tokenizer(tmp_p
         assert json.loads((out / "config.json").read_text())["vocab_size"] == 13  # not rewritten: as the base
 
 
-def test_example_tokenizer_yml_is_valid() -> None:
-    doc = yaml.safe_load((ROOT / "examples" / "tokenizer.yml").read_text())
-    cfg = moemerge.config.parse_config(doc)
-    assert cfg.tokenizer is not None and cfg.tokenizer.source == "union" and cfg.chat_template == "chatml"
+def test_example_tokenizer_yml_runs_on_tiny_models(tmp_path: Path) -> None:
+    text = (ROOT / "examples" / "tokenizer.yml").read_text()
+    llama = _model(tmp_path, "llama", [f"w{i}" for i in range(40)], [("<|begin|>", True)])
+    hermes = _model(tmp_path, "hermes", [f"w{i}" for i in range(36)] + ["h0"],
+                    [("<|begin|>", True), ("<|im_start|>", True), ("<|im_end|>", True)])
+    text = text.replace("meta-llama/Llama-3.1-8B-Instruct", str(llama)).replace(
+        "NousResearch/Hermes-3-Llama-3.1-8B", str(hermes))
+    assert "Llama-3.1" not in text and "Hermes" not in text
+    (tmp_path / "tokenizer.yml").write_text(text)
+    out = tmp_path / "out"
+    moemerge.run(str(tmp_path / "tokenizer.yml"), str(out))
+    tok = _tok(out)
+    assert len(tok.get_vocab()) == 45 and {"<|im_start|>", "<|im_end|>", "h0"} <= set(tok.get_vocab())
+    sd = _tensors(out)
+    assert sd["model.embed_tokens.weight"].shape[0] == 64 == json.loads((out / "config.json").read_text())["vocab_size"]
+    hermes_rows = load_file(str(hermes / "model.safetensors"))["model.embed_tokens.weight"].double()
+    t, h = tok.get_vocab()["<|im_start|>"], _tok(hermes).get_vocab()["<|im_start|>"]
+    # llama lacks it and takes Hermes's row: 0.6 * hermes + 0.4 * hermes, in bfloat16
+    assert torch.allclose(sd["model.embed_tokens.weight"][t].double(), hermes_rows[h], atol=1e-2)
+    assert "<|im_start|>user" in tok.apply_chat_template(CONVERSATION[1:2], tokenize=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    ids = tok("<|im_start|> h0 w39 <|im_end|>", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all()
 
 
 def test_golden_inputs_are_what_the_script_builds(tmp_path: Path) -> None:
@@ -271,3 +316,18 @@ def test_golden_inputs_are_what_the_script_builds(tmp_path: Path) -> None:
         assert all(torch.equal(sd[k], stored[k]) for k in stored)
         assert _tok(tmp_path / name).get_vocab() == _tok(GOLDEN / "inputs" / name).get_vocab()
     shutil.rmtree(tmp_path)
+
+
+def test_chat_template_auto_takes_the_most_common_template(tmp_path: Path) -> None:
+    words = [f"w{i}" for i in range(10)]
+    common, other = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}", "{{ messages[0]['content'] }}!"
+    paths = []
+    for name, template in (("a", other), ("b", common), ("c", common)):
+        tok = gold.build_tokenizer(words, [])
+        tok.chat_template = template
+        gold.write_model(tmp_path / name, tok, f"auto/{name}")
+        paths.append(tmp_path / name)
+    doc = {"merge_method": "linear", "chat_template": "auto", "tokenizer_source": "base", "base_model": str(paths[0]),
+           "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths]}
+    moemerge.run(doc, str(tmp_path / "out"))
+    assert _tok(tmp_path / "out").apply_chat_template(CONVERSATION[1:2], tokenize=False) == "<user>w1 x2"

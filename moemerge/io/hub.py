@@ -19,6 +19,7 @@ import re
 import threading
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote
 
 from moemerge.errors import CheckpointError, ConfigError
 
@@ -28,6 +29,7 @@ __all__ = [
     "HubPath",
     "ADAPTER_CONFIG",
     "model_reference",
+    "display_reference",
     "split_lora",
     "resolve_reference",
     "begin_run",
@@ -130,7 +132,8 @@ def _one_model(text: str, key: str, what: str) -> str:
         raise ConfigError(f"`{key}`: {path} is a local directory and has no revisions (`@{rev}`); "
                           "drop `@...`, or check out that revision into a directory of its own")
     if _HUB_ID.fullmatch(path) and ".." not in path:
-        return f"{HUB_PREFIX}{text}"
+        # a revision with `/` (refs/pr/1, feature/x) is quoted, as hf:// paths want it
+        return f"{HUB_PREFIX}{path}@{quote(rev, safe='')}" if rev else f"{HUB_PREFIX}{path}"
     if rev:
         raise ConfigError(f"`{key}`: {path} is neither a local directory nor a Hub model id "
                           "(namespace/name); a `@revision` applies to Hub models")
@@ -151,6 +154,14 @@ def model_reference(v: Any, key: str) -> str:
             raise ConfigError(f"`{key}`: cannot read {text!r}; a LoRA reference is MODEL+ADAPTER (one `+`)")
         return f"{_one_model(parts[0], key, 'model')}+{_one_model(parts[1], key, 'adapter')}"
     return _one_model(text, key, "model")
+
+
+def display_reference(location: str) -> str:
+    """A location as MergeKit users write it: `hf://org/name@rev+hf://org/ad` -> `org/name@rev+org/ad`."""
+    def one(part: str) -> str:
+        return unquote(part[len(HUB_PREFIX):]) if part.startswith(HUB_PREFIX) else part
+
+    return "+".join(one(p) for p in location.split("+")) if "+" in location else one(location)
 
 
 # -- resolving (run time) ----------------------------------------------------------------------
@@ -183,13 +194,10 @@ def parse_hub_url(url: str) -> HubPath:
         raise CheckpointError(f"{url}: a Hub model id is namespace/name (single-segment ids are gone from the Hub)")
     name, _, rev = parts[1].partition("@")
     sub = parts[2:]
-    if rev.startswith("refs") and not _SHA.fullmatch(rev):
-        # `refs/pr/1` (unquoted) spans path segments; `refs%2Fpr%2F1` is one
-        from urllib.parse import unquote
-
-        if rev == "refs" and len(sub) >= 2 and sub[0] in ("pr", "convert"):
-            rev, sub = "/".join(["refs", sub[0], sub[1]]), sub[2:]
-        rev = unquote(rev)
+    if rev == "refs" and len(sub) >= 2 and sub[0] in ("pr", "convert"):
+        # `refs/pr/1` written unquoted spans path segments (huggingface_hub reads it so too)
+        rev, sub = "/".join(["refs", sub[0], sub[1]]), sub[2:]
+    rev = unquote(rev)
     return HubPath(repo_id=f"{parts[0]}/{name}", revision=rev or None, path_in_repo="/".join(sub))
 
 
@@ -198,7 +206,8 @@ def _hub_error(url: str, e: BaseException) -> CheckpointError:
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    local = url[len(HUB_PREFIX):].split("@", 1)[0]
+    local = url[len(HUB_PREFIX):].split("@", 1)[0].split("+", 1)[0]
+    nolocal = f"no local directory {local}, and " if "://" not in local else ""
     if isinstance(e, GatedRepoError):
         return CheckpointError(f"{url}: the repository is gated; accept its terms on the Hub and set HF_TOKEN "
                                "(or `hf auth login`)")
@@ -209,14 +218,14 @@ def _hub_error(url: str, e: BaseException) -> CheckpointError:
         return CheckpointError(f"{url}: no local directory {local} and no Hub model repository {local} at "
                                f"{endpoint()} (a private repository needs HF_TOKEN); check the path or id")
     if isinstance(e, OfflineModeIsEnabled):
-        return CheckpointError(f"{url}: HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it or use a "
-                               "local copy")
+        return CheckpointError(f"{url}: {nolocal}HF_HUB_OFFLINE is set, so the Hub cannot be asked; unset it or "
+                               "use a local copy")
     if isinstance(e, HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", None)
         return CheckpointError(f"{url}: the Hub at {endpoint()} answered HTTP {status} "
                                f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-    return CheckpointError(f"{url}: cannot reach the Hub at {endpoint()} ({type(e).__name__}: {e}); "
-                           "check the network or HF_ENDPOINT, or use a local copy")
+    return CheckpointError(f"{url}: {nolocal}the Hub at {endpoint()} cannot be reached ({type(e).__name__}: {e}); "
+                           "check the path, the network or HF_ENDPOINT")
 
 
 def _pin(url: str, hp: HubPath) -> str:

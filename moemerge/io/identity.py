@@ -50,10 +50,12 @@ def _stamp(fs: Any, path: str) -> dict[str, Any]:
         # a Hub file from the hub cache: its commit too (a branch that moved is another input)
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
                 **revision_stamp(fs, path)}
-    fs.invalidate_cache(path)  # s3fs answers `info` from its listings cache: ask the store itself
+    pinned = revision_stamp(fs, path)  # a Hub file at a commit: immutable, its listing stays true
+    if not pinned:
+        fs.invalidate_cache(path)  # s3fs answers `info` from its listings cache: ask the store itself
     info = fs.info(path)
     return {"size": info.get("size"), **{k: str(info[k]) for k in _STAMP_KEYS if info.get(k) is not None},
-            **revision_stamp(fs, path)}
+            **pinned}
 
 
 def input_identity(ckpts: list[Checkpoint]) -> dict[str, dict[str, Any]]:

@@ -273,12 +273,14 @@ def low_histogram(bits: torch.Tensor, high: int, out: torch.Tensor | None = None
 
 def pick_high_bin(hist: torch.Tensor, q: int) -> tuple[int, int]:
     """The high-bits bin holding the q-th largest value (1-based), and the count above it."""
-    # counts at or above each bin, from the top: the first bin where that reaches q
-    from_top = torch.cumsum(hist.flip(0), dim=0)
-    idx = int(torch.searchsorted(from_top, torch.tensor([q], dtype=from_top.dtype)).item())
-    if idx >= hist.numel():
+    # counts at or above each bin, from the top: the first bin where that reaches q (numpy:
+    # torch's flip + cumsum of 65,536 bins cost milliseconds, as often as there are targets)
+    h = hist.detach().cpu().numpy() if isinstance(hist, torch.Tensor) else np.asarray(hist)
+    from_top = np.cumsum(h[::-1].astype(np.int64, copy=False))
+    idx = int(np.searchsorted(from_top, q, side="left"))
+    if idx >= h.size:
         raise ValueError(f"q={q} is larger than the {int(from_top[-1])} values counted")
-    b = hist.numel() - 1 - idx
+    b = h.size - 1 - idx
     above = int(from_top[idx - 1]) if idx > 0 else 0
     return b, above
 

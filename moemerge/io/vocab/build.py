@@ -224,6 +224,9 @@ def build_vocabulary(settings: TokenizerSettings, ckpts: Mapping[str, Checkpoint
                 have.add(rule.token)
         vocab = out.get_vocab()
         n_tokens = len(vocab)
+        if vocab and max(vocab.values()) != n_tokens - 1:  # ids must number the rows 0..n-1
+            raise ConfigError(f"the output tokenizer ({settings.source}) has {n_tokens} tokens but ids up to "
+                              f"{max(vocab.values())}; its ids have gaps, so they cannot index embedding rows")
         pad = settings.pad_to_multiple_of
         size = -(-n_tokens // pad) * pad if pad else n_tokens
         model_vocab = {loc: (toks.get(loc) or base_tok).get_vocab() for loc in group}
@@ -237,9 +240,15 @@ def build_vocabulary(settings: TokenizerSettings, ckpts: Mapping[str, Checkpoint
                     row[new] = old
             own.append(tuple(row))
         recipes = _recipes(settings, group, base, vocab, own, model_vocab, sizes)
-        forced = [vocab[r.token] for r in settings.tokens if r.force]
+        zero = sorted(t for t, r in recipes.items() if not r.terms and all(o[t] < 0 for o in own))
+        if zero:
+            inv = {i: text for text, i in vocab.items()}
+            notes.append(f"{len(zero)} token(s) of the output tokenizer are in no merged model and get zero "
+                         f"embedding rows, as in MergeKit (e.g. {inv[zero[0]]!r}); give them a `source` under "
+                         "tokenizer.tokens to copy another token's row")
+        forced = {vocab[r.token] for r in settings.tokens if r.force}
         if forced:  # `force`: every model takes the configured row, its own row or not
-            own = [tuple(-1 if t in set(forced) else r for t, r in enumerate(row)) for row in own]
+            own = [tuple(-1 if t in forced else r for t, r in enumerate(row)) for row in own]
         files = tokenizer_files(out, chat_template)
     return Vocabulary(sources=group, n_tokens=n_tokens, size=size, own=tuple(own), recipes=recipes,
                       tensors=tensors, files=files, notes=tuple(notes))

@@ -47,9 +47,9 @@ def _read_at(ck: Checkpoint, name: str, rows: Sequence[int], row_bytes: int, put
         end = rows[order[j - 1]] + 1
         buf = bytearray((end - start) * row_bytes)
         ck.read_rows(name, start, end, memoryview(buf))
-        run = torch.frombuffer(buf, dtype=torch.uint8).view(end - start, row_bytes) if buf else None
+        run = (torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)).view(
+            end - start, row_bytes)
         for k in order[i:j]:
-            assert run is not None
             put(k, run[rows[k] - start])
         i = j
 
@@ -143,12 +143,11 @@ class VocabView(Checkpoint):
         none: zero)."""
         terms = [self.vocab.recipes[tok].terms for tok in tokens]
         got: dict[tuple[int, int], torch.Tensor] = {}
-        by_peer: dict[int, list[int]] = {}
+        wanted: dict[int, dict[int, None]] = {}  # per peer, its rows in first-use order, once each
         for ts in terms:
             for i, row in ts:
-                by_peer.setdefault(i, [])
-                if row not in by_peer[i]:
-                    by_peer[i].append(row)
+                wanted.setdefault(i, {})[row] = None
+        by_peer = {i: list(rows) for i, rows in wanted.items()}
         for i, rows in by_peer.items():
             peer = self.peers[i]
             info = peer.tensors.get(name)

@@ -66,16 +66,17 @@ def _as_config(config: MergeConfig | dict[str, Any] | str) -> MergeConfig:
 
 
 @gc_paused  # headers of 92k tensors: collections would walk every object (moemerge._gc)
-def _open_all(cfg: MergeConfig) -> list[Checkpoint]:
+def _open_all(cfg: MergeConfig, hub_pins: dict[tuple[str, str, str], str] | None = None) -> list[Checkpoint]:
     """Open every checkpoint (headers only); report every unreadable one in one error.
 
     Quantized weights (block FP8, MXFP4, compressed-tensors / fbgemm FP8) are served
     dequantized (`io.quant`); quantized-looking tensors no layout claims are refused unless the
-    YAML's `non_float` says how to copy them.
+    YAML's `non_float` says how to copy them. `hub_pins`: the commits the client resolved
+    Hub branches to (a Dask worker reads those, not where a branch points now).
     """
     from moemerge.io.hub import begin_run
 
-    begin_run()  # Hub branches are pinned afresh: each to one commit for the whole run
+    begin_run(hub_pins)  # Hub branches are pinned afresh: each to one commit for the whole run
     opened: list[Checkpoint] = []
     problems: list[str] = []
     for loc in cfg.model_locations():
@@ -443,7 +444,9 @@ def _run_on_dask(p: Plan, cfg: MergeConfig, writer: ModelWriter, target: OutputT
     at = target.at(writer.target)
     dask_target = DaskTarget(kind=at.kind, url=at.url, storage_options=at.storage_options or None,
                              flush_each_task=not own_cluster)  # others' workers may be other machines
-    digests = run_dask(p, client, opener=functools.partial(_open_all, cfg), target=dask_target,
+    from moemerge.io.hub import pinned
+
+    digests = run_dask(p, client, opener=functools.partial(_open_all, cfg, hub_pins=pinned()), target=dask_target,
                        progress=progress, device=device, in_cast=cfg.dtype, skip=skip,
                        on_written=on_written, written_every=_cadence())
     if isinstance(writer, SupportsAdopt):  # shards the workers streamed and completed themselves

@@ -169,6 +169,8 @@ def test_missing_repo_or_revision_is_an_error_before_work(hub: HubStandIn, tmp_p
         moemerge.run(_cfg("org/a@nope", str(a)), str(tmp_path / "o2"))
     with pytest.raises(CheckpointError, match=r"org/nope"):
         moemerge.plan(_cfg(str(a), "org/nope"))
+    with pytest.raises(CheckpointError, match=r"the repository has no such revision"):
+        moemerge.plan(_cfg(str(a), "org/a@" + "0" * 40))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
@@ -281,3 +283,22 @@ def test_inspect_takes_a_hub_id(hub: HubStandIn, tmp_path: Path, run_cli) -> Non
     assert BIG in out and "512" in out
     code, out, err = run_cli("inspect", "org/a@v3")
     assert code != 0 and "no such revision" in err, err
+
+
+def test_dask_workers_read_the_commit_the_run_pinned(hub: HubStandIn, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    distributed = pytest.importorskip("distributed")
+    a1, a2, b = _model(tmp_path, "a1", 91), _model(tmp_path, "a2", 92), _model(tmp_path, "b", 93)
+    hub.add_folder("org/a", a1)
+    real = hubmod.pinned
+
+    def then_move() -> dict:  # main moves after the run planned, before any worker opened its inputs
+        pins = real()
+        hub.add_folder("org/a", a2)
+        return pins
+
+    monkeypatch.setattr(hubmod, "pinned", then_move)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        moemerge.run(_cfg("org/a", str(b)), str(tmp_path / "out"), client=client)
+    moemerge.run(_cfg(str(a1), str(b)), str(tmp_path / "ref"))
+    _same(_out(tmp_path / "out"), _out(tmp_path / "ref"))

@@ -240,3 +240,27 @@ def test_missing_adapter_files_are_refused(models: dict[str, Path], tmp_path: Pa
         code, out, err = run_cli("run", str(cfg), str(tmp_path / "out"), "--no-progress")
         assert code != 0 and said in " ".join(err.split()), err
         assert not (tmp_path / "out").exists()
+
+
+GOLDEN = Path(__file__).parent / "golden" / "lora"
+
+
+@pytest.mark.parametrize("case", ["lora_linear", "lora_task_arithmetic"])
+def test_mergekit_lora_golden(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MergeKit 0.1.5 (PEFT's merge_and_unload, then the merge) on the same adapters
+    (scripts/mergekit_golden_lora.py): same tensors within 1e-5; rank_pattern, rsLoRA and
+    embedding LoRA included."""
+    import yaml
+
+    monkeypatch.chdir(GOLDEN)  # the configs' paths are relative to it
+    doc = yaml.safe_load((GOLDEN / "configs" / f"{case}.yaml").read_text())
+    moemerge.run(doc, str(tmp_path / "out"), chunk_rows=5)
+    got, want = _out(tmp_path / "out"), load_file(str(GOLDEN / "outputs" / case / "model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k], rtol=0, atol=1e-5, msg=k)
+    # the adapter mattered: without it the targeted weights come out otherwise
+    plain = yaml.safe_load(yaml.safe_dump(doc).replace("+inputs/plain", "").replace("+inputs/rslora", ""))
+    moemerge.run(plain, str(tmp_path / "plain"))
+    differ = [k for k, v in _out(tmp_path / "plain").items() if not torch.allclose(v, want[k], atol=1e-4)]
+    assert len(differ) >= 4, differ

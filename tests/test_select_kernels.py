@@ -133,7 +133,7 @@ def _params(method: str, n: int, g: torch.Generator) -> TensorParams:
     return TensorParams(per_input=tuple(per), glob=glob, seed=int(torch.randint(0, 1 << 30, (1,), generator=g)))
 
 
-SHAPES = [(1, 37), (13, 29), (40, 64), (50,), (4, 6, 5)]
+SHAPES = [(1, 37), (13, 29), (50,), (4, 6, 5)]
 
 
 @pytest.mark.parametrize("name", SELECTION)

@@ -195,24 +195,23 @@ class Checkpoint:
             n = parse_header_length(storage.read_bytes(src, 0, 8) if src.size >= 8 else b"",
                                     file_size=src.size, where=where)
             raw = storage.read_bytes(src, 8, n)
-            _, _, entries = parse_header_entries(raw, file_size=src.size, where=where, shapes=shapes)
-            self.header_digests[fname] = hashlib.sha256(raw).hexdigest()  # the input's identity (io.identity)
+            digest = self.header_digests[fname] = hashlib.sha256(raw).hexdigest()  # the input's identity (io.identity)
             self.files[fname] = src.size
-            check_tensor_count(len(tensors) + len(entries), where=self.url)  # all shards
+            infos = _parsed_shard(raw, digest, fname, src.size, where, shapes)
+            check_tensor_count(len(tensors) + len(infos), where=self.url)  # all shards
             if expected is not None:  # the index lists this shard's tensors: exactly those, in its order
-                at = {e[0]: e for e in entries}
+                at = {t.name: t for t in infos}
                 for name in expected:
                     if name not in at:
                         raise CheckpointError(
                             f"{where}: tensor `{name}` is listed in {INDEX_NAME} for this shard "
                             "but the shard does not contain it"
                         )
-                entries = [at[name] for name in expected]
-            for name, dtype, shape, start, nbytes in entries:
-                if name in tensors:
-                    raise CheckpointError(f"{where}: tensor `{name}` appears in two shards")
-                tensors[name] = TensorInfo(name=name, dtype=dtype, shape=shape, file=fname, start=start,
-                                           nbytes=nbytes)
+                infos = tuple(at[name] for name in expected)
+            for t in infos:
+                if t.name in tensors:
+                    raise CheckpointError(f"{where}: tensor `{t.name}` appears in two shards")
+                tensors[t.name] = t
 
     # -- side files ------------------------------------------------------------------------
 
@@ -264,3 +263,36 @@ class Checkpoint:
         for src in self._sources.values():
             src.close()
         self._sources.clear()
+
+
+#: Shards already parsed, by (header sha256, file name, file size): the inputs of a merge are
+#: usually fine-tunes saved alike, whose shard headers are byte for byte the same; each is then
+#: parsed once and its records shared (frozen, so sharing is invisible). Bounded by tensors held.
+_PARSED: dict[tuple[str, str, int], tuple[TensorInfo, ...]] = {}
+_PARSED_MAX_TENSORS = 300_000
+_parsed_tensors = 0
+
+
+def _parsed_shard(raw: bytes, digest: str, fname: str, size: int, where: str,
+                  shapes: dict[tuple[int, ...], tuple[int, ...]]) -> tuple[TensorInfo, ...]:
+    """The tensors of one shard's header `raw` (validated by `parse_header_entries`), in header
+    order; the same records for the same header bytes, file name and size."""
+    global _parsed_tensors
+    key = (digest, fname, size)
+    with _PARSED_LOCK:
+        hit = _PARSED.get(key)
+    if hit is not None:
+        return hit
+    _, _, entries = parse_header_entries(raw, file_size=size, where=where, shapes=shapes)
+    infos = tuple(TensorInfo(name=name, dtype=dtype, shape=shape, file=fname, start=start, nbytes=nbytes)
+                  for name, dtype, shape, start, nbytes in entries)
+    with _PARSED_LOCK:
+        if _parsed_tensors + len(infos) > _PARSED_MAX_TENSORS:
+            _PARSED.clear()
+            _parsed_tensors = 0
+        _PARSED[key] = infos
+        _parsed_tensors += len(infos)
+    return infos
+
+
+_PARSED_LOCK = threading.Lock()

@@ -33,6 +33,7 @@ __all__ = [
     "split_lora",
     "resolve_reference",
     "begin_run",
+    "pinned",
     "set_cache_dir",
     "cache_dir",
     "endpoint",
@@ -49,10 +50,10 @@ _DEFAULT_ENDPOINT = "https://huggingface.co"
 # the Hub's repo-name characters; a leading `.` or `/` makes it a local path instead.
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA = re.compile(r"[0-9a-f]{40}")
-#: Files a download (`--hub-cache`) fetches: weights, JSON (config, index, tokenizer), and the
-#: tokenizer's other files. MergeKit fetches `*.json`, `*.safetensors` and `tokenizer.model`.
 #: The file that makes a directory a PEFT adapter.
 ADAPTER_CONFIG = "adapter_config.json"
+#: Files a download (`--hub-cache`) fetches: weights, JSON (config, index, tokenizer), and the
+#: tokenizer's other files. MergeKit fetches `*.json`, `*.safetensors` and `tokenizer.model`.
 _DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "vocab*", "merges*", "tokenizer*"]
 
 
@@ -175,11 +176,19 @@ _SNAPSHOTS: dict[tuple[str, str, str, str], str] = {}
 _LORA: dict[str, tuple[str, str] | None] = {}
 
 
-def begin_run() -> None:
-    """Forget pinned revisions: a branch is resolved again (once) by the next run."""
+def begin_run(pins: dict[tuple[str, str, str], str] | None = None) -> None:
+    """Forget pinned revisions: a branch is resolved again (once) by the next run; `pins`
+    (another process's `pinned()`): start from those commits instead."""
     with _LOCK:
         _PINS.clear()
+        _PINS.update(pins or {})
         _LORA.clear()
+
+
+def pinned() -> dict[tuple[str, str, str], str]:
+    """The commits this run's Hub branches resolved to: (endpoint, repo, revision) -> sha."""
+    with _LOCK:
+        return dict(_PINS)
 
 
 def parse_hub_url(url: str) -> HubPath:
@@ -229,9 +238,8 @@ def _hub_error(url: str, e: BaseException) -> CheckpointError:
 
 
 def _pin(url: str, hp: HubPath) -> str:
-    """The commit sha of `hp.revision` (one request per run and revision; a sha stays itself)."""
-    if hp.revision is not None and _SHA.fullmatch(hp.revision):
-        return hp.revision
+    """The commit sha of `hp.revision` (one request per run and revision; a sha is asked about
+    too, so that a commit, repository or access that is not there is said so before work)."""
     key = (endpoint(), hp.repo_id, hp.revision or "")
     with _LOCK:
         got = _PINS.get(key)

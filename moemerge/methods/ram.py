@@ -31,14 +31,14 @@ _EPS_PLUS = ParamSpec(name="epsilon", scope="global", default=1e-5, range=check_
 
 
 def _moved_sum(chunk: Chunk, eps: float, lambdas: Sequence[float] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(sum_i m_i d_i, c, sum_i m_i d_i lambda_i or None) in scratch 2, 3, 4; base in scratch 0.
+    """(sum_i m_i d_i, c, sum_i m_i d_i lambda_i or None) in scratch 2, 3, 5; base in scratch 0.
 
     Masks are 1.0/0.0 floats, so a NaN task-vector entry propagates as in MergeKit (NaN * 0).
     """
     b = chunk.base(out=chunk.scratch(0))
     d = chunk.scratch(1)
-    acc, cnt, m = chunk.scratch(2), chunk.scratch(3), chunk.scratch(5)
-    lam_acc = chunk.scratch(4) if lambdas is not None else None
+    acc, cnt, m = chunk.scratch(2), chunk.scratch(3), chunk.scratch(4)
+    lam_acc = chunk.scratch(5) if lambdas is not None else None
     acc.zero_()
     cnt.zero_()
     if lam_acc is not None:
@@ -142,8 +142,8 @@ RAM = Method(
     base="required",
     min_inputs=1,
     elementwise=True,
-    # scratch: base, task vector, sum, count, (unused), mask
-    working_copies=lambda n: 6,
+    # scratch: base, task vector, sum, count, mask
+    working_copies=lambda n: 5,
 )
 
 RAMPLUS_TL = Method(
@@ -161,7 +161,7 @@ RAMPLUS_TL = Method(
     base="required",
     min_inputs=1,
     passes=_ramplus_passes,
-    # scratch: base, task vector, sum, count, lambda-weighted sum, mask; temporaries: bool
+    # scratch: base, task vector, sum, count, mask, lambda-weighted sum; temporaries: bool
     # masks (moved, c > 1, c == 1) in the counting pass and the c == 1 mask in apply
     working_copies=lambda n: 6,
     temporaries=lambda n: 1,

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from moemerge.config import Gradient, MergeConfig, param_problem, resolve_value
+from moemerge.config import MergeConfig, param_problem, resolve_value
 from moemerge.methods.base import Method, ParamSpec, TensorParams
 
 __all__ = ["layer_index", "count_layers", "resolve_tensor_params"]
@@ -64,18 +64,23 @@ _STATIC: dict[tuple[Any, ...], TensorParams] = {}
 
 def _static_key(method: Method, cfg: MergeConfig, model_indices: list[int], seed: int) -> tuple[Any, ...] | None:
     """What the parameters of every tensor depend on when no value is a filter list or a
-    gradient (they are then the same for every tensor), as a key; None otherwise. Values by
-    repr: 1, 1.0 and True, or 0.0 and -0.0, are different parameters."""
+    gradient (they are then the same for every tensor), as a key; None otherwise."""
     values = [cfg.parameters.get(spec.name, _ABSENT) for spec in method.params]
     for mi in model_indices:
         params = cfg.models[mi].parameters
         values += [params.get(spec.name, _ABSENT) for spec in method.params if spec.scope == "model"]
-    if any(isinstance(v, (tuple, Gradient)) for v in values):
+    types = tuple(map(type, values))
+    # plain values only (a filter list or a gradient depends on the tensor); a float zero is
+    # left out too, as 0.0 == -0.0 would share the parameters of both
+    if not _PLAIN.issuperset(types) or 0.0 in values and any(type(v) is float and v == 0.0 for v in values):
         return None
-    return (method.name, seed, len(model_indices), *((type(v), repr(v)) for v in values))
+    return (method.name, seed, len(model_indices), types, tuple(values))
 
 
 _ABSENT = object()
+#: The value types whose parameters are the same for every tensor (the types are in the key:
+#: True, 1 and 1.0 are equal but different parameters).
+_PLAIN = frozenset({bool, int, float, str, type(_ABSENT)})
 
 
 def _resolve(method: Method, cfg: MergeConfig, model_indices: list[int], tensor: str, n_layers: int,

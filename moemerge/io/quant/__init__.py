@@ -183,7 +183,10 @@ def describe(ck: Checkpoint) -> str | None:
         return None
     codecs = sorted({s.codec for s in specs.values()})
     extra = f" {'x'.join(map(str, scheme.block))} blocks" if scheme.block else (f" per {scheme.strategy}" if scheme.strategy else "")
-    stored = sum(s.stored_nbytes for s in specs.values())
+    # the view's records carry each tensor's stored bytes already (view.py); specs otherwise
+    tensors = ck.tensors
+    stored = sum(t.stored_nbytes if (t := tensors.get(n)) is not None and t.stored_nbytes is not None
+                 else s.stored_nbytes for n, s in specs.items())
     from moemerge.sizes import format_size
 
     return (f"{ck.url}: {len(specs)} tensors stored quantized ({scheme.method}{extra}, codec "

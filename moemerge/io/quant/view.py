@@ -24,6 +24,11 @@ __all__ = ["QuantizedView", "BAND_BYTES"]
 #: float32 bytes of one band's values (rounded to whole block rows, at least one).
 BAND_BYTES = 4 << 20
 
+#: The served record of each spec, by the spec's identity (kept beside the id, which is reused
+#: only once the spec is gone): equal for inputs sharing shard headers (quant/block_fp8.py).
+_SERVED: dict[int, tuple[QuantSpec, TensorInfo, TensorInfo]] = {}
+_SERVED_MAX = 300_000
+
 
 class QuantizedView(Checkpoint):
     """A checkpoint whose quantized tensors are served as `spec.dtype`; everything else as is.
@@ -38,10 +43,17 @@ class QuantizedView(Checkpoint):
         tensors = {n: t for n, t in inner.tensors.items() if n not in hidden}
         for n, spec in specs.items():
             first = inner.tensors[spec.parts[0].name]
-            tensors[n] = TensorInfo(
+            seen = _SERVED.get(id(spec))
+            if seen is not None and seen[0] is spec and seen[1] is first and seen[2].name == n:
+                tensors[n] = seen[2]  # inputs sharing shard headers share their specs, and these
+                continue
+            tensors[n] = info = TensorInfo(
                 name=n, dtype=spec.dtype, shape=spec.shape, file=first.file, start=first.start,
                 nbytes=math.prod(spec.shape) * itemsize(spec.dtype), codec=spec.codec,
                 stored_nbytes=spec.stored_nbytes, row_align=spec.row_align)
+            if len(_SERVED) >= _SERVED_MAX:
+                _SERVED.clear()
+            _SERVED[id(spec)] = (spec, first, info)
         super().__init__(inner.url, inner.fs, inner.root, tensors, inner.files)
         self.header_digests = inner.header_digests
         self.inner = inner  # io.formats.WrapsReader: identity and resume look through the view

@@ -16,7 +16,7 @@ from moemerge._gc import gc_paused
 from moemerge.config import MergeConfig, load_config, parse_config
 from moemerge.engine import NullProgress, Progress, run_local
 from moemerge.errors import CheckpointError, ConfigError, PlanError
-from moemerge.io.checkpoint import Checkpoint, TensorInfo
+from moemerge.io.checkpoint import Checkpoint, TensorInfo, shared_records
 from moemerge.io.quant import dequantizing
 from moemerge.io.journal import Journal, ResumeCheck
 from moemerge.io.lease import Lease, take_lease
@@ -66,6 +66,7 @@ def _as_config(config: MergeConfig | dict[str, Any] | str) -> MergeConfig:
 
 
 @gc_paused  # headers of 92k tensors: collections would walk every object (moemerge._gc)
+@shared_records()  # inputs with byte-identical shard headers share one set of records
 def _open_all(cfg: MergeConfig, hub_pins: dict[tuple[str, str, str], str] | None = None) -> list[Checkpoint]:
     """Open every checkpoint (headers only); report every unreadable one in one error.
 

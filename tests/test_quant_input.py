@@ -144,11 +144,15 @@ def _close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
     assert bool((err <= bound).all()), (name, float((err - bound).max()))
 
 
-def _plain_copy(path: Path, ref: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[Path, dict[str, torch.Tensor]]:
-    """An unquantized bf16 checkpoint near `ref` (a fine-tune of the same model)."""
+def _plain_copy(path: Path, ref: dict[str, torch.Tensor], gen: torch.Generator,
+                like: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """An unquantized bf16 checkpoint near `ref` (a fine-tune of the same model), with the
+    config.json of `like` minus its quantization_config (the same architecture, dequantized)."""
     tensors = {n: (v + 0.01 * torch.randn(v.shape, generator=gen, dtype=torch.float64)).to(torch.bfloat16)
                for n, v in ref.items()}
-    return write_checkpoint(path, tensors), {n: t.double() for n, t in tensors.items()}
+    config = json.loads((like / "config.json").read_text())
+    config.pop("quantization_config", None)
+    return write_checkpoint(path, tensors, config=config), {n: t.double() for n, t in tensors.items()}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -156,7 +160,7 @@ def test_each_layout_merges_linear_like_the_float64_merge_of_the_dequantized_inp
         layout: str, tmp_path: Path, gen: torch.Generator) -> None:
     a, ref_a = LAYOUTS[layout](tmp_path / "a", gen)
     b, ref_b = LAYOUTS[layout](tmp_path / "b", gen)  # mixed: a quantized, b quantized, c bf16
-    c, ref_c = _plain_copy(tmp_path / "c", ref_a, gen)
+    c, ref_c = _plain_copy(tmp_path / "c", ref_a, gen, like=a)
     before = {p: (p / f).read_bytes() for p in (a, b) for f in os.listdir(p)}
     cfg = {"merge_method": "linear", "quantize": "none",
            "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.3}},
@@ -186,7 +190,7 @@ def test_ties_over_quantized_inputs_sees_real_values(layout: str, tmp_path: Path
 
     base, ref_base = LAYOUTS[layout](tmp_path / "base", gen)
     a, ref_a = LAYOUTS[layout](tmp_path / "a", gen)
-    b, ref_b = _plain_copy(tmp_path / "b", ref_base, gen)
+    b, ref_b = _plain_copy(tmp_path / "b", ref_base, gen, like=base)
     cfg = {"merge_method": "ties", "base_model": str(base), "quantize": "none",
            "parameters": {"density": 1.0, "weight": 0.5},
            "models": [{"model": str(a)}, {"model": str(b)}]}

@@ -7,6 +7,7 @@ validates them, and then serves exact row ranges of any tensor into a caller's b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -26,7 +27,8 @@ from moemerge.io.safetensors_format import parse_header_entries, parse_header_le
 if TYPE_CHECKING:
     from moemerge.names import DcpNames
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "RowShaped", "TensorInfo", "Checkpoint", "row_geometry"]
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "RowShaped", "TensorInfo", "Checkpoint", "row_geometry", "shared_records",
+           "shared_table", "sharing"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -266,33 +268,56 @@ class Checkpoint:
 
 
 #: Shards already parsed, by (header sha256, file name, file size): the inputs of a merge are
-#: usually fine-tunes saved alike, whose shard headers are byte for byte the same; each is then
-#: parsed once and its records shared (frozen, so sharing is invisible). Bounded by tensors held.
+#: usually fine-tunes saved alike, whose shard headers are byte for byte the same; inside
+#: `shared_records` each is parsed once and its records shared (frozen, so sharing is invisible).
 _PARSED: dict[tuple[str, str, int], tuple[TensorInfo, ...]] = {}
-_PARSED_MAX_TENSORS = 300_000
-_parsed_tensors = 0
+_TABLES: list[dict[Any, Any]] = [_PARSED]
+_LOCK = threading.Lock()
+_depth = 0
+
+
+def shared_table() -> dict[Any, Any]:
+    """A lookup table that `shared_records` empties when its outermost block ends (io.quant
+    keeps the specs made for shared records in one)."""
+    table: dict[Any, Any] = {}
+    _TABLES.append(table)
+    return table
+
+
+def sharing() -> bool:
+    """Inside a `shared_records` block."""
+    return _depth > 0
+
+
+@contextlib.contextmanager
+def shared_records() -> Iterator[None]:
+    """Checkpoints opened inside share the records of byte-identical shard headers (each parsed
+    once: three DeepSeek-V3 inputs hold one set of 92k records, not three); the tables that
+    find them are emptied when the outermost block ends, so nothing outlives the opening."""
+    global _depth
+    with _LOCK:
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _depth -= 1
+            if not _depth:
+                for table in _TABLES:
+                    table.clear()
 
 
 def _parsed_shard(raw: bytes, digest: str, fname: str, size: int, where: str,
                   shapes: dict[tuple[int, ...], tuple[int, ...]]) -> tuple[TensorInfo, ...]:
     """The tensors of one shard's header `raw` (validated by `parse_header_entries`), in header
-    order; the same records for the same header bytes, file name and size."""
-    global _parsed_tensors
+    order; inside `shared_records`, the same records for the same header bytes, name and size."""
     key = (digest, fname, size)
-    with _PARSED_LOCK:
-        hit = _PARSED.get(key)
+    hit = _PARSED.get(key) if _depth else None
     if hit is not None:
         return hit
     _, _, entries = parse_header_entries(raw, file_size=size, where=where, shapes=shapes)
     infos = tuple(TensorInfo(name=name, dtype=dtype, shape=shape, file=fname, start=start, nbytes=nbytes)
                   for name, dtype, shape, start, nbytes in entries)
-    with _PARSED_LOCK:
-        if _parsed_tensors + len(infos) > _PARSED_MAX_TENSORS:
-            _PARSED.clear()
-            _parsed_tensors = 0
+    if _depth:
         _PARSED[key] = infos
-        _parsed_tensors += len(infos)
     return infos
-
-
-_PARSED_LOCK = threading.Lock()

@@ -52,10 +52,19 @@ def available() -> bool:
     return os.environ.get("MOEMERGE_NO_NUMBA", "") in ("", "0") and _kernels() is not None
 
 
-def _stored(chunk: Chunk) -> np.ndarray | None:
-    """[sources, elements] numpy view of the chunk's stored rows (base first), bf16 as uint16
-    bits, when every source has one dtype (bf16 or float32) and lies evenly spaced in one
-    read buffer; None otherwise (the torch path converts)."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stored:
+    """Every source's stored elements of a chunk in one flat numpy view (base first; bf16 as
+    uint16 bits): source s's elements start at s * ss, `n` of them."""
+
+    flat: np.ndarray
+    ss: int
+    n: int
+
+
+def _stored(chunk: Chunk) -> Stored | None:
+    """The chunk's stored rows when every source has one dtype (bf16 or float32) and they lie
+    evenly spaced in one read buffer (the engine's read buffer); None otherwise (torch path)."""
     get = getattr(chunk, "stored", None)
     if get is None or chunk.compute_dtype != torch.float32 or not chunk.has_base or not available():
         return None
@@ -74,9 +83,11 @@ def _stored(chunk: Chunk) -> np.ndarray | None:
     step = ptrs[1] - ptrs[0] if len(ptrs) > 1 else n * size
     if step < n * size or step % size or any(b - a != step for a, b in zip(ptrs, ptrs[1:])):
         return None
-    flat = raws[0].reshape(-1)
-    a0 = flat.view(torch.int16).numpy().view(np.uint16) if dt == torch.bfloat16 else flat.numpy()
-    return np.lib.stride_tricks.as_strided(a0, shape=(len(raws), n), strides=(step, size), writeable=False)
+    first = raws[0].reshape(-1)
+    a0 = first.view(torch.int16).numpy().view(np.uint16) if dt == torch.bfloat16 else first.numpy()
+    ss = step // size
+    flat = np.lib.stride_tricks.as_strided(a0, shape=((len(raws) - 1) * ss + n,), strides=(size,), writeable=False)
+    return Stored(flat=flat, ss=ss, n=n)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,7 +95,7 @@ class Ranked:
     """What a selection ranks, computed from the stored inputs: |x_s - base| of input s, or
     (variance) sce's variance of the task vectors."""
 
-    src: np.ndarray
+    src: Stored
     n_inputs: int
     variance: bool
 
@@ -113,13 +124,13 @@ def histograms(ranked: Ranked, sources: Sequence[int], bins: Sequence[int]) -> t
     trow = np.array([ranked.row(s) for s in sources], np.int64)
     tbin = np.array(list(bins), np.int64)
     width = 1 << 15 if all(b < 0 for b in bins) else 1 << 16
-    n = ranked.src.shape[1]
+    n = ranked.src.n
     parts: list[tuple[np.ndarray, np.ndarray]] = []
 
     def body(j0: int, j1: int) -> None:
         hist = np.zeros((len(trow), width), np.int64)
         zeros = np.zeros(len(trow), np.int64)
-        k.hist_k(ranked.src, ranked.n_inputs, trow, tbin, j0, j1, hist, zeros)
+        k.hist_k(ranked.src.flat, ranked.src.ss, ranked.n_inputs, trow, tbin, j0, j1, hist, zeros)
         parts.append((hist, zeros))  # list.append is atomic; the sums do not depend on order
 
     _flat_ranges(n, body)
@@ -131,9 +142,9 @@ def tie_counts(ranked: Ranked, sources: Sequence[int], thr_bits: Sequence[int], 
     k = _kernels()
     trow = np.array([ranked.row(s) for s in sources], np.int64)
     thr = np.array(list(thr_bits), np.int64)
-    row_len = ranked.src.shape[1] // rows
+    row_len = ranked.src.n // rows
     counts = np.zeros((len(trow), rows), np.int64)
-    _for_row_ranges(rows, row_len, lambda r0, r1: k.ties_k(ranked.src, ranked.n_inputs, trow, thr, r0, r1,
+    _for_row_ranges(rows, row_len, lambda r0, r1: k.ties_k(ranked.src.flat, ranked.src.ss, ranked.n_inputs, trow, thr, r0, r1,
                                                            row_len, counts))
     return counts
 
@@ -186,12 +197,12 @@ def _groups(shape: tuple[int, ...], n: int) -> tuple[int, int, int]:
     return n // (m * inner), m, inner
 
 
-def _keep_masks(fam: Any, chunk: Chunk, p: TensorParams, src: np.ndarray, inputs: Sequence[int],
+def _keep_masks(fam: Any, chunk: Chunk, p: TensorParams, src: Stored, inputs: Sequence[int],
                 deltas: Sequence[np.ndarray | None], masks: Sequence[np.ndarray]) -> None:
     """Random (DARE) or magprune (DELLA) keep-masks of `inputs` into `masks` (flat bool), and
     their task vectors into `deltas` where given, as `_Family.keep_mask` draws them."""
     k = _kernels()
-    n = src.shape[1]
+    n = src.n
     start = chunk.row_start * chunk.row_len
     for i, d, mask in zip(inputs, deltas, masks):
         dens = fam.density(p, i)
@@ -203,14 +214,14 @@ def _keep_masks(fam: Any, chunk: Chunk, p: TensorParams, src: np.ndarray, inputs
             mode = 3 if dens <= 0 else 0
         if d is not None:
             _flat_ranges(n, lambda j0, j1, i=i, key=key, bound=bound, mode=mode, d=d, mask=mask: k.delta_mask_k(
-                src, i + 1, j0, j1, start, key, np.uint64(bound), mode, d, mask))
+                src.flat, src.ss, i + 1, j0, j1, start, key, np.uint64(bound), mode, d, mask))
         elif mode == 3:
             mask[:] = False
         if fam.sparsify == "magprune" and dens > 0:
             eps = float(p.per_input[i].get("epsilon", 0.15))
             groups, m, inner = _groups(chunk.shape, n)
             _for_row_ranges(groups, m * inner, lambda g0, g1, i=i, key=key, dens=dens, eps=eps, mask=mask:
-                            k.magprune_k(src, i + 1, m, inner, g0, g1, key, start, dens - eps, 2 * eps, mask))
+                            k.magprune_k(src.flat, src.ss, i + 1, m, inner, g0, g1, key, start, dens - eps, 2 * eps, mask))
 
 
 def _slots(chunk: Chunk, inputs: Sequence[int]) -> list[torch.Tensor]:
@@ -281,7 +292,7 @@ def generalized_apply(fam: Any, chunk: Chunk, stats: Mapping[str, Any], p: Tenso
                 kind[i], key[i], bound[i] = 3, stream_key(p.seed, chunk.name, i), b
     elif fam.sparsify == "magprune" and sparse:
         order = sorted(sparse)
-        masks = np.empty((n, src.shape[1]), np.bool_)
+        masks = np.empty((n, src.n), np.bool_)
         todo = []
         for i in order:
             kind[i] = 4
@@ -306,7 +317,7 @@ def generalized_apply(fam: Any, chunk: Chunk, stats: Mapping[str, Any], p: Tenso
     rows, row_len = chunk.row_stop - chunk.row_start, chunk.row_len
 
     def body(r0: int, r1: int) -> None:
-        k.generalized_k(src, r0, r1, row_len, chunk.row_start, kind, thr, cut, take, key, bound, masks, fac,
+        k.generalized_k(src.flat, src.ss, r0, r1, row_len, chunk.row_start, kind, thr, cut, take, key, bound, masks, fac,
                         use_fac, w32, fam.consensus, normalize, div, np.float32(lam), lam != 1.0, out)
 
     _for_row_ranges(rows, row_len, body)
@@ -334,7 +345,7 @@ def sce_masked(chunk: Chunk, stats: Mapping[str, Any], sel: Selection | None,
     bufs = tuple(d.reshape(-1).numpy() for d in out)
 
     def body(r0: int, r1: int) -> None:
-        k.sce_k(src, chunk.n_inputs, r0, r1, row_len, chunk.row_start, sel is not None, thr, cut, take, bufs)
+        k.sce_k(src.flat, src.ss, chunk.n_inputs, r0, r1, row_len, chunk.row_start, sel is not None, thr, cut, take, bufs)
 
     _for_row_ranges(rows, row_len, body)
     memo.set(chunk, tag)
@@ -358,5 +369,5 @@ def sce_apply(chunk: Chunk, stats: Mapping[str, Any], sel: Selection | None,
     out = out_t.reshape(-1).numpy()
     bufs = tuple(d.reshape(-1).numpy() for d in deltas)
     eta32 = np.array(eta, np.float32)
-    _flat_ranges(src.shape[1], lambda j0, j1: _kernels().sce_apply_k(src, bufs, eta32, j0, j1, out))
+    _flat_ranges(src.n, lambda j0, j1: _kernels().sce_apply_k(src.flat, src.ss, bufs, eta32, j0, j1, out))
     return out_t

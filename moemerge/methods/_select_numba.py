@@ -5,7 +5,8 @@ numba's import and cached machine code cost ~1 s). Module-level functions, so th
 Every loop repeats the torch path's float32 operations one by one, in the same order, on
 float32 operands (literals and parameters are float32 values: a float64 operand would round
 differently), and never fuses a multiply and an add: each element gets the same bits.
-`src` is [sources, elements] (bf16 bit patterns as uint16, or float32); row 0 is the base.
+`src` holds every source's elements (bf16 bit patterns as uint16, or float32), source s from
+s * ss (one flat array: loops over it vectorize); source 0 is the base.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ _TWO = np.float32(2.0)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
+#: Elements per block of the blocked loops: a few [BLK] float32 buffers per input stay in L1/L2,
+#: and each step is a simple loop over the block (LLVM vectorizes it).
+BLK = 2048
 
 
 def f32(v: Any) -> Any:
@@ -50,58 +54,49 @@ def _abs_bits(x: Any) -> Any:
     return np.int64(np.float32(abs(x)).view(np.int32))
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _variance(src: Any, j: int, n: int, nf: Any) -> Any:
-    """sce's population variance of the task vectors at element j, as `sce._variance` orders it."""
-    b = f32(src[0, j])
-    mean = f32(src[1, j]) - b
-    for k in range(2, n + 1):
-        mean = mean + (f32(src[k, j]) - b)
-    mean = mean / nf
-    t = (f32(src[1, j]) - b) - mean
-    out = t * t
-    for k in range(2, n + 1):
-        t = (f32(src[k, j]) - b) - mean
-        out = out + t * t
-    return out / nf
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
-def _value_bits(src: Any, row: int, j: int, n: int, nf: Any) -> Any:
-    """Bit pattern of the ranked value: |x_row - base| (row >= 1), or the variance (row 0)."""
-    if row == 0:
-        return np.int64(np.float32(_variance(src, j, n, nf)).view(np.int32))
-    return _abs_bits(f32(src[row, j]) - f32(src[0, j]))
-
-
 @numba.njit(nogil=True, cache=True)
-def hist_k(src: Any, n: int, trow: Any, tbin: Any, j0: int, j1: int, hist: Any, zeros: Any) -> None:
+def hist_k(src: Any, ss: int, n: int, trow: Any, tbin: Any, j0: int, j1: int, hist: Any, zeros: Any) -> None:
     """Add to hist[t] the high 16 bits (tbin[t] < 0) of target t's values, or the low 16 bits
     of those whose high bits are tbin[t]; zeros[t] += count of zero values."""
     nf = np.float32(n)
-    nt = trow.shape[0]
-    for j in range(j0, j1):
-        for t in range(nt):
-            v = _value_bits(src, trow[t], j, n, nf)
-            if v == 0:
-                zeros[t] += 1
+    mean = np.empty(BLK, np.float32)
+    acc = np.empty(BLK, np.float32)
+    bits = np.empty(BLK, np.int32)
+    for b0 in range(j0, j1, BLK):
+        length = min(BLK, j1 - b0)
+        for t in range(trow.shape[0]):
+            _block_bits(src, ss, trow[t], b0, length, n, nf, mean, acc, bits)
             b = tbin[t]
+            z = 0
+            for j in range(length):
+                z += bits[j] == 0
+            zeros[t] += z
             if b < 0:
-                hist[t, v >> 16] += 1
-            elif (v >> 16) == b:
-                hist[t, v & 0xFFFF] += 1
+                for j in range(length):
+                    hist[t, bits[j] >> 16] += 1
+            else:
+                for j in range(length):
+                    v = bits[j]
+                    if (v >> 16) == b:
+                        hist[t, v & 0xFFFF] += 1
 
 
 @numba.njit(nogil=True, cache=True)
-def ties_k(src: Any, n: int, trow: Any, thr: Any, r0: int, r1: int, row_len: int, counts: Any) -> None:
+def ties_k(src: Any, ss: int, n: int, trow: Any, thr: Any, r0: int, r1: int, row_len: int, counts: Any) -> None:
     """counts[t, r] = values equal to thr[t] in chunk row r (r0 <= r < r1) of target t."""
     nf = np.float32(n)
+    mean = np.empty(BLK, np.float32)
+    acc = np.empty(BLK, np.float32)
+    bits = np.empty(BLK, np.int32)
     for t in range(trow.shape[0]):
+        th = thr[t]
         for r in range(r0, r1):
             c = 0
-            for j in range(r * row_len, (r + 1) * row_len):
-                if _value_bits(src, trow[t], j, n, nf) == thr[t]:
-                    c += 1
+            for b0 in range(r * row_len, (r + 1) * row_len, BLK):
+                length = min(BLK, (r + 1) * row_len - b0)
+                _block_bits(src, ss, trow[t], b0, length, n, nf, mean, acc, bits)
+                for j in range(length):
+                    c += bits[j] == th
             counts[t, r] = c
 
 
@@ -135,70 +130,150 @@ def _keep(bits: Any, grow: int, thr: Any, cut: Any, take: Any, seen: Any, k: int
     return s < take[k, m]
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _target_mask(dst: Any, bits: Any, length: int, grow: int, thr: Any, cut: Any, take: Any, seen: Any,
+                 k: int, m: int) -> None:
+    """dst = 1.0/0.0 membership of target (k, m) (see `_keep`) of values with these bit
+    patterns: one compare per element, except in the cut row, whose tied values are counted
+    in flat order (seen[k, m])."""
+    c = cut[k, m]
+    th = thr[k, m]
+    if grow < c:
+        for j in range(length):
+            dst[j] = _ONE if bits[j] >= th else _ZERO
+    elif grow > c:
+        for j in range(length):
+            dst[j] = _ONE if bits[j] > th else _ZERO
+    else:
+        for j in range(length):
+            dst[j] = _ONE if _keep(bits[j], grow, thr, cut, take, seen, k, m) else _ZERO
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _block_bits(src: Any, ss: int, row: int, b0: int, length: int, n: int, nf: Any, mean: Any, acc: Any,
+                bits: Any) -> None:
+    """bits[j] = pattern of the ranked value at element b0 + j: |x_row - base| (row >= 1), or
+    (row 0) the population variance of the task vectors in `sce._variance`'s order: the mean
+    of the d_k, then the sum of (d_k - mean)^2 over k, divided by n."""
+    if row > 0:
+        off = row * ss + b0
+        for j in range(length):
+            bits[j] = np.float32(abs(f32(src[off + j]) - f32(src[b0 + j]))).view(np.int32)
+        return
+    for j in range(length):
+        mean[j] = f32(src[ss + b0 + j]) - f32(src[b0 + j])
+    for k in range(2, n + 1):
+        off = k * ss + b0
+        for j in range(length):
+            mean[j] = mean[j] + (f32(src[off + j]) - f32(src[b0 + j]))
+    for j in range(length):
+        mean[j] = mean[j] / nf
+        t = (f32(src[ss + b0 + j]) - f32(src[b0 + j])) - mean[j]
+        acc[j] = t * t
+    for k in range(2, n + 1):
+        off = k * ss + b0
+        for j in range(length):
+            t = (f32(src[off + j]) - f32(src[b0 + j])) - mean[j]
+            acc[j] = acc[j] + t * t
+    for j in range(length):
+        bits[j] = np.float32(acc[j] / nf).view(np.int32)
+
+
 @numba.njit(nogil=True, cache=True)
-def generalized_k(src: Any, r0: int, r1: int, row_len: int, row_start: int, kind: Any,
+def generalized_k(src: Any, ss: int, r0: int, r1: int, row_len: int, row_start: int, kind: Any,
                   thr: Any, cut: Any, take: Any, key: Any, bound: Any, mask: Any, fac: Any, use_fac: Any,
                   w: Any, consensus: bool, normalize: bool, div: Any, lam: Any, use_lam: bool, out: Any) -> None:
-    """`generalized._Family.apply` for chunk rows [r0, r1), into out (flat float32).
+    """`generalized._Family.apply` for chunk rows [r0, r1), into out (flat float32), in blocks
+    of BLK elements, each step a simple loop over the block (they vectorize).
 
     kind[i]: 0 keep all, 1 top-q target (i, 0), 2 outliers (target (i, 0) and not (i, 1)),
-    3 random (z < bound[i] of stream key[i]; bound 0: none, max: all), 4 `mask[i]` (uint8).
+    3 random (splitmix64 < bound[i] of stream key[i]), 4 `mask[i]` (bool).
     """
     n = w.shape[0]
-    d = np.empty(n, np.float32)
+    d = np.empty((n, BLK), np.float32)
+    mk = np.empty(BLK, np.float32)
+    m2 = np.empty(BLK, np.float32)
+    bits = np.empty(BLK, np.int32)
+    mixed = np.empty(BLK, np.float32)
+    sgn = np.empty(BLK, np.float32)
+    dv = np.empty(BLK, np.float32)
     seen = np.zeros(thr.shape, np.int64)
     for r in range(r0, r1):
         grow = row_start + r
         seen[:] = 0
-        for j in range(r * row_len, (r + 1) * row_len):
-            b = f32(src[0, j])
+        for b0 in range(r * row_len, (r + 1) * row_len, BLK):
+            length = min(BLK, (r + 1) * row_len - b0)
             for i in range(n):
-                x = f32(src[i + 1, j]) - b
+                di = d[i]
+                off = (i + 1) * ss + b0
+                for j in range(length):
+                    di[j] = f32(src[off + j]) - f32(src[b0 + j])
                 kd = kind[i]
-                if kd != 0:
-                    if kd == 1:
-                        keep = _keep(_abs_bits(x), grow, thr, cut, take, seen, i, 0)
-                    elif kd == 2:
-                        bits = _abs_bits(x)
-                        keep = _keep(bits, grow, thr, cut, take, seen, i, 0)
-                        lo = _keep(bits, grow, thr, cut, take, seen, i, 1)
-                        keep = keep and not lo
-                    elif kd == 3:
-                        keep = _splitmix(key[i], (row_start + r) * row_len + (j - r * row_len)) < bound[i]
-                    else:
-                        keep = mask[i, j] != 0
-                    x = x * (_ONE if keep else _ZERO)
+                if kd == 1 or kd == 2:
+                    for j in range(length):
+                        bits[j] = np.float32(abs(di[j])).view(np.int32)
+                    _target_mask(mk, bits, length, grow, thr, cut, take, seen, i, 0)
+                    if kd == 2:  # above the low cut: dropped (the gamma largest)
+                        _target_mask(m2, bits, length, grow, thr, cut, take, seen, i, 1)
+                        for j in range(length):
+                            mk[j] = _ONE if mk[j] != _ZERO and m2[j] == _ZERO else _ZERO
+                    for j in range(length):
+                        di[j] = di[j] * mk[j]
+                elif kd == 3:
+                    ki, bi = key[i], bound[i]
+                    start = row_start * row_len + b0
+                    for j in range(length):
+                        di[j] = di[j] * (_ONE if _splitmix(ki, start + j) < bi else _ZERO)
+                elif kd == 4:
+                    for j in range(length):
+                        di[j] = di[j] * (_ONE if mask[i, b0 + j] else _ZERO)
                 if use_fac[i]:
-                    x = x * fac[i]
-                d[i] = x * w[i]
-            mixed = d[0] if n == 1 else d[0] + d[1]
-            for i in range(2, n):
-                mixed = mixed + d[i]
+                    f = fac[i]
+                    for j in range(length):
+                        di[j] = di[j] * f
+                wi = w[i]
+                for j in range(length):
+                    di[j] = di[j] * wi
+            for j in range(length):
+                mixed[j] = d[0, j]
+            for i in range(1, n):  # torch: d0 + d1, then + d2 ...: the same additions in order
+                di = d[i]
+                for j in range(length):
+                    mixed[j] = mixed[j] + di[j]
             if consensus:
-                sgn = (_ONE if mixed >= _ZERO else _ZERO) * _TWO - _ONE
-                mixed = _ZERO
-                dv = _ZERO
+                for j in range(length):
+                    sgn[j] = (_ONE if mixed[j] >= _ZERO else _ZERO) * _TWO - _ONE
+                    mixed[j] = _ZERO
+                    dv[j] = _ZERO
                 for i in range(n):
-                    agree = _ONE if d[i] * sgn > _ZERO else _ZERO
-                    mixed = mixed + d[i] * agree
-                    dv = dv + agree * w[i]
-                dv = dv + (_ONE if dv == _ZERO else _ZERO)
+                    di = d[i]
+                    wi = w[i]
+                    for j in range(length):
+                        agree = _ONE if di[j] * sgn[j] > _ZERO else _ZERO
+                        mixed[j] = mixed[j] + di[j] * agree
+                        dv[j] = dv[j] + agree * wi
+                for j in range(length):
+                    dv[j] = dv[j] + (_ONE if dv[j] == _ZERO else _ZERO)
                 if normalize:
-                    mixed = mixed / dv
+                    for j in range(length):
+                        mixed[j] = mixed[j] / dv[j]
             elif normalize:
-                mixed = mixed / div
+                for j in range(length):
+                    mixed[j] = mixed[j] / div
             if use_lam:
-                mixed = mixed * lam
-            out[j] = mixed + b
+                for j in range(length):
+                    mixed[j] = mixed[j] * lam
+            for j in range(length):
+                out[b0 + j] = mixed[j] + f32(src[b0 + j])
 
 
 @numba.njit(nogil=True, cache=True)
-def delta_mask_k(src: Any, row: int, j0: int, j1: int, start: int, key: Any, bound: Any, mode: int,
+def delta_mask_k(src: Any, ss: int, row: int, j0: int, j1: int, start: int, key: Any, bound: Any, mode: int,
                  d: Any, mask: Any) -> None:
     """d[j] = x - base of source `row`; mask[j]: mode 1 splitmix64(key, start + j) < bound,
     2 all, 3 none, 0 left as it is (flat elements [j0, j1))."""
     for j in range(j0, j1):
-        d[j] = f32(src[row, j]) - f32(src[0, j])
+        d[j] = f32(src[row * ss + j]) - f32(src[j])
         if mode == 1:
             mask[j] = _splitmix(key, start + j) < bound
         elif mode == 2:
@@ -208,7 +283,7 @@ def delta_mask_k(src: Any, row: int, j0: int, j1: int, start: int, key: Any, bou
 
 
 @numba.njit(nogil=True, cache=True)
-def magprune_k(src: Any, row: int, m: int, inner: int, g0: int, g1: int, key: Any, start: int,
+def magprune_k(src: Any, ss: int, row: int, m: int, inner: int, g0: int, g1: int, key: Any, start: int,
                pe: float, te: float, mask: Any) -> None:
     """DELLA's keep-mask of source `row` for groups [g0, g1) of the [groups, m, inner] layout:
     a uniform draw below pe + te * rank / (m - 1), ranks of |d| along m (stable ascending)."""
@@ -219,7 +294,7 @@ def magprune_k(src: Any, row: int, m: int, inner: int, g0: int, g1: int, key: An
             base = o * m * inner + c
             for k in range(m):
                 j = base + k * inner
-                vals[k] = abs(f32(src[row, j]) - f32(src[0, j]))
+                vals[k] = abs(f32(src[row * ss + j]) - f32(src[j]))
             order = np.argsort(vals, kind="mergesort")
             for k in range(m):
                 r = np.float64(k) / np.float64(m - 1) if m > 1 else 0.5
@@ -229,26 +304,35 @@ def magprune_k(src: Any, row: int, m: int, inner: int, g0: int, g1: int, key: An
 
 
 @numba.njit(nogil=True, cache=True)
-def sce_k(src: Any, n: int, r0: int, r1: int, row_len: int, row_start: int, sel: bool,
+def sce_k(src: Any, ss: int, n: int, r0: int, r1: int, row_len: int, row_start: int, sel: bool,
           thr: Any, cut: Any, take: Any, deltas: Any) -> None:
     """sce's masked task vectors: d_i = x_i - base, times the variance selection's 1.0/0.0."""
     nf = np.float32(n)
     seen = np.zeros(thr.shape, np.int64)
+    mean = np.empty(BLK, np.float32)
+    acc = np.empty(BLK, np.float32)
+    bits = np.empty(BLK, np.int32)
+    mk = np.empty(BLK, np.float32)
     for r in range(r0, r1):
         seen[:] = 0
-        for j in range(r * row_len, (r + 1) * row_len):
-            m = _ONE
+        for b0 in range(r * row_len, (r + 1) * row_len, BLK):
+            length = min(BLK, (r + 1) * row_len - b0)
             if sel:
-                v = np.int64(np.float32(_variance(src, j, n, nf)).view(np.int32))
-                m = _ONE if _keep(v, row_start + r, thr, cut, take, seen, 0, 0) else _ZERO
-            b = f32(src[0, j])
+                _block_bits(src, ss, 0, b0, length, n, nf, mean, acc, bits)
+                _target_mask(mk, bits, length, row_start + r, thr, cut, take, seen, 0, 0)
             for i in range(n):
-                x = f32(src[i + 1, j]) - b
-                deltas[i][j] = x * m if sel else x
+                di = deltas[i]
+                off = (i + 1) * ss + b0
+                if sel:
+                    for j in range(length):
+                        di[b0 + j] = (f32(src[off + j]) - f32(src[b0 + j])) * mk[j]
+                else:
+                    for j in range(length):
+                        di[b0 + j] = f32(src[off + j]) - f32(src[b0 + j])
 
 
 @numba.njit(nogil=True, cache=True)
-def sce_apply_k(src: Any, deltas: Any, eta: Any, j0: int, j1: int, out: Any) -> None:
+def sce_apply_k(src: Any, ss: int, deltas: Any, eta: Any, j0: int, j1: int, out: Any) -> None:
     """sce's sign consensus and energy-weighted mix of the masked task vectors, plus the base."""
     n = eta.shape[0]
     floor = np.float32(1e-6)
@@ -265,4 +349,4 @@ def sce_apply_k(src: Any, deltas: Any, eta: Any, j0: int, j1: int, out: Any) -> 
             dv = dv + wt
             mixed = mixed + d * wt
         dv = floor if dv < floor else dv
-        out[j] = mixed / dv + f32(src[0, j])
+        out[j] = mixed / dv + f32(src[j])

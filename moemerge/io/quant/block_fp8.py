@@ -13,7 +13,7 @@ from typing import Any
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.errors import CheckpointError
-from moemerge.io.checkpoint import TensorInfo
+from moemerge.io.checkpoint import TensorInfo, shared_table, sharing
 from moemerge.io.dtypes import to_torch
 from moemerge.io.quant import _fp8
 from moemerge.io.quant.base import Codec, Part, QuantScheme, QuantSpec
@@ -93,7 +93,7 @@ class BlockFP8(Codec):
                 fp8 = by_fp8[t.dtype] = QuantScheme(
                     method=scheme.method, block=scheme.block, strategy=scheme.strategy, fp8=t.dtype,
                     not_converted=scheme.not_converted, config=scheme.config)
-            seen = _FOUND.get((id(t), id(s)))
+            seen = _FOUND.get((id(t), id(s))) if sharing() else None
             if (seen is not None and seen[0] is t and seen[1] is s and seen[2].scheme == fp8
                     and seen[2].scheme.config == fp8.config):
                 found[n] = seen[2]  # the same records (a shard header shared by inputs): the same spec
@@ -113,9 +113,8 @@ class BlockFP8(Codec):
                                  row_align=spec.row_align,
                                  parts=(spec.parts[0], Part(role="scale", name=s.name, dtype=s.dtype, shape=s.shape)))
             found[n] = spec
-            if len(_FOUND) >= _FOUND_MAX:
-                _FOUND.clear()
-            _FOUND[(id(t), id(s))] = (t, s, spec)
+            if sharing():
+                _FOUND[(id(t), id(s))] = (t, s, spec)
         return found
 
     def part_rows(self, spec: QuantSpec, part: Part, r0: int, r1: int) -> tuple[int, int]:
@@ -147,7 +146,6 @@ class BlockFP8(Codec):
 
 
 #: Specs made by `find`, by the identity of their weight and scale records: inputs whose shard
-#: headers are the same share those records (io/checkpoint.py), and then the specs. The records
-#: are kept beside the ids (an id is reused only once its object is gone). Bounded.
-_FOUND: dict[tuple[int, int], tuple[TensorInfo, TensorInfo, QuantSpec]] = {}
-_FOUND_MAX = 300_000
+#: headers are the same share those records (io.checkpoint.shared_records), and then the specs.
+#: The records are kept beside the ids (an id is reused only once its object is gone).
+_FOUND: dict[tuple[int, int], tuple[TensorInfo, TensorInfo, QuantSpec]] = shared_table()

@@ -15,7 +15,7 @@ from typing import Any
 
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
-from moemerge.io.checkpoint import Checkpoint, TensorInfo
+from moemerge.io.checkpoint import Checkpoint, TensorInfo, shared_table, sharing
 from moemerge.io.dtypes import itemsize, to_torch
 from moemerge.io.quant.base import QuantScheme, QuantSpec
 
@@ -25,9 +25,8 @@ __all__ = ["QuantizedView", "BAND_BYTES"]
 BAND_BYTES = 4 << 20
 
 #: The served record of each spec, by the spec's identity (kept beside the id, which is reused
-#: only once the spec is gone): equal for inputs sharing shard headers (quant/block_fp8.py).
-_SERVED: dict[int, tuple[QuantSpec, TensorInfo, TensorInfo]] = {}
-_SERVED_MAX = 300_000
+#: only once the spec is gone): the same for inputs sharing shard headers (quant/block_fp8.py).
+_SERVED: dict[int, tuple[QuantSpec, TensorInfo, TensorInfo]] = shared_table()
 
 
 class QuantizedView(Checkpoint):
@@ -43,7 +42,7 @@ class QuantizedView(Checkpoint):
         tensors = {n: t for n, t in inner.tensors.items() if n not in hidden}
         for n, spec in specs.items():
             first = inner.tensors[spec.parts[0].name]
-            seen = _SERVED.get(id(spec))
+            seen = _SERVED.get(id(spec)) if sharing() else None
             if seen is not None and seen[0] is spec and seen[1] is first and seen[2].name == n:
                 tensors[n] = seen[2]  # inputs sharing shard headers share their specs, and these
                 continue
@@ -51,9 +50,8 @@ class QuantizedView(Checkpoint):
                 name=n, dtype=spec.dtype, shape=spec.shape, file=first.file, start=first.start,
                 nbytes=math.prod(spec.shape) * itemsize(spec.dtype), codec=spec.codec,
                 stored_nbytes=spec.stored_nbytes, row_align=spec.row_align)
-            if len(_SERVED) >= _SERVED_MAX:
-                _SERVED.clear()
-            _SERVED[id(spec)] = (spec, first, info)
+            if sharing():
+                _SERVED[id(spec)] = (spec, first, info)
         super().__init__(inner.url, inner.fs, inner.root, tensors, inner.files)
         self.header_digests = inner.header_digests
         self.inner = inner  # io.formats.WrapsReader: identity and resume look through the view

@@ -403,7 +403,8 @@ def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
         parameters=_parse_params(doc.get("parameters"), "parameters"),
         dtype=_parse_dtype(doc.get("dtype"), "dtype"),
         out_dtype=_parse_dtype(doc.get("out_dtype"), "out_dtype"),
-        tokenizer_source=tok,
+        # a model location made explicit as every model reference (a Hub id -> hf://...)
+        tokenizer_source=tok if tok in (None, "base", "union") else _parse_model_ref(tok, "tokenizer_source"),
         tokenizer=tok_settings,
         chat_template=parse_chat_template(doc.get("chat_template"), where),
         non_float=_parse_non_float(doc.get("non_float"), where),

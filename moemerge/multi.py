@@ -15,6 +15,7 @@ unfinished one is continued with `--resume` (or replaced with `--overwrite`).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -102,6 +103,9 @@ def load_documents(path: str, *, intermediate_dir: str, out_path: str | None,
     if out_path and all(n is not None for n, _ in docs):
         raise ConfigError(f"{path}: every merge is named (written under --intermediate-dir), so --out-path "
                           "would stay empty; drop it or remove one merge's `name:`")
+    if "://" not in intermediate_dir:
+        # absolute: a relative `inter/NAME` not made yet would read as the Hub id `inter/NAME`
+        intermediate_dir = os.path.abspath(intermediate_dir)
     outs = {n: storage.join(intermediate_dir, n) for n, _ in docs if n is not None}
     parsed: dict[str | None, Document] = {}
     for i, (name, doc) in enumerate(docs):

@@ -77,6 +77,14 @@ def test_two_merges_run_in_order_and_are_kept_while_current(tmp_path: Path, mode
     assert _stamps(inter / "ab", out) == before  # nothing rewritten
 
 
+def test_a_relative_intermediate_dir_is_not_read_as_a_hub_id(tmp_path: Path, models, run_cli, monkeypatch) -> None:
+    """`-I inter` makes `inter/ab`, which looks like a Hub id (`org/name`) until it exists."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("multi", _two_stage(tmp_path, models), "-I", "inter", "--out-path", "final", "--quiet")
+    assert code == 0, err
+    _check(tmp_path / "final", _reference(models))
+
+
 def test_a_changed_merge_reruns_what_reads_it_and_only_with_overwrite(tmp_path: Path, models, run_cli) -> None:
     inter, out = tmp_path / "inter", tmp_path / "final"
     assert run_cli("multi", _two_stage(tmp_path, models), "-I", inter, "--out-path", out, "--quiet")[0] == 0

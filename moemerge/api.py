@@ -633,14 +633,13 @@ def pma_update(
 ) -> UpdateResult:
     """Update the running PMA state at `state` with the new snapshots of `pattern` and write the
     average to `out` (`moemerge.pma.update`); settings left out come from the state. The flags
-    of `pma` that an update cannot honour (`weights`, `dry_run`, `quantize`) are refused;
-    `workers` / `scheduler` run its chunks on Dask, as `run` does."""
+    of `pma` that an update cannot honour (`weights`, `dry_run`) are refused; `quantize` is
+    `pma`'s (same choices and default); `workers` / `scheduler` run its chunks on Dask, as `run` does."""
     from moemerge.names import parse_dcp_names
     from moemerge.pma.discovery import interval_steps_from_tokens
     from moemerge.pma.update import update
 
-    for flag, given in (("--weights", weights), ("--dry-run", dry_run), ("--quantize", quantize),
-                        ("--normalize", normalize is not None)):
+    for flag, given in (("--weights", weights), ("--dry-run", dry_run), ("--normalize", normalize is not None)):
         if given:
             raise ConfigError(f"pma update: {flag} is not supported; use `moemerge pma` for a one-off average")
     interval = interval_steps
@@ -654,7 +653,7 @@ def pma_update(
                   before_step=before_step, step_regex=step_regex, recompute_every=recompute_every,
                   memory_budget=memory_budget, shard_size=shard_size, out_format=out_format, out_dtype=out_dtype,
                   overwrite=overwrite, progress=progress, dcp=names, workers=workers, scheduler=scheduler,
-                  min_snapshots=1 if min_snapshots is None else min_snapshots)
+                  min_snapshots=1 if min_snapshots is None else min_snapshots, quantize=quantize)
 
 
 def plan_split(p: Plan, workers: int, out: str | None = None) -> dict[str, Any]:

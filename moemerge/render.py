@@ -3,10 +3,10 @@
 rich lays a table out from every cell (about 1.5 ms a row: 2 minutes for DeepSeek-V3's
 91,991 tensors) and `print_json` decodes, re-encodes and highlights the whole document in
 memory (2.8 GB). Here rich lays out and draws a small table of the rows that decide the column
-widths (per column, the longest cell and the cell with the longest word); the same rows drawn
-here must match what rich drew, or the whole table is left to rich. Every other row is drawn
-from those widths. Cells that rich would read as markup or emoji, or with characters wider or
-narrower than one cell, also leave the whole table to rich.
+widths (per column, the longest cell and the cell with the longest word) and a few more; the
+same rows drawn here must match what rich drew, or the whole table is left to rich. Every
+other row is drawn from those widths. Cells that rich would read as markup or emoji, or with
+characters wider or narrower than one cell, also leave the whole table to rich.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ _PLAIN = re.compile(r"[ -~]*")
 _SPECIAL = re.compile(r"\[[A-Za-z#/@]|[\\:]")
 #: Rows drawn per write: bounded memory, few system calls.
 _BATCH = 4096
+#: Rows besides the deciding ones that rich draws too, for the check.
+_SPREAD = 8
 
 
 def _plain(cell: str) -> bool:
@@ -49,7 +51,8 @@ def print_table(console: Console, title: str, columns: Sequence[tuple[str, str]]
     if not all(_plain(c) for row in rows for c in row) or not all(_plain(h) for h, _ in columns):
         console.print(table(rows))
         return
-    deciding = sorted(_deciding_rows(rows, len(columns)))
+    # the rows that decide the widths, and a few spread over the table, drawn by rich as well
+    deciding = sorted(_deciding_rows(rows, len(columns)) | set(range(0, len(rows), max(1, len(rows) // _SPREAD))))
     sample = [rows[i] for i in deciding]
     small = table(sample)
     # what Table.__rich_console__ measures with (print sets no_wrap and overflow for soft_wrap);

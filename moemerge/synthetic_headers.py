@@ -93,12 +93,13 @@ def _config(layers: int, experts: int, d: dict[str, int]) -> dict[str, object]:
 
 
 def write_headers_only(out: str | Path, *, layers: int | None = None, experts: int | None = None,
-                       shards: int | None = None) -> int:
+                       shards: int | None = None, metadata: dict[str, str] | None = None) -> int:
     """Write a DeepSeek-V3-layout checkpoint to `out` (created): shards of real headers with
     their data regions left as holes, the index and config.json. Returns the tensor count.
 
     Tensors are cut into `shards` files of about equal bytes, in checkpoint order, as the
-    published checkpoint is."""
+    published checkpoint is. `metadata` goes into every header's `__metadata__` (beside
+    format: pt): different metadata makes inputs whose headers differ byte for byte."""
     d = DEEPSEEK_V3
     n_layers = d["layers"] if layers is None else layers
     n_exp = d["experts"] if experts is None else experts
@@ -117,7 +118,7 @@ def write_headers_only(out: str | Path, *, layers: int | None = None, experts: i
     n_shards = len(groups)
     for k, group in enumerate(groups):
         fname = f"model-{k + 1:05d}-of-{n_shards:06d}.safetensors"
-        header, _ = build_header(group, {"format": "pt"})
+        header, _ = build_header(group, {"format": "pt", **(metadata or {})})
         size = len(header) + sum(math.prod(s) * itemsize(t) for _, t, s in group)
         with open(root / fname, "wb") as f:
             f.write(header)

@@ -290,6 +290,9 @@ with open("/proc/self/status") as f:
 sys.exit(code)
 """
 _MOEMERGE = [sys.executable, "-c", _WRAPPER]
+#: `--methods stats`: linear (the single-pass reference) and the selection methods, whose
+#: fused kernels (methods/_fused.py) the issue measures against the floor.
+STATS_SUITE = ("linear", "ties", "dare_ties", "della", "sce", "breadcrumbs")
 #: MergeKit's `mergekit-yaml` entry point, then the process's own peak RSS (at exit: click exits
 #: through SystemExit).
 _MERGEKIT_WRAPPER = """
@@ -424,8 +427,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=None, help="where inputs and outputs go (default: a new temp dir)")
     p.add_argument("--budget", default="2GB", help="--memory-budget of the merges (default 2GB)")
     p.add_argument("--methods", default="linear,sma",
-                   help="comma-separated; sma/wma/ema run as `moemerge pma`, others as `moemerge run` "
-                        "(default linear,sma)")
+                   help="comma-separated; sma/wma/ema run as `moemerge pma`, others as `moemerge run`; "
+                        "`stats` stands for linear and the selection methods "
+                        f"({','.join(STATS_SUITE)}) (default linear,sma)")
     p.add_argument("--params", default="",
                    help="global parameters for `run` methods, e.g. density=0.5,lambda=1 (each method "
                         "gets those it takes)")
@@ -481,7 +485,8 @@ def _main(argv: list[str] | None) -> int:
         raise SystemExit(f"bench: --dtype {args.dtype}: use bf16, f16 or f32")
     size = parse_size(args.size_per_input, what="--size-per-input")
     budget = parse_size(args.budget, what="--budget")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m for part in args.methods.split(",") if part.strip()
+               for m in (STATS_SUITE if part.strip() == "stats" else (part.strip(),))]
     params = {**DEFAULT_PARAMS, **_params(args.params)}
     mergekit = find_mergekit(args.mergekit)
     child_env = dict(kv.split("=", 1) for kv in args.env)

@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the checkpoints (and reuse them when present)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default DeepSeek-V3's 61)")
     p.add_argument("--repeat", type=int, default=1, help="runs per case (fastest wall, largest peak)")
+    p.add_argument("--distinct-headers", action="store_true",
+                   help="give each input its own header metadata, so no two shard headers are byte-identical "
+                        "(default: identical, as fine-tunes saved alike are; their records are then shared)")
     return p
 
 
@@ -121,13 +124,16 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.keep and (d / "config.json").exists()):
                 if d.exists():
                     shutil.rmtree(d)
-                n = write_headers_only(d, layers=args.layers)
+                n = write_headers_only(d, layers=args.layers,
+                                       metadata={"input": name} if args.distinct_headers else None)
             else:
                 import json
 
                 n = len(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"])
         shards = len(list((work / "a").glob("*.safetensors")))
-        print(f"3 checkpoints of {n:,} tensors in {shards} shards (headers only) in {time.monotonic() - t0:.1f}s: {work}")
+        print(f"3 checkpoints of {n:,} tensors in {shards} shards (headers only"
+              f"{', each input its own' if args.distinct_headers else ', identical across inputs'}) in "
+              f"{time.monotonic() - t0:.1f}s: {work}")
         linear = work / "linear.yml"
         linear.write_text(f"merge_method: linear\nmodels:\n  - model: {work / 'a'}\n    parameters: {{weight: 0.5}}\n"
                           f"  - model: {work / 'b'}\n    parameters: {{weight: 0.5}}\n")

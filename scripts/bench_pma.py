@@ -13,9 +13,17 @@ read and written by the process (its `/proc/self/io` rchar and wchar, counted fr
 the command, after imports) and its peak RSS. The page cache is
 dropped before each case when running as root, so the reads come from the disk.
 
+`--repeat R` runs the full window and the nightly update R times each, alternating (each
+nightly run starts from a copy of the built state), and prints a second table: per method the
+median wall of each, the update's ratio to the full recompute (median of the per-pair ratios:
+on a shared machine compare ratios from the same run, not absolute times), the same for the
+time the commands report ("merge s", start-up excluded), bytes read and written, and peak RSS
+against `--budget`.
+
 Example:
     python scripts/bench_pma.py                                   # N = 10, 11 x 256 MB bf16
     python scripts/bench_pma.py --size 512MB --methods sma --keep --work /tmp/pma-bench
+    python scripts/bench_pma.py --size 64MB --methods sma --repeat 3       # the ratio table
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +88,30 @@ def make_snapshots(ckpt: Path, n: int, size: int, dtype: str) -> list[Path]:
     return paths
 
 
+def floor(reads: list[Path], write_bytes: int, scratch: Path) -> float:
+    """Seconds to read every file under `reads` and write `write_bytes` (page cache, no fsync,
+    as the commands write), cold like the cases: the I/O a command cannot go below."""
+    drop_caches()
+    buf = bytearray(16 << 20)
+    t0 = time.monotonic()
+    for root in reads:
+        for f in sorted(p for p in root.rglob("*") if p.is_file()):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+    with open(scratch, "wb", buffering=0) as fh:
+        left = write_bytes
+        while left > 0:
+            left -= fh.write(memoryview(buf)[:min(left, len(buf))])
+    took = time.monotonic() - t0
+    scratch.unlink()
+    return took
+
+
+def _size_of(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
 def run_case(args: list[str]) -> dict[str, float]:
     """Run `moemerge ARGS`; wall s, bytes read/written, peak RSS, and its own report line."""
     cold = drop_caches()
@@ -108,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="sma,wma,ema")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the snapshots for the next run")
+    ap.add_argument("--repeat", type=int, default=1, help="full / nightly pairs per method (default 1)")
     a = ap.parse_args(argv)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="moemerge-bench-pma-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -127,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         pattern = str(ckpt / "step-*")
         common = ["--memory-budget", a.budget, "--no-progress"]
         rows = []
+        pairs: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {}
         for method in a.methods.split(","):
             state, out = work / f"state-{method}", work / f"out-{method}"
             for p in (state, out, work / "full"):
@@ -135,11 +170,38 @@ def main(argv: list[str] | None = None) -> int:
                              "--overwrite", *common])
             build = run_case(["pma", "update", str(state), pattern, "-o", str(out), "--method", method,
                               "--last", str(n), *common])
-            shutil.move(str(hidden / newest.name), newest)
-            try:
-                inc = run_case(["pma", "update", str(state), pattern, "-o", str(out), *common])
-            finally:
-                shutil.move(str(newest), hidden / newest.name)
+            built = work / f"state-{method}.built"
+            shutil.rmtree(built, ignore_errors=True)
+            shutil.copytree(state, built)
+            pairs[method] = []
+            for i in range(a.repeat):
+                if i:  # the same night again: from the built state, against a fresh full run
+                    full_i = run_case(["pma", pattern, "-o", str(work / "full"), "--method", method, "--last",
+                                       str(n), "--overwrite", *common])
+                    shutil.rmtree(state)
+                    shutil.copytree(built, state)
+                shutil.move(str(hidden / newest.name), newest)
+                try:
+                    inc_i = run_case(["pma", "update", str(state), pattern, "-o", str(out), *common])
+                finally:
+                    shutil.move(str(newest), hidden / newest.name)
+                pairs[method].append((full if i == 0 else full_i, inc_i))
+                # the floors of the same run: the full recompute reads the window and writes the
+                # output; the update reads the new and the leaving snapshot and the state, and
+                # writes the state and the output
+                out_bytes = _size_of(work / "full")
+                window = sorted(ckpt.glob("step-*"))[-n:]
+                full_i_floor = floor(window, out_bytes, work / "floor.bin")
+                shutil.move(str(hidden / newest.name), newest)
+                try:
+                    inc_floor = floor([newest, window[0], built], _size_of(state) + out_bytes, work / "floor.bin")
+                finally:
+                    shutil.move(str(newest), hidden / newest.name)
+                pairs[method][-1][0]["floor"], pairs[method][-1][1]["floor"] = full_i_floor, inc_floor
+                print(f"  {method} pair {i + 1}: full {pairs[method][-1][0]['wall']:.1f}s, "
+                      f"nightly {inc_i['wall']:.1f}s", flush=True)
+            inc = pairs[method][0][1]
+            shutil.rmtree(built, ignore_errors=True)
             state_bytes = sum(f.stat().st_size for f in state.rglob("*") if f.is_file())
             for case, r in ((f"{method}: full window (`pma`, N={n})", full),
                             (f"{method}: first `pma update` (builds the state)", build),
@@ -153,6 +215,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {case} | {format_size(r['read'])} | {format_size(r['written'])} | {r['wall']:.1f} | "
                   f"{r['inner']:.1f} | "
                   f"{format_size(r['rss'])} | {'cold' if r['cold'] else 'warm'} |")
+        budget = parse_size(a.budget, what="--budget")
+        print()
+        print(f"nightly `pma update` against a full `pma` of the window ({a.repeat} pair(s) each; "
+              f"medians; ratio = update / full, per pair)")
+        print()
+        print("| method | full wall s | update wall s | ratio | full merge s | update merge s | merge ratio | "
+              "floor full / update s | merge / floor full, update | "
+              "full read / written | update read / written | peak RSS full / update (budget) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for method, ps in pairs.items():
+            med = statistics.median
+            fw, uw = med(f["wall"] for f, _ in ps), med(u["wall"] for _, u in ps)
+            ratio = med(u["wall"] / f["wall"] for f, u in ps)
+            fm, um = med(f["inner"] for f, _ in ps), med(u["inner"] for _, u in ps)
+            mratio = med(u["inner"] / f["inner"] for f, u in ps)
+            f0, u0 = ps[0]
+            ff, uf = med(f["floor"] for f, _ in ps), med(u["floor"] for _, u in ps)
+            fx, ux = med(f["inner"] / f["floor"] for f, _ in ps), med(u["inner"] / u["floor"] for _, u in ps)
+            print(f"| {method} | {fw:.1f} | {uw:.1f} | {ratio:.2f} | {fm:.1f} | {um:.1f} | {mratio:.2f} | "
+                  f"{ff:.1f} / {uf:.1f} | {fx:.2f}, {ux:.2f} | "
+                  f"{format_size(f0['read'])} / {format_size(f0['written'])} | "
+                  f"{format_size(u0['read'])} / {format_size(u0['written'])} | "
+                  f"{format_size(max(f['rss'] for f, _ in ps))} / {format_size(max(u['rss'] for _, u in ps))} "
+                  f"({format_size(budget)}) |")
         print()
         print("state size on disk: " + ", ".join(
             f"{m}: {format_size(sum(f.stat().st_size for f in (work / f'state-{m}').rglob('*') if f.is_file()))}"

@@ -168,3 +168,26 @@ def test_fused_runs_where_it_should(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOEMERGE_NO_NUMBA", "1")
     chunk = _Chunk("t", (6, 8), _data("random", (6, 8), 2, torch.bfloat16, g), 0, 6, 8, 6, fused=True)
     assert _fused.abs_delta_values(chunk) is None
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "dare_ties", "della", "sce"])
+def test_fused_large_chunks_split_across_threads(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks big enough to be cut into row ranges on several threads, rows longer than a block
+    (the kernels' BLK), and values tied at the threshold: still the torch path's bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # row ranges follow torch's thread count
+    try:
+        method = get_method(name)
+        g = torch.Generator().manual_seed(hash(name) & 0xFFFF)
+        shape = (160, 4100)  # 656,000 values: four row ranges; rows of two blocks and a bit
+        sources = _data("quantized", shape, 2, torch.bfloat16, g)
+        params = _params(name, 2, g)
+        for rpc in (None, 70):
+            monkeypatch.setenv("MOEMERGE_NO_NUMBA", "1")
+            want, want_stats = _merge(method, params, shape, sources, rpc, fused=False)
+            monkeypatch.delenv("MOEMERGE_NO_NUMBA")
+            got, got_stats = _merge(method, params, shape, sources, rpc, fused=True)
+            assert _same(want_stats, got_stats), f"{name} rows/chunk={rpc}: statistics differ"
+            assert want == got, f"{name} rows/chunk={rpc}: output bits differ"
+    finally:
+        torch.set_num_threads(threads)

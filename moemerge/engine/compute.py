@@ -71,8 +71,10 @@ class ChunkView:
 
     def stored(self) -> tuple[torch.Tensor, ...] | None:
         """Every source's rows as stored (base first), for kernels that convert as they
-        compute (methods/_fused.py); None when inputs are cast on reading (MergeKit's `dtype`)."""
-        if self._in_cast is not None and any(r.dtype != self._in_cast for r in self._raws):
+        compute (methods/_fused.py); None when inputs are cast on reading (MergeKit's `dtype`)
+        to a type that rounds them (float32 and float64 hold every bf16/fp16/float32 value)."""
+        cast = self._in_cast
+        if cast is not None and cast not in (torch.float32, torch.float64) and any(r.dtype != cast for r in self._raws):
             return None
         return tuple(self._raws)
 

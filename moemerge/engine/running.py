@@ -2,7 +2,9 @@
 
 A float tensor's read buffer holds the step's snapshots' rows, then the previous sums' (fp64);
 its output buffer gets the average (the output dtype), then the new sums, each at an aligned
-offset. The stage runs on cache-sized blocks of the chunk, as elementwise methods do.
+offset. The stage runs on cache-sized blocks of the chunk, as elementwise methods do. A tensor
+written quantized (`--quantize`) gets its average as float32, turned into its stored parts
+right after it (engine/requant.py, as a merge's), before the sums.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help n
 
 from moemerge.engine.constants import ALIGN, BLOCK_ELEMS
 from moemerge.engine.jobs import Segment
+from moemerge.engine.requant import requantize
 from moemerge.io.dtypes import itemsize, to_torch
 from moemerge.methods.running import SCRATCH, RunningStep
 from moemerge.planner.plan import TensorPlan
@@ -34,8 +37,9 @@ class RunningKernel:
 
     def _layout(self, t: TensorPlan, rows: int) -> list[int]:
         """Offsets of the average, then of each new sum, in the output buffer; then the end."""
+        # t.out_bytes: the values, then (quantized) the parts that requantize writes after them
+        offsets = [0, _aligned(t.out_bytes(rows))]
         n = rows * t.row_len
-        offsets = [0, _aligned(n * itemsize(t.out_dtype))]
         for _ in self.step.quantities if self.step.writes_sums else ():
             offsets.append(offsets[-1] + _aligned(n * 8))
         return offsets
@@ -61,7 +65,11 @@ class RunningKernel:
             sums = step.fold([x[s:e] for x in snaps], {q: v[s:e] for q, v in sums_in.items()},
                              {q: v[s:e] for q, v in sums_out.items()}, scratch)
             avg[s:e].copy_(step.average(sums, scratch[0]))
-        segs = [Segment(name=t.name, row=r0, offset=0, nbytes=avg_bytes)]
+        if t.quant is None:
+            segs = [Segment(name=t.name, row=r0, offset=0, nbytes=avg_bytes)]
+        else:
+            segs = [Segment(name=name, row=row, offset=off, nbytes=nb)
+                    for name, row, off, nb in requantize(t, r0, r1, out, avg_bytes)]
         segs += [Segment(name=self.array(q, t.name), row=r0, offset=off, nbytes=n * 8, aux=True)
                  for q, off in zip(sums_out, offsets[1:])]
         return segs

@@ -271,7 +271,9 @@ class Checkpoint:
 #: usually fine-tunes saved alike, whose shard headers are byte for byte the same; inside
 #: `shared_records` each is parsed once and its records shared (frozen, so sharing is invisible).
 _PARSED: dict[tuple[str, str, int], tuple[TensorInfo, ...]] = {}
-_TABLES: list[dict[Any, Any]] = [_PARSED]
+#: The record of each (name, dtype, shape, start, nbytes, file) seen inside `shared_records`.
+_RECORDS: dict[tuple[Any, ...], TensorInfo] = {}
+_TABLES: list[dict[Any, Any]] = [_PARSED, _RECORDS]
 _LOCK = threading.Lock()
 _depth = 0
 
@@ -316,8 +318,15 @@ def _parsed_shard(raw: bytes, digest: str, fname: str, size: int, where: str,
     if hit is not None:
         return hit
     _, _, entries = parse_header_entries(raw, file_size=size, where=where, shapes=shapes)
-    infos = tuple(TensorInfo(name=name, dtype=dtype, shape=shape, file=fname, start=start, nbytes=nbytes)
-                  for name, dtype, shape, start, nbytes in entries)
-    if _depth:
-        _PARSED[key] = infos
+    if not _depth:
+        return tuple(TensorInfo(name=name, dtype=dtype, shape=shape, file=fname, start=start, nbytes=nbytes)
+                     for name, dtype, shape, start, nbytes in entries)
+    # headers that differ (in their metadata, say) still describe mostly equal tensors: one
+    # record per (entry, file), so that those inputs share records (and quantized specs) too
+    records = _RECORDS
+    infos = tuple(
+        records.get(e + (fname,)) or records.setdefault(e + (fname,), TensorInfo(
+            name=e[0], dtype=e[1], shape=e[2], file=fname, start=e[3], nbytes=e[4]))
+        for e in entries)
+    _PARSED[key] = infos
     return infos

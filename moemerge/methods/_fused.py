@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -213,15 +214,20 @@ def _keep_masks(fam: Any, chunk: Chunk, p: TensorParams, src: Stored, inputs: Se
         else:
             mode = 3 if dens <= 0 else 0
         if d is not None:
-            _flat_ranges(n, lambda j0, j1, i=i, key=key, bound=bound, mode=mode, d=d, mask=mask: k.delta_mask_k(
-                src.flat, src.ss, i + 1, j0, j1, start, key, np.uint64(bound), mode, d, mask))
+            _flat_ranges(n, partial(k.delta_mask_k, src.flat, src.ss, i + 1, start=start, key=key,
+                                    bound=np.uint64(bound), mode=mode, d=d, mask=mask))
         elif mode == 3:
             mask[:] = False
         if fam.sparsify == "magprune" and dens > 0:
             eps = float(p.per_input[i].get("epsilon", 0.15))
             groups, m, inner = _groups(chunk.shape, n)
-            _for_row_ranges(groups, m * inner, lambda g0, g1, i=i, key=key, dens=dens, eps=eps, mask=mask:
-                            k.magprune_k(src.flat, src.ss, i + 1, m, inner, g0, g1, key, start, dens - eps, 2 * eps, mask))
+            _for_row_ranges(groups, m * inner, partial(_magprune, k, src, i + 1, m, inner, key, start,
+                                                       dens - eps, 2 * eps, mask))
+
+
+def _magprune(k: Any, src: Stored, row: int, m: int, inner: int, key: Any, start: int, pe: float, te: float,
+              mask: np.ndarray, g0: int, g1: int) -> None:
+    k.magprune_k(src.flat, src.ss, row, m, inner, g0, g1, key, start, pe, te, mask)
 
 
 def _slots(chunk: Chunk, inputs: Sequence[int]) -> list[torch.Tensor]:

@@ -127,7 +127,7 @@ def _keep(bits: Any, grow: int, thr: Any, cut: Any, take: Any, seen: Any, k: int
         return False
     s = seen[k, m]
     seen[k, m] = s + 1
-    return s < take[k, m]
+    return bool(s < take[k, m])
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -287,18 +287,41 @@ def magprune_k(src: Any, ss: int, row: int, m: int, inner: int, g0: int, g1: int
                pe: float, te: float, mask: Any) -> None:
     """DELLA's keep-mask of source `row` for groups [g0, g1) of the [groups, m, inner] layout:
     a uniform draw below pe + te * rank / (m - 1), ranks of |d| along m (stable ascending)."""
-    vals = np.empty(m, np.float32)
+    # |d| >= 0 orders like its bit pattern: a stable LSD radix sort of the patterns (four 8-bit
+    # digits) gives the order torch's argsort(stable=True) gives, ties by position
+    bits = np.empty(m, np.uint32)
+    bits2 = np.empty(m, np.uint32)
+    pos = np.empty(m, np.int64)
+    pos2 = np.empty(m, np.int64)
+    count = np.empty(257, np.int64)
     scale = 1.0 / 9007199254740992.0  # 2^-53
     for o in range(g0, g1):
         for c in range(inner):
             base = o * m * inner + c
             for k in range(m):
                 j = base + k * inner
-                vals[k] = abs(f32(src[row * ss + j]) - f32(src[j]))
-            order = np.argsort(vals, kind="mergesort")
+                bits[k] = np.float32(abs(f32(src[row * ss + j]) - f32(src[j]))).view(np.uint32)
+                pos[k] = k
+            for shift in range(0, 32, 8):
+                sh = np.uint32(shift)
+                count[:] = 0
+                for k in range(m):
+                    count[np.int64((bits[k] >> sh) & np.uint32(0xFF)) + 1] += 1
+                if count[1:].max() == m:  # one digit value: the pass keeps the order
+                    continue
+                for q in range(1, 257):
+                    count[q] += count[q - 1]
+                for k in range(m):
+                    dg = np.int64((bits[k] >> sh) & np.uint32(0xFF))
+                    at = count[dg]
+                    count[dg] = at + 1
+                    bits2[at] = bits[k]
+                    pos2[at] = pos[k]
+                bits, bits2 = bits2, bits
+                pos, pos2 = pos2, pos
             for k in range(m):
                 r = np.float64(k) / np.float64(m - 1) if m > 1 else 0.5
-                j = base + order[k] * inner
+                j = base + pos[k] * inner
                 u = np.float64(_splitmix(key, start + j) >> np.uint64(11)) * scale
                 mask[j] = u < r * te + pe
 

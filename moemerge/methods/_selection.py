@@ -121,12 +121,12 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
         rk = ranked(chunk)
         if rk is not None:
             live = [t for t in targets if plans[t.name][1] >= 0]
-            hist, _ = _fused.histograms(rk, [t.source for t in live], [plans[t.name][1] for t in live]) \
-                if live else (None, None)
             for t in targets:
                 out[t.name] = torch.zeros(1, dtype=torch.int64)
-            for k, t in enumerate(live):
-                out[t.name] = torch.from_numpy(hist[k])
+            if live:
+                hist, _ = _fused.histograms(rk, [t.source for t in live], [plans[t.name][1] for t in live])
+                for k, t in enumerate(live):
+                    out[t.name] = torch.from_numpy(hist[k])
             return out
         cache: dict[int, torch.Tensor] = {}
         for t in targets:

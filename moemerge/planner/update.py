@@ -6,6 +6,12 @@ previous state's fp64 sums; it writes the average and the new sums. Non-float te
 copied from the newest snapshot. Memory counts every buffer the engine takes for this: read
 and output buffers twice (double buffering), the sums' fp64 bytes in both, what Zarr copies
 while decoding and encoding them, and the stage's fp64 scratch blocks.
+
+With `quant` (`--quantize`, decided by `planner.quant.resolve_output_quant` as for `pma`), a
+tensor it names is averaged into float32 and written as its quantized parts with fresh scales
+(engine/running.py calls engine/requant.py), laid out and chunked as a merge's (`planner.build`):
+chunks on whole scale blocks, the parts in the tensor's place; `keep` tensors (an activation
+scale beside the quantized weights) are copied from the newest snapshot as stored.
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ from collections.abc import Mapping, Sequence
 from moemerge.engine.constants import ALIGN, BLOCK_ELEMS  # a leaf module: imports nothing
 from moemerge.io.checkpoint import TensorInfo, row_geometry
 from moemerge.io.dtypes import is_float, itemsize
+from moemerge.io.quant.base import QuantSpec
+from moemerge.io.quant_out import BAND_ELEMS
 from moemerge.methods.base import TensorParams
 from moemerge.methods.running import SCRATCH, RunningStep
-from moemerge.planner.build import CHUNKS_PER_UNIT, DEFAULT_UNIT_BYTES, chunk_rows_for, make_units
+from moemerge.planner.build import (CHUNKS_PER_UNIT, DEFAULT_UNIT_BYTES, QUANT_EXTRA_PER_ELEM, chunk_rows_for,
+                                    make_units)
+from moemerge.planner.quant import chunk_align, chunk_parts_bytes, placed, quant_for
 from moemerge.planner.layout import lay_out_shards
 from moemerge.planner.plan import Plan, TensorPlan
 
@@ -48,12 +58,15 @@ def plan_update(
     out_dtype: str | None = None,
     chunk_rows: int | None = None,
     unit_bytes: int = DEFAULT_UNIT_BYTES,
+    quant: Mapping[str, QuantSpec] | None = None,
+    keep: Mapping[str, TensorInfo] | None = None,
 ) -> Plan:
     """The plan of one update. `newest` is the newest snapshot (location, tensors): it gives the
     tensors, their order, the non-float ones and the side files; `reads` the snapshots the
     step reads, in its order; `state` the previous state version's location (read unless the
     step builds from scratch). Float tensors are written as `out_dtype`, else as the newest
-    snapshot stores them (bf16 when it stores them quantized).
+    snapshot stores them (bf16 when it stores them quantized); those `quant` names are written
+    quantized (see the module's docstring).
 
     Sources are the snapshots read, the newest (if not read), then one per running quantity
     of the state (`state_source`): a float tensor's inputs, in that order.
@@ -73,34 +86,54 @@ def plan_update(
     float_inputs = tuple(range(len(urls))) + tuple(range(len(sources) - k_in, len(sources)))
     names = sorted(newest_cat, key=lambda n: (newest_cat[n].file, newest_cat[n].start))
 
-    # (name, shape, out dtype, input dtypes, row granularity) per tensor; None granularity: a copy
-    rows_of: list[tuple[TensorInfo, str, tuple[str, ...], int | None]] = []
+    # (tensor, out dtype, input dtypes, row granularity, quantized as) per tensor; None
+    # granularity: a copy (from the newest snapshot)
+    rows_of: list[tuple[TensorInfo, str, tuple[str, ...], int | None, QuantSpec | None]] = []
     for name in names:
         info = newest_cat[name]
         if not is_float(info.dtype):
-            rows_of.append((info, info.dtype, (info.dtype,), None))
+            rows_of.append((info, info.dtype, (info.dtype,), None, None))
             continue
         infos = [cat[name] for _, cat in reads]
         gran = math.lcm(1, info.row_align, *(max(1, i.row_align) for i in infos))
         if out_format == "zarr" and len(info.shape) >= 3:  # Zarr chunks are whole dim-0 slabs
             gran = math.lcm(gran, max(1, math.prod(info.shape[1:-1])))
         dtype = out_dtype or ("BF16" if info.codec else info.dtype)
-        rows_of.append((info, dtype, tuple(i.dtype for i in infos) + ("F64",) * k_in, gran))
+        q = quant_for(quant, name, info.shape)
+        if q is not None:  # averaged into float32, then quantized chunk by chunk (engine/requant.py)
+            dtype = "F32"
+            gran = math.lcm(gran, chunk_align(q))
+        rows_of.append((info, dtype, tuple(i.dtype for i in infos) + ("F64",) * k_in, gran, q))
+    for info in (keep or {}).values():  # stored beside the quantized weights: copied as they are
+        rows_of.append((info, info.dtype, (info.dtype,), None, None))
 
     # -- memory: one chunk size in elements, from the budget ----------------------------------
-    in_elem = max((sum(itemsize(d) for d in ins) for _, _, ins, _ in rows_of), default=1)
-    out_elem = max((itemsize(dt) + (8 * k_out if g is not None else 0) for _, dt, _, g in rows_of), default=1)
+    in_elem = max((sum(itemsize(d) for d in ins) for _, _, ins, _, _ in rows_of), default=1)
+    # a quantized tensor's output buffer holds its float32 values, then its parts, and the
+    # quantizer's float32 temporaries come on top (as a merge's, planner.build)
+    out_elem = max((itemsize(dt) + (8 * k_out if g is not None else 0) + (QUANT_EXTRA_PER_ELEM if q else 0)
+                    for _, dt, _, g, q in rows_of), default=1)
     per_elem = _IN_FLIGHT * in_elem + _IN_FLIGHT * out_elem + _ZARR_COPY * (k_in + k_out)
     fixed = SCRATCH * BLOCK_ELEMS * 8  # the stage's fp64 scratch blocks
     chunk_cap = max(1, (memory_budget - fixed) // per_elem) if memory_budget > fixed else 1
     # as a merge's elementwise chunks: a few per work unit of input
     chunk_cap = min(chunk_cap, max(1, unit_bytes // max(1, in_elem) // CHUNKS_PER_UNIT))
 
-    shards, where = lay_out_shards([(info.name, dt, info.shape) for info, dt, _, _ in rows_of], shard_size)
+    entries: list[tuple[str, str, tuple[int, ...]]] = []
+    glued: set[str] = set()  # a quantized tensor's parts after the first share its shard
+    for info, dt, _, _, q in rows_of:
+        if q is None:
+            entries.append((info.name, dt, info.shape))
+            continue
+        for i, part in enumerate(q.parts):
+            entries.append((part.name, part.dtype, part.shape))
+            if i:
+                glued.add(part.name)
+    shards, where = lay_out_shards(entries, shard_size, glued)
     tensors: list[TensorPlan] = []
     chunk_elems = chunk_in = chunk_out = state_elems = 0
     bytes_read = bytes_written = 0
-    for info, dt, ins, group in rows_of:
+    for info, dt, ins, group, q in rows_of:
         rows, row_len = row_geometry(info.shape)
         copy = group is None
         per_chunk, _ = chunk_rows_for(rows, row_len, group or 1, chunk_cap, chunk_rows)
@@ -111,19 +144,23 @@ def plan_update(
         else:
             chunk_elems = max(chunk_elems, elems)
             state_elems = max(state_elems, elems)
-            chunk_out = max(chunk_out, elems * (itemsize(dt) + 8 * k_out) + ALIGN * (1 + k_out))
+            parts = chunk_parts_bytes(q, per_chunk) + ALIGN if q is not None else 0
+            chunk_out = max(chunk_out, elems * (itemsize(dt) + 8 * k_out) + parts + ALIGN * (1 + k_out))
         bytes_read += rows * row_len * sum(itemsize(d) for d in ins)
-        bytes_written += math.prod(info.shape) * itemsize(dt)
-        fname, off = where[info.name]
+        bytes_written += sum(x.nbytes for x in q.parts) if q else math.prod(info.shape) * itemsize(dt)
+        fname, off = where[q.parts[0].name if q else info.name]
         tensors.append(TensorPlan(
             name=info.name, shape=info.shape, rows=rows, row_len=row_len,
             method="copy" if copy else step.method, inputs=(newest_idx,) if copy else float_inputs, base=None,
             in_dtypes=ins, out_dtype=dt, compute_dtype="F64", params=_NO_PARAMS, rows_per_chunk=per_chunk,
-            out_file=fname, out_offset=off,
+            out_file=fname, out_offset=off, **({"quant": placed(q, where)} if q else {}),
         ))
     chunk_elems = min(chunk_elems, BLOCK_ELEMS)
+    # the quantizer's temporaries: a band of whole scale blocks at a time (io.quant_out)
+    quant_temps = max((QUANT_EXTRA_PER_ELEM * min(t.rows_per_chunk * t.row_len, BAND_ELEMS)
+                       for t in tensors if t.quant), default=0)
     peak = (_IN_FLIGHT * chunk_in + _IN_FLIGHT * chunk_out + SCRATCH * chunk_elems * 8
-            + _ZARR_COPY * (k_in + k_out) * state_elems)
+            + _ZARR_COPY * (k_in + k_out) * state_elems + quant_temps)
     return Plan(
         method=step.method, sources=sources, tensors=tuple(tensors), shards=tuple(shards),
         units=tuple(make_units(tensors, unit_bytes)), memory_budget=memory_budget, working_copies=SCRATCH,

@@ -2,7 +2,7 @@
 
 Layout of a state at STATE (a local path or any fsspec URL, e.g. s3://bucket/pma/state):
 
-    STATE/pma-state.json     the pointer: {"format": 1, "version": 17, "path": "v000017-3fa9c2d1"}
+    STATE/pma-state.json     the pointer: {"format": 2, "version": 17, "path": "v000017-3fa9c2d1"}
     STATE/v000017-3fa9c2d1/  one version (the number, then a random tag: no two jobs ever pick the
                              same name; plain `v000017` from older moemerge is read as well): a
                              Zarr v3 group written by io.zarr_writer, one
@@ -12,6 +12,8 @@ Layout of a state at STATE (a local path or any fsspec URL, e.g. s3://bucket/pma
                              `moemerge-manifest.json` (written last) holds the StateMeta and
                              `chunk_checksums` (crc32 of every stored chunk): a read of a missing
                              or altered chunk fails (io.zarr_store), never reads as zeros.
+                             Format 2 stores the sums with the lossless `moemerge.f64split`
+                             codec (pma.state_codec); format 1 (older moemerge) with blosc-lz4.
 
 An update writes the next version beside the current one, and only when that version is
 complete (its manifest written) replaces the pointer: one atomic rename on local disk, one PUT
@@ -29,6 +31,7 @@ import datetime as _dt
 import json
 import os
 import re
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,12 +47,15 @@ from moemerge.names import DcpNames, parse_dcp_names
 from moemerge.settings import VERSION
 
 __all__ = [
-    "POINTER_NAME", "STATE_FORMAT", "METHOD_ARRAYS", "StateSettings", "StateMeta", "StateStore",
+    "POINTER_NAME", "STATE_FORMAT", "READ_FORMATS", "METHOD_ARRAYS", "StateSettings", "StateMeta", "StateStore",
     "StateVersion", "array_name", "new_meta",
 ]
 
 POINTER_NAME = "pma-state.json"
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+#: Formats this moemerge reads: 1 (sums blosc-lz4-compressed) and 2 (pma.state_codec); the
+#: arithmetic and the values are the same, only the stored bytes differ.
+READ_FORMATS = (1, 2)
 #: Running quantities per method (methods.md "incremental forms"): SMA keeps the window sum S;
 #: WMA keeps S and W = sum(i * M_i), i = 1 for the oldest; EMA keeps its value E; Megatron's
 #: `linear` is a uniform average (S, as SMA); `minus-sqrt` keeps its last average A, recomputed
@@ -153,10 +159,11 @@ class StateMeta:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], *, where: str) -> StateMeta:
-        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") not in READ_FORMATS:
             got = doc.get("format") if isinstance(doc, dict) else None
             raise CheckpointError(
-                f"{where}: PMA state format {got!r}, this moemerge reads format {STATE_FORMAT}; "
+                f"{where}: PMA state format {got!r}, this moemerge reads formats "
+                f"{' and '.join(map(str, READ_FORMATS))}; "
                 "upgrade moemerge, or start a new state (another STATE location)")
         try:
             return cls(
@@ -215,6 +222,7 @@ class StateStore:
         #: the pointer's version path and ETag (object storage) when last read: what `commit`
         #: requires to be still there (compare-and-swap); unset until read
         self._seen: tuple[str | None, str | None] | None = None
+        self._cleanup: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"StateStore({self.url!r})"
@@ -271,10 +279,10 @@ class StateStore:
         except ValueError as e:
             raise CheckpointError(f"{self.url}/{POINTER_NAME}: damaged state pointer ({e}); "
                                   "start a new state (another STATE location)") from e
-        if doc.get("format") != STATE_FORMAT:
+        if doc.get("format") not in READ_FORMATS:
             raise CheckpointError(
                 f"{self.url}/{POINTER_NAME}: PMA state format {doc.get('format')!r}, this moemerge "
-                f"reads format {STATE_FORMAT}; upgrade moemerge or start a new state")
+                f"reads formats {' and '.join(map(str, READ_FORMATS))}; upgrade moemerge or start a new state")
         self._seen = (str(doc["path"]), etag)
         return doc
 
@@ -284,6 +292,9 @@ class StateStore:
         if doc is None:
             return None
         url = f"{self.url}/{doc['path']}"
+        from moemerge.pma.state_codec import register
+
+        register()  # format 2 versions name the state codec in their arrays' metadata
         try:
             sums = Checkpoint.open(url, self.storage_options)
         except CheckpointError as e:
@@ -337,7 +348,7 @@ class StateStore:
         writer = ZarrModelWriter(self.version_url(_version_dir(meta.version)), arrays,
                                  attributes={"pma_state": meta.to_json()}, overwrite=False,
                                  storage_options=self.storage_options,
-                                 compressors=_compressors() if self.compress else None,
+                                 compressors=_compressors(meta.settings.method) if self.compress else None,
                                  checksums=True)  # every chunk's checksum in the manifest
         writer.prepare()
         return writer
@@ -364,10 +375,23 @@ class StateStore:
                     pass
             raise
         if previous is not None and previous != name:
-            try:
-                self.fs.rm(self._path(previous), recursive=True)
-            except Exception:  # the new state is committed; the next update removes it
-                pass
+            # the old version is no longer named: delete it while the caller goes on (commits
+            # its output); `wait_cleanup` joins. Interrupted, it is a leftover the next update
+            # deletes (clean_leftovers).
+            def rm() -> None:
+                try:
+                    self.fs.rm(self._path(previous), recursive=True)
+                except Exception:  # the new state is committed; the next update removes it
+                    pass
+
+            self._cleanup = threading.Thread(target=rm, name="moemerge-state-cleanup", daemon=True)
+            self._cleanup.start()
+
+    def wait_cleanup(self) -> None:
+        """Wait until the version `commit` replaced is deleted (if it started deleting one)."""
+        if self._cleanup is not None:
+            self._cleanup.join()
+            self._cleanup = None
 
     def _names(self, name: str) -> bool:
         """Whether the pointer names version `name` now (False if it cannot be read)."""
@@ -444,13 +468,15 @@ def new_meta(settings: StateSettings, steps: list[tuple[int, str]], *, skipped: 
     )
 
 
-def _compressors() -> Any:
-    """lz4 with byte shuffle: sums of a few bf16/fp16/fp32 values leave most of a float64's low
-    mantissa bytes zero, so the state shrinks about 3x (measured on sums of 10 bf16 snapshots)
-    for a few hundred MB/s of CPU per core."""
-    from zarr.codecs import BloscCodec
+def _compressors(method: str) -> Any:
+    """The lossless state codec (pma.state_codec): sums of a few bf16/fp16 values are exact in
+    float32, mostly in 24 bits, so SMA/WMA sums take about 3 bytes per value (blosc-lz4, the
+    format-1 codec, 2.6) for a third of its CPU; blocks that are not (sums of fp32 snapshots)
+    fall back to blosc-lz4. An EMA value (and minus-sqrt's average) uses every mantissa bit
+    and lz4 gains about 6% on it: those blocks are stored raw, for no compression CPU."""
+    from moemerge.pma.state_codec import state_codec
 
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=8)]
+    return [state_codec("raw" if method in ("ema", "minus-sqrt") else "lz4")]
 
 
 def _version_dir(version: int) -> str:

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from zarr.core.array_spec import ArraySpec
     from zarr.core.buffer import Buffer
 
-__all__ = ["CODEC_NAME", "encode", "decode", "state_codec", "register"]
+__all__ = ["CODEC_NAME", "encode", "encode_parts", "decode", "state_codec", "register"]
 
 CODEC_NAME = "moemerge.f64split"
 MAGIC = b"MMF1"
@@ -55,7 +55,7 @@ Fallback = Literal["raw", "lz4"]
 
 
 def _lz4() -> Any:
-    from numcodecs import Blosc
+    from numcodecs import Blosc  # type: ignore[import-untyped]
 
     return Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, typesize=8)
 
@@ -90,13 +90,19 @@ def _encode_block(a: np.ndarray, fallback: Fallback, parts: list[bytes | memoryv
               np.ascontiguousarray(a[idx]).data.cast("B")]
 
 
-def encode(values: np.ndarray, fallback: Fallback = "lz4") -> bytes:
-    """The encoded bytes of a float64 array (any shape; encoded flat)."""
+def encode_parts(values: np.ndarray, fallback: Fallback = "lz4") -> list[bytes | memoryview]:
+    """The encoded bytes of a float64 array (any shape; encoded flat), as consecutive parts
+    (written one after another, e.g. by os.writev, without joining them first)."""
     a = np.ascontiguousarray(values, dtype="<f8").reshape(-1)
     parts: list[bytes | memoryview] = [_HEAD.pack(MAGIC, a.size)]
     for s in range(0, a.size, BLOCK):
         _encode_block(a[s:s + BLOCK], fallback, parts)
-    return b"".join(parts)
+    return parts
+
+
+def encode(values: np.ndarray, fallback: Fallback = "lz4") -> bytes:
+    """The encoded bytes of a float64 array (any shape; encoded flat)."""
+    return b"".join(encode_parts(values, fallback))
 
 
 def _damaged(why: str) -> CheckpointError:
@@ -109,7 +115,7 @@ def decode(data: bytes | memoryview | np.ndarray, out: np.ndarray | None = None)
     buf = np.frombuffer(data, dtype=np.uint8)
     if buf.size < _HEAD.size:
         raise _damaged(f"{buf.size} bytes")
-    magic, n = _HEAD.unpack_from(buf, 0)
+    magic, n = _HEAD.unpack_from(buf.data, 0)
     if magic != MAGIC:
         raise _damaged(f"unknown header {bytes(magic)!r}")
     if out is None:
@@ -120,7 +126,7 @@ def decode(data: bytes | memoryview | np.ndarray, out: np.ndarray | None = None)
     while done < n:
         if pos + _BLOCK.size > buf.size:
             raise _damaged("truncated")
-        mode, m, k, size = _BLOCK.unpack_from(buf, pos)
+        mode, m, k, size = _BLOCK.unpack_from(buf.data, pos)
         pos += _BLOCK.size
         if m == 0 or done + m > n or pos + size > buf.size:
             raise _damaged("block lengths")
@@ -170,7 +176,7 @@ def _codec_class() -> Any:
     from zarr.core.common import parse_named_configuration
 
     @dataclass(frozen=True)
-    class F64SplitCodec(BytesBytesCodec):  # type: ignore[misc]
+    class F64SplitCodec(BytesBytesCodec):
         """`encode`/`decode` as a zarr v3 bytes-to-bytes codec (after the `bytes` codec)."""
 
         is_fixed_size = False

@@ -103,17 +103,22 @@ def update(
     client: Any = None,
     dashboard: str | None = None,
     unit_size: str | int | None = None,
+    quantize: str | None = None,
 ) -> UpdateResult:
     """Apply the snapshots matching `pattern` that are newer than the state at `state_url`,
     then write the average to `out`. Settings left None come from the state (or defaults:
     sma, last 10, alpha 0.2); settings that differ from the state's are refused. `chunk_rows`
     caps rows per chunk below what the budget allows (tests; results do not depend on it).
-    `compress_state` stores the new state version lz4-compressed (lossless; about 3x smaller).
+    `compress_state` stores the new state version with the lossless state codec
+    (pma.state_codec: SMA/WMA sums about 3 bytes per value instead of 8).
     `dcp` maps DCP snapshots' keys to tensor names (recorded in the state like the settings).
     `workers` (a LocalCluster), `scheduler` (a running cluster's address) or `client` (a
     `distributed.Client`) run the chunks on Dask, as `moemerge.run` does, with the same output
     and state; there `bytes_read` and `state_bytes_read` are what the plan reads. `unit_size`
-    sets the input bytes per Dask task (default about 256 MB).
+    sets the input bytes per Dask task (default about 256 MB). `quantize` is `pma`'s
+    `--quantize` (`none`, `like-input`, `fp8-block`, `mxfp4`; default `like-input` when the
+    snapshots are quantized alike, planner.quant): the average written with fresh scales,
+    as `moemerge pma` writes it.
 
     Example:
         update("s3://run42/pma/state", "s3://run42/ckpt/step-*", "s3://run42/pma/latest")
@@ -161,13 +166,14 @@ def update(
         job = _Job(store=store, cur=cur, settings=settings, decision=decision, out=out, budget=budget,
                    shard=shard, out_format=out_format, out_dtype=out_dt, overwrite=overwrite,
                    storage_options=storage_options, notes=list(notes), progress=progress,
-                   chunk_rows=chunk_rows, unit_bytes=units, dask=_Dask(workers=workers, scheduler=scheduler, client=client,
+                   chunk_rows=chunk_rows, unit_bytes=units, quantize=quantize, dask=_Dask(workers=workers, scheduler=scheduler, client=client,
                                                      dashboard=dashboard, dcp=settings.dcp))
         job.leases.append(state_lease)
         return job.run(t0)
     finally:
         if cur is not None:
             cur.close()
+        store.wait_cleanup()  # the replaced version's deletion, overlapped with the output's commit
         state_lease.release()
 
 
@@ -179,12 +185,13 @@ class _Job:
                  out_dtype: str | None, overwrite: bool, storage_options: dict[str, Any] | None,
                  notes: list[str], progress: bool | Progress | NullProgress,
                  chunk_rows: int | None = None, unit_bytes: int = DEFAULT_UNIT_BYTES,
-                 dask: _Dask | None = None) -> None:
+                 dask: _Dask | None = None, quantize: str | None = None) -> None:
         self.store, self.cur, self.settings, self.d = store, cur, settings, decision
         self.out, self.budget, self.shard, self.out_format = out, budget, shard, out_format
         self.out_dtype, self.overwrite, self.so = out_dtype, overwrite, storage_options
         self.notes = notes
         self.chunk_rows, self.unit_bytes = chunk_rows, unit_bytes
+        self.quantize = quantize
         self.dask = dask or _Dask()
         self.started: tuple[Any, Any] | None = None  # the Dask client and LocalCluster we started
         self.leases: list[Lease] = []  # the state's, then the output's: checked before each commit
@@ -302,12 +309,20 @@ class _Job:
                            alpha=st.alpha, growing=d.growing)
 
     def _plan(self, step: RunningStep, newest: Snapshot, reads: list[Snapshot]) -> Plan:
-        return plan_update(
+        from moemerge.planner.quant import plan_with_quant, resolve_output_quant
+
+        # `pma`'s --quantize and its default, decided as a merge's (planner.quant): the newest
+        # snapshot gives the layout `like-input` copies (one run's snapshots share it)
+        ckpts = [self.opened[newest.url]] + [self.opened[s.url] for s in reads if s.url != newest.url]
+        oq = resolve_output_quant(self.quantize, ckpts, ckpts[0].tensors, out_format=self.out_format)
+        plan: Plan = plan_with_quant(plan_update(
             step, (newest.url, self.opened[newest.url].tensors),
             [(s.url, self.opened[s.url].tensors) for s in reads],
             state=self.cur.url if (self.cur is not None and step.reads_sums) else None,
             memory_budget=self.budget, shard_size=self.shard, out_format=self.out_format,
-            out_dtype=self.out_dtype, chunk_rows=self.chunk_rows, unit_bytes=self.unit_bytes)
+            out_dtype=self.out_dtype, chunk_rows=self.chunk_rows, unit_bytes=self.unit_bytes,
+            quant=oq.specs, keep=oq.keep), oq)
+        return plan
 
     # -- the pass --------------------------------------------------------------------------------
 
@@ -329,12 +344,12 @@ class _Job:
                                       "cannot read the snapshots:\n  " + "\n  ".join(problems))
             newest = self.opened[newest_snap.url]
             floats = self._check_tensors(newest, reads)
+            step = self._step()
+            plan = self._plan(step, newest_snap, reads)  # a bad --quantize fails here, before any output
             self.leases.append(take_lease(self.out, self.so, kind="output", what="moemerge pma update"))
             check_output(self.out, overwrite=self.overwrite or ours, storage_options=self.so,
                          inputs=[s.url for s in d.window])
             kinds = METHOD_ARRAYS[self.settings.method]
-            step = self._step()
-            plan = self._plan(step, newest_snap, reads)
             n = len(d.window)
             if d.action == "noop":
                 meta = cur.meta  # type: ignore[union-attr]
@@ -420,8 +435,11 @@ class _Job:
         from moemerge.engine.pipeline import run_jobs
         from moemerge.engine.running import RunningKernel
 
+        from moemerge.pma.state_io import FastStateWriter
+
+        aux = FastStateWriter(state_w) if state_w is not None else None  # local chunks past zarr's copies
         res = run_jobs(plan, self._inputs(plan, step), out_w, kernel=RunningKernel(step=step, array=array_name),
-                       aux_writer=state_w, progress=self.prog, title=f"pma update ({self.d.action})")
+                       aux_writer=aux, progress=self.prog, title=f"pma update ({self.d.action})")
         if state_w is not None:
             self.state_written += sum(8 * t.numel for t in plan.tensors if t.method != "copy") * len(step.quantities)
         return res.digests
@@ -510,12 +528,16 @@ class _StateArrays:
     """One running quantity of the previous state read by tensor name (`S` of `w`: `S:w`)."""
 
     def __init__(self, sums: Checkpoint, quantity: str) -> None:
+        from moemerge.pma.state_io import FastStateReader
+
         self.sums, self.quantity = sums, quantity
         self.tensors = {name.split(":", 1)[1]: t for name, t in sums.tensors.items()
                         if name.startswith(quantity + ":")}
+        self.fast = FastStateReader(sums)  # whole local chunks past zarr's copies (pma.state_io)
 
     def read_rows(self, name: str, r0: int, r1: int, out: memoryview) -> None:
-        self.sums.read_rows(array_name(self.quantity, name), r0, r1, out)
+        if not self.fast.read_rows(array_name(self.quantity, name), r0, r1, out):
+            self.sums.read_rows(array_name(self.quantity, name), r0, r1, out)
 
     def close(self) -> None:
         self.sums.close()  # shared by the quantities of one version: closing twice is harmless
@@ -529,7 +551,10 @@ class _Counted:
 
     def read_rows(self, name: str, r0: int, r1: int, out: memoryview) -> None:
         self.reader.read_rows(name, r0, r1, out)
-        self.count((r1 - r0) * self.reader.tensors[name].row_bytes)
+        info = self.reader.tensors.get(name)
+        if info is None:  # stored beside quantized weights (`input_scale`): the view serves it unlisted
+            info = getattr(self.reader, "inner", self.reader).tensors[name]
+        self.count((r1 - r0) * info.row_bytes)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -93,10 +93,10 @@ class BlockFP8(Codec):
                 fp8 = by_fp8[t.dtype] = QuantScheme(
                     method=scheme.method, block=scheme.block, strategy=scheme.strategy, fp8=t.dtype,
                     not_converted=scheme.not_converted, config=scheme.config)
-            seen = _FOUND.get((id(t), id(s))) if sharing() else None
-            if (seen is not None and seen[0] is t and seen[1] is s and seen[2].scheme == fp8
-                    and seen[2].scheme.config == fp8.config):
-                found[n] = seen[2]  # the same records (a shard header shared by inputs): the same spec
+            key = (n, t.dtype, t.shape, s.name, s.dtype, s.shape)
+            seen = _FOUND.get(key) if sharing() else None
+            if seen is not None and seen.scheme == fp8 and seen.scheme.config == fp8.config:
+                found[n] = seen  # an input laid out alike opened before: the same spec
                 continue
             try:
                 spec = self.layout(n, t.shape, fp8, scale=s)
@@ -114,7 +114,7 @@ class BlockFP8(Codec):
                                  parts=(spec.parts[0], Part(role="scale", name=s.name, dtype=s.dtype, shape=s.shape)))
             found[n] = spec
             if sharing():
-                _FOUND[(id(t), id(s))] = (t, s, spec)
+                _FOUND[key] = spec
         return found
 
     def part_rows(self, spec: QuantSpec, part: Part, r0: int, r1: int) -> tuple[int, int]:
@@ -145,7 +145,7 @@ class BlockFP8(Codec):
                 "activation_scheme": "dynamic", "weight_block_size": list(scheme.block)}
 
 
-#: Specs made by `find`, by the identity of their weight and scale records: inputs whose shard
-#: headers are the same share those records (io.checkpoint.shared_records), and then the specs.
-#: The records are kept beside the ids (an id is reused only once its object is gone).
-_FOUND: dict[tuple[int, int], tuple[TensorInfo, TensorInfo, QuantSpec]] = shared_table()
+#: Specs made by `find` inside io.checkpoint.shared_records, by what decides them (names,
+#: dtypes and shapes of the weight and its scale; the scheme is compared on use): inputs laid
+#: out alike share their specs.
+_FOUND: dict[tuple[Any, ...], QuantSpec] = shared_table()

@@ -395,3 +395,109 @@ def test_recompute_every_resets_drift(tmp_path: Path) -> None:
     update(str(tmp_path / "fresh-state"), run_.pattern, str(fresh), method="sma", last=3)
     assert torch.equal(_load(b[1])["w"], _load(fresh)["w"])
     assert not torch.equal(_load(a[1])["w"], _load(fresh)["w"])
+
+
+# -- the state's storage (pma.state_codec, pma.state_io) ---------------------------------------------
+
+def test_state_codec_round_trips_every_bit_pattern() -> None:
+    import numpy as np
+
+    from moemerge.errors import CheckpointError
+    from moemerge.pma import state_codec as codec
+
+    rng = np.random.default_rng(random.SystemRandom().randrange(2**31))
+    n = codec.BLOCK * 2 + 12345  # blocks of every kind, and a short last one
+    # neighbouring snapshots of one run: a weight and small steps from it
+    base = rng.standard_normal(n) * 0.02
+    bf16 = torch.from_numpy(base * (1 + 0.01 * rng.standard_normal((10, n)))).bfloat16().double()
+    cases = {
+        "sum of bf16": bf16.sum(0).numpy(),            # 24-bit blocks
+        "wma of bf16": (bf16 * torch.arange(1, 11, dtype=torch.float64)[:, None]).sum(0).numpy(),
+        "fp32 values": rng.standard_normal(n).astype(np.float32).astype(np.float64),
+        "full fp64": rng.standard_normal(n),           # every value an exception: fallback
+        "empty": np.zeros(0),
+    }
+    odd = rng.standard_normal(n).astype(np.float32).astype(np.float64)
+    specials = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, 1e39, -1e300, 1e-40, 5e-324, 2.0 ** -149,
+                         np.float32(3.0) + 2.0 ** -40, np.finfo(np.float32).max])
+    odd[rng.choice(n, specials.size, replace=False)] = specials
+    odd[7] = np.frombuffer(np.uint64(0x7FF8DEAD00000001).tobytes(), dtype=np.float64)[0]  # a NaN payload
+    cases["specials"] = odd
+    for what, x in cases.items():
+        for fallback in ("lz4", "raw"):
+            data = codec.encode(x, fallback)
+            assert codec.decode(data).view(np.uint64).tobytes() == x.view(np.uint64).tobytes(), (what, fallback)
+            assert b"".join(bytes(p) for p in codec.encode_parts(x, fallback)) == data
+        if what == "sum of bf16":
+            assert len(data) < 3.1 * x.size  # about 3 bytes a value (8 raw)
+    good = codec.encode(cases["sum of bf16"])
+    for bad, why in ((good[:-5], "block lengths"), (good + b"\0", "trailing bytes"), (b"XXXX" + good[4:], "header"),
+                     (good[:10], "bytes"), (good[:16 + 10], "truncated")):
+        with pytest.raises(CheckpointError, match=f"cannot be decoded .*{why}"):
+            codec.decode(bad)
+
+
+def test_fast_state_chunks_agree_with_zarr_and_fail_when_damaged(tmp_path: Path) -> None:
+    from moemerge.errors import CheckpointError
+    from moemerge.pma.state_io import FastStateReader
+
+    run_ = Run(tmp_path)
+    for s in (1, 2, 3):
+        run_.night(s)
+    state, out = tmp_path / "state", tmp_path / "out"
+    update(str(state), run_.pattern, str(out), method="wma", last=3, chunk_rows=5)  # short last chunks
+    run_.night(4)
+    assert update(str(state), run_.pattern, str(out), chunk_rows=5).action == "updated"
+    cur = StateStore(str(state)).current()
+    assert cur is not None and json.loads((state / POINTER_NAME).read_text())["format"] == 2
+    try:
+        fast = FastStateReader(cur.sums)
+        for name, t in cur.sums.tensors.items():
+            ref = bytearray(t.nbytes)
+            cur.sums.read_rows(name, 0, t.rows, memoryview(ref))  # through zarr
+            got = bytearray(t.nbytes)
+            assert fast.read_rows(name, 0, t.rows, memoryview(got)) and got == ref, name
+            for r0 in range(0, t.rows, 5):  # chunk by chunk, as the pipeline reads them
+                r1 = min(t.rows, r0 + 5)
+                part = bytearray((r1 - r0) * t.row_bytes)
+                assert fast.read_rows(name, r0, r1, memoryview(part))
+                assert part == ref[r0 * t.row_bytes:r1 * t.row_bytes], (name, r0)
+        assert not fast.read_rows("S:model.embed.weight", 1, 3, memoryview(bytearray(64 * 8)))  # not whole: zarr
+    finally:
+        cur.close()
+    version = state / cur.name
+    chunk = version / "W%3Amodel.embed.weight" / "c" / "1" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[-1] ^= 1
+    chunk.write_bytes(bytes(raw))
+    run_.night(5)
+    with pytest.raises(CheckpointError, match=r"W%3Amodel.embed.weight: chunk 1 does not match the checksum"):
+        update(str(state), run_.pattern, str(out), chunk_rows=5)
+    chunk.unlink()
+    with pytest.raises(CheckpointError, match=r"W%3Amodel.embed.weight: chunk 1.0 is missing"):
+        update(str(state), run_.pattern, str(out), chunk_rows=5)
+    assert StateStore(str(state)).current().meta.version == 2  # the damaged state was not replaced
+
+
+def test_format_1_state_is_read_and_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state written by an older moemerge (format 1: blosc-lz4 sums) is continued as it was."""
+    from zarr.codecs import BloscCodec
+
+    import moemerge.pma.state as state_mod
+
+    run_ = Run(tmp_path)
+    for s in (1, 2, 3):
+        run_.night(s)
+    state, out = tmp_path / "state", tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(state_mod, "STATE_FORMAT", 1)
+        m.setattr(state_mod, "_compressors",
+                  lambda method: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=8)])
+        update(str(state), run_.pattern, str(out), method="sma", last=3, chunk_rows=4)
+    assert json.loads((state / POINTER_NAME).read_text())["format"] == 1
+    run_.night(4)
+    assert update(str(state), run_.pattern, str(out), chunk_rows=4).action == "updated"
+    assert json.loads((state / POINTER_NAME).read_text())["format"] == 2
+    update(str(tmp_path / "fresh-state"), run_.pattern, str(tmp_path / "fresh"), method="sma", last=3)
+    got, fresh = _load(out), _load(tmp_path / "fresh")
+    assert got.keys() == fresh.keys() and all(torch.equal(got[k], fresh[k]) for k in got)

@@ -20,7 +20,7 @@ from moemerge.methods.base import Method, TensorParams
 pytestmark = pytest.mark.skipif(not _fused.available(), reason="numba is not available")
 
 ALIGN = 64
-SELECTION = ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce"]
+SELECTION = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce"]
 
 
 class _Chunk:
@@ -165,6 +165,10 @@ def test_fused_runs_where_it_should(monkeypatch: pytest.MonkeyPatch) -> None:
         srcs = _data("random", (6, 8), 2, dtype, g)
         chunk = _Chunk("t", (6, 8), srcs, 0, 6, 8, 6, fused=True)
         assert (_fused.abs_delta_values(chunk) is not None) is expect
+    # a block of an elementwise method's chunk (not whole rows [row_start, row_stop)): torch path
+    chunk = _Chunk("t", (6, 8), _data("random", (6, 8), 2, torch.bfloat16, g), 0, 6, 8, 6, fused=True)
+    chunk.row_stop = 7
+    assert _fused.abs_delta_values(chunk) is None
     monkeypatch.setenv("MOEMERGE_NO_NUMBA", "1")
     chunk = _Chunk("t", (6, 8), _data("random", (6, 8), 2, torch.bfloat16, g), 0, 6, 8, 6, fused=True)
     assert _fused.abs_delta_values(chunk) is None

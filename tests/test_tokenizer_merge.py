@@ -331,3 +331,30 @@ def test_chat_template_auto_takes_the_most_common_template(tmp_path: Path) -> No
            "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths]}
     moemerge.run(doc, str(tmp_path / "out"))
     assert _tok(tmp_path / "out").apply_chat_template(CONVERSATION[1:2], tokenize=False) == "<user>w1 x2"
+
+
+def test_a_union_vocabulary_with_slices(tmp_path: Path) -> None:
+    """Slices read the same re-indexed embeddings as `models:` (the view is below the planner):
+    the embedding of a slices merge over a union vocabulary is the first slice's merge of the
+    rows matched by token, the layers are renumbered, and the model loads and runs."""
+    a = _model(tmp_path, "a", [f"w{i}" for i in range(24)], [("<s1>", True)])
+    b = _model(tmp_path, "b", [f"w{i}" for i in range(4, 30)], [("<t>", False)])
+    n = json.loads((a / "config.json").read_text())["num_hidden_layers"]
+    doc = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
+           "slices": [{"sources": [{"model": str(a), "layer_range": [0, n], "parameters": {"weight": 0.25}},
+                                   {"model": str(b), "layer_range": [0, n], "parameters": {"weight": 0.75}}]},
+                      {"sources": [{"model": str(a), "layer_range": [n - 1, n], "parameters": {"weight": 0.25}},
+                                   {"model": str(b), "layer_range": [n - 1, n], "parameters": {"weight": 0.75}}]}]}
+    out = tmp_path / "out"
+    moemerge.run(doc, str(out), chunk_rows=2)
+    vocab = _tok(out).get_vocab()
+    assert set(vocab) == set(_tok(a).get_vocab()) | set(_tok(b).get_vocab())
+    sd = _tensors(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == len(vocab) and config["num_hidden_layers"] == n + 1
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        ref = _reference([a, b], [0.25, 0.75], vocab, name)
+        assert sd[name].shape == ref.shape and (sd[name].double() - ref).abs().max() < ATOL
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    ids = _tok(out)("w1 w29 <t> <s1>", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all()

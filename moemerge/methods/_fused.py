@@ -77,7 +77,8 @@ def _stored(chunk: Chunk) -> Stored | None:
                                                          or not r.is_contiguous() for r in raws):
         return None
     n = raws[0].numel()
-    if n == 0 or any(r.numel() != n for r in raws):
+    # whole rows only: an elementwise method's 1-D block of a chunk is not rows [start, stop)
+    if n == 0 or n != (chunk.row_stop - chunk.row_start) * chunk.row_len or any(r.numel() != n for r in raws):
         return None
     size = raws[0].element_size()
     ptrs = [r.data_ptr() for r in raws]

@@ -15,6 +15,7 @@ import yaml
 from moemerge._gc import gc_paused
 from moemerge.config import MergeConfig, load_config, parse_config
 from moemerge.engine import NullProgress, Progress, run_local
+from moemerge.engine.device import TWIN, check_device_memory, device_bytes
 from moemerge.errors import CheckpointError, ConfigError, PlanError
 from moemerge.io.checkpoint import Checkpoint, TensorInfo, shared_records
 from moemerge.io.quant import dequantizing
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from moemerge.pma.update import UpdateResult
 
 __all__ = ["plan", "run", "inspect", "pma_config", "pma_job", "pma_update", "plan_split", "parse_weights",
-           "pma_dcp", "RunResult", "PmaJob", "DEFAULT_BUDGET", "DEFAULT_SHARD_SIZE"]
+           "pma_dcp", "RunResult", "PmaJob", "DEFAULT_BUDGET", "DEFAULT_SHARD_SIZE", "device_bytes"]
 
 # The defaults and limits live in `moemerge.settings`; the journal cadence is read from this
 # module's names at run time (tests shorten it by setting `moemerge.api.JOURNAL_EVERY`).
@@ -257,6 +258,7 @@ def run(
         the_plan = _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
                          chunk_rows=chunk_rows, out_format=out_format, unit_size=unit_size, quantize=quantize,
                          allow_crimes=allow_crimes)
+        check_device_memory(the_plan, device)  # too little device memory: refused before any output
         if client is None and (workers or scheduler):  # reach the cluster before any output exists
             from moemerge.engine.cluster import start_client
 
@@ -289,7 +291,7 @@ def _check_run_options(*, workers: int | None, scheduler: str | None, device: st
         raise ConfigError("give --workers (start a local Dask cluster) or --scheduler (join one), not both")
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {workers}")
-    if device != "cpu":
+    if device not in ("cpu", TWIN):  # TWIN: the device path run on the CPU (tests; engine/device.py)
         import torch
 
         try:

@@ -218,6 +218,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-crimes", action="store_true",
                    help="plan a merge of inputs whose config.json names different architectures")
     p.add_argument("--format", default=OUT_FORMATS[0], choices=OUT_FORMATS)
+    p.add_argument("--device", default=DEFAULT_DEVICE,
+                   help="cuda: also print the device memory the merge needs there (engine/device.py)")
+    p.add_argument("--cuda", dest="device", action="store_const", const="cuda", help="same as --device cuda")
     _common(p)
     _dask_opts(p)
 
@@ -343,6 +346,15 @@ def _report(res: Any) -> None:
         _out.print(res.resumed.message, markup=False)
 
 
+def _device_need(plan: Any, device: str) -> dict[str, Any]:
+    """`plan --device cuda`: the device memory a run there needs (none for the CPU)."""
+    if device == "cpu":
+        return {}
+    from moemerge.api import device_bytes
+
+    return {"device": device, "device_bytes": device_bytes(plan)}
+
+
 def _cmd_plan(args: argparse.Namespace) -> None:
     from moemerge.api import plan, plan_split
 
@@ -350,10 +362,17 @@ def _cmd_plan(args: argparse.Namespace) -> None:
              unit_size=args.unit_size, out_format=args.format, quantize=args.quantize,
              allow_crimes=args.allow_crimes)
     dask = plan_split(p, args.workers, args.out) if args.workers else None
+    dev = _device_need(p, args.device)
     if args.json:
-        _out.print_json(json.dumps({**p.summary(), **({"dask": dask} if dask else {})}))
+        _out.print_json(json.dumps({**p.summary(), **({"dask": dask} if dask else {}), **dev}))
         return
     _print_plan(p, f"plan for {args.config}")
+    if dev:
+        from moemerge.sizes import format_size
+
+        _out.print(f"device memory on {args.device}: {format_size(dev['device_bytes'])} (one chunk's inputs "
+                   "and output, the compute buffers and temporaries; checked against the free memory when "
+                   "the merge starts)")
     if dask:
         t = Table(title=f"on Dask, {args.workers} worker(s)", show_header=False, box=None)
         for k, v in dask.items():

@@ -7,6 +7,7 @@ import threading
 
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
+from moemerge.engine.device import allocate
 from moemerge.sizes import format_size
 
 __all__ = ["BufferPool", "Cancelled", "PoolCache"]
@@ -35,7 +36,7 @@ class BufferPool:
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(count):
             # touch the pages now: first-touch page faults on every chunk cost ~10% here
-            self._free.put(torch.zeros(max(nbytes, 1), dtype=torch.uint8, device=device))
+            self._free.put(allocate(max(nbytes, 1), device))  # `device`: an allocation kind (engine/device.py)
 
     def __repr__(self) -> str:
         return (

@@ -27,6 +27,7 @@ from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help n
 
 from moemerge.engine.buffers import BufferPool, Cancelled, PoolCache
 from moemerge.engine.cadence import Cadence, Tally
+from moemerge.engine.device import placement, to_host
 from moemerge.engine.compute import ALIGN, ChunkView, apply_into, copy_equal, scratch_2d, segments, typed_views
 from moemerge.engine.finite import check_finite, first_read
 from moemerge.engine.jobs import Job, Piece, Ready, Segment, Stage, Written, plan_jobs, whole_pieces
@@ -168,10 +169,18 @@ class _Pipeline:
             raise ValueError(f"a chunk kernel runs apply jobs (stage 'full' or 'apply'), not pass {stage!r}")
         need_in, need_out, need_elems = _buffer_needs(plan, self.method, pieces, kernel)
         comp_bytes = 8 if any(t.compute_dtype == "F64" for t in plan.tensors) else 4
-        self.in_pool = self._take("read", 2, need_in + ALIGN * len(plan.sources))
-        self.out_pool = self._take("write", 2, need_out)
-        self.slab_pool = self._take("compute", plan.working_copies, need_elems * comp_bytes + 8)
+        # storage buffers on the host, compute buffers on the device; a chunk kernel (pma
+        # update's numpy sums) runs on the host (engine/device.py)
+        self.place = placement(device if kernel is None else "cpu")
+        host, dev = self.place.host_kind, self.place.device
+        self.in_pool = self._take("read", 2, need_in + ALIGN * len(plan.sources), host)
+        self.out_pool = self._take("write", 2, need_out, host)
+        self.slab_pool = self._take("compute", plan.working_copies, need_elems * comp_bytes + 8, dev)
         self.slabs = [self.slab_pool.acquire() for _ in range(plan.working_copies)]
+        # one chunk's inputs and output on the device, copied from and to the host buffers
+        self.stage_pools = ([self._take("read-device", 1, need_in + ALIGN * len(plan.sources), dev),
+                             self._take("write-device", 1, need_out, dev)] if self.place.staged else [])
+        self.staged = [pool.acquire() for pool in self.stage_pools]
         self.stop = threading.Event()
         self.ready: queue.Queue[Ready | None] = queue.Queue(maxsize=2)  # None: no more
         self.writes: queue.Queue[Written | None] = queue.Queue(maxsize=2)
@@ -188,10 +197,10 @@ class _Pipeline:
         self.reduced_keys: set[tuple[int, int]] = set()
         self.skips: dict[tuple[int, int], bool] = {}
 
-    def _take(self, name: str, count: int, nbytes: int) -> BufferPool:
+    def _take(self, name: str, count: int, nbytes: int, kind: str) -> BufferPool:
         if self.pools is not None:
-            return self.pools.take(name, count, nbytes, self.device)
-        return BufferPool(count, nbytes, name, device=self.device)
+            return self.pools.take(name, count, nbytes, kind)
+        return BufferPool(count, nbytes, name, device=kind)
 
     # -- the read-ahead thread ---------------------------------------------------------------
 
@@ -364,6 +373,8 @@ class _Pipeline:
             return
         if first_read(method, t, job.kind, job.k):  # NaN/Inf: statistics methods refuse (finite.py)
             check_finite(plan, method, t, raws, job.r0, job.r1)
+        if self.place.staged:  # the math runs on the device (engine/device.py)
+            raws = self._to_device(t, buf, job.r0, job.r1)
         comp = to_torch(t.compute_dtype)
         st = self.stats.setdefault(job.ti, {})
         if job.kind in ("pass", "all"):
@@ -380,10 +391,36 @@ class _Pipeline:
                         self.reduced.notify_all()
             if job.kind == "pass":
                 return
-        self._emit(job, lambda out: apply_into(method, t, job.r0, job.r1, raws, self.slabs, comp, self.cast,
-                                               st, out))
+        self._emit(job, self._via_device(lambda out: apply_into(method, t, job.r0, job.r1, raws, self.slabs, comp,
+                                                                self.cast, st, out)))
         if job.last:
             self.stats.pop(job.ti, None)
+
+    def _to_device(self, t: TensorPlan, buf: torch.Tensor, r0: int, r1: int) -> list[torch.Tensor]:
+        """A chunk's typed views in the device's read buffer, copied from the host's `buf`.
+        Waits for the copy: `buf` goes back to the read-ahead when the job is done, and every
+        kernel of the chunk would wait for it anyway."""
+        dev_in = self.staged[0]
+        segs = segments(t, r0, r1)
+        used = segs[-1][0] + segs[-1][1] if segs else 0
+        dev_in[:used].copy_(buf[:used], non_blocking=True)  # pinned host memory: a DMA copy
+        self.place.synchronize()
+        return typed_views(t, dev_in, r0, r1)
+
+    def _via_device(self, fill: Callable[[torch.Tensor], int]) -> Callable[[torch.Tensor], int]:
+        """`fill` as `_emit` wants it: on a staged run it fills the device's write buffer,
+        whose bytes are then copied into the host's, synchronized before the writer reads them."""
+        if not self.place.staged:
+            return fill
+        dev_out, place = self.staged[1], self.place
+
+        def staged(out: torch.Tensor) -> int:
+            n = fill(dev_out)
+            out[:n].copy_(dev_out[:n], non_blocking=True)
+            place.synchronize()
+            return n
+
+        return staged
 
     def run(self) -> JobsResult:
         plan = self.plan
@@ -431,10 +468,14 @@ class _Pipeline:
             writer.join()
             if errors:
                 raise errors[0]
+            if self.place.staged:  # partials left unreduced go to another process (Dask)
+                self.result.partials = {k: to_host(v) for k, v in self.result.partials.items()}
             if self.pools is not None:  # every buffer is back: the next run may take them
                 for sl in self.slabs:
                     self.slab_pool.release(sl)
-                for pool in (self.in_pool, self.out_pool, self.slab_pool):
+                for spool, sbuf in zip(self.stage_pools, self.staged):
+                    spool.release(sbuf)
+                for pool in (self.in_pool, self.out_pool, self.slab_pool, *self.stage_pools):
                     self.pools.give(pool)
             return self.result
         except BaseException as e:

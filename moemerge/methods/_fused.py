@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
+from moemerge.methods._host import on_host
 from moemerge.methods.base import Chunk, TensorParams
 from moemerge.methods.stats import Threshold, _for_row_ranges, stream_key
 
@@ -73,7 +74,7 @@ def _stored(chunk: Chunk) -> Stored | None:
     if raws is None or not raws:
         return None
     dt = raws[0].dtype
-    if dt not in (torch.bfloat16, torch.float32) or any(r.dtype != dt or r.device.type != "cpu"
+    if dt not in (torch.bfloat16, torch.float32) or any(r.dtype != dt or not on_host(r)
                                                          or not r.is_contiguous() for r in raws):
         return None
     n = raws[0].numel()

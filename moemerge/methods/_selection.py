@@ -21,6 +21,7 @@ from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help n
 
 from moemerge.methods import _fused
 from moemerge.methods._fused import Ranked
+from moemerge.methods._host import host_copy, on_host
 from moemerge.methods.base import Chunk, StatPass, TensorParams
 from moemerge.methods.stats import (Threshold, high_histogram, low_histogram,
                                     pick_high_bin, pick_threshold)
@@ -183,8 +184,11 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
                 continue
             bits = _bits(values(chunk, stats, t.source))
             eq = torch.eq(bits, thr.bits, out=bool_view(work(chunk), bits.shape))
-            # numpy's per-row count is ~15x faster than torch.count_nonzero(dim=1) here
-            out[t.name] = np.count_nonzero(eq.numpy().reshape(bits.shape[0], -1), axis=1).astype(np.int64)
+            if on_host(eq):  # numpy's per-row count is ~15x faster than torch.count_nonzero(dim=1) here
+                out[t.name] = np.count_nonzero(eq.numpy().reshape(bits.shape[0], -1), axis=1).astype(np.int64)
+            else:  # on a device: counted there, the small per-row counts brought back
+                rowc = torch.count_nonzero(eq.reshape(bits.shape[0], -1), dim=1)
+                out[t.name] = host_copy(rowc).numpy().astype(np.int64)
         return out
 
     def reduce_ties(parts: Sequence[Any]) -> dict[str, Any]:
@@ -230,7 +234,7 @@ def top_mask(bits: torch.Tensor, thr: Threshold, ties: np.ndarray | None, row_st
     Bool, or `out`'s dtype: a float32 `out` gets 1.0/0.0 (multiplying by it is 3x faster
     than by a bool mask, and gives the same values).
     """
-    mask = torch.empty(bits.shape, dtype=torch.bool) if out is None else out
+    mask = torch.empty_like(bits, dtype=torch.bool) if out is None else out
     if thr.q == 0:
         return mask.fill_(0)
     if thr.take_equal <= 0:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
+from moemerge.methods._host import host_copy, on_host
 from moemerge.methods._memo import ScratchMemo
 from moemerge.methods._selection import Selection, Target, selection_passes
 from moemerge.methods.base import Chunk, Method, StatPass, TensorParams
@@ -56,9 +57,7 @@ def fusion_threshold(q1: float, med: float, q3: float) -> float:
 
 def _np(t: torch.Tensor) -> np.ndarray:
     """A [rows, row_len] numpy view of a chunk tensor (host copy only off the CPU)."""
-    a = t.detach()
-    if a.device.type != "cpu":
-        a = a.cpu()
+    a = host_copy(t.detach())
     return a.reshape(a.shape[0] if a.dim() else 1, -1).numpy()
 
 
@@ -124,12 +123,12 @@ def _importance(chunk: Chunk, stats: Mapping[str, Any]) -> torch.Tensor:
     xn = _np(chunk.input(0, out=chunk.scratch(1)))
     bn = _np(chunk.base(out=chunk.scratch(0)))
     kl = _nonneg(stats["af:kl"] if _is_vector(chunk.shape) else _kl_rows(xn, bn))
-    if imp.device.type == "cpu":
+    if on_host(imp):
         _fill_importance(xn, bn, kl, imp.numpy())
     else:
         host = np.empty((rows, chunk.row_len), np.float32)
         _fill_importance(xn, bn, kl, host)
-        imp.copy_(torch.from_numpy(host))
+        imp.copy_(torch.from_numpy(host))  # computed on the host: the same bits on every device
     _memo.set(chunk, "imp")
     return imp
 

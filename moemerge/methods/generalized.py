@@ -22,6 +22,7 @@ from typing import Any, Literal
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.methods import _fused
+from moemerge.methods._host import div_scalar_, same_device
 from moemerge.methods._memo import ScratchMemo
 from moemerge.methods._selection import Selection, Target, bool_view, selection_passes
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams, check_range
@@ -60,7 +61,8 @@ def _magprune_probs(d: torch.Tensor, shape: tuple[int, ...], p: float, eps: floa
         groups, dim = d.reshape(-1, shape[1], math.prod(shape[2:])), 1
     m = groups.shape[dim]
     ranks = torch.argsort(torch.argsort(groups.abs(), dim=dim, stable=True), dim=dim, stable=True)
-    r = ranks.to(torch.float64) / (m - 1) if m > 1 else torch.full(groups.shape, 0.5, dtype=torch.float64)
+    # div_scalar_: correctly rounded on CUDA too (it would multiply by 1 / (m - 1))
+    r = div_scalar_(ranks.to(torch.float64), m - 1) if m > 1 else torch.full_like(groups, 0.5, dtype=torch.float64)
     return ((p - eps) + 2 * eps * r).reshape(d.shape)
 
 
@@ -142,10 +144,10 @@ class _Family:
         out = _mask_slot(chunk, i, d.shape)
         if self.sparsify == "random":
             mask = random_keep(key, start, d.numel(), dens, out=out.reshape(-1) if out is not None else None)
-            return mask.view(d.shape)
+            return same_device(mask, d).view(d.shape)
         if dens <= 0:
-            return out.fill_(False) if out is not None else torch.zeros(d.shape, dtype=torch.bool)
-        u = uniform(key, start, d.numel()).reshape(d.shape)
+            return out.fill_(False) if out is not None else torch.zeros_like(d, dtype=torch.bool)
+        u = same_device(uniform(key, start, d.numel()), d).reshape(d.shape)  # drawn on the host
         eps = float(p.per_input[i].get("epsilon", 0.15))
         probs = _magprune_probs(d, chunk.shape, dens, eps)
         return torch.lt(u, probs, out=out) if out is not None else u < probs
@@ -226,7 +228,7 @@ class _Family:
             total = math.fsum(w)
             div = 1.0 if abs(total) < 1e-8 else total
         if p.glob.get("normalize", self.normalize):
-            mixed.div_(div)
+            mixed.div_(div) if isinstance(div, torch.Tensor) else div_scalar_(mixed, div)
         lam = float(p.glob.get("lambda", 1.0))
         if lam != 1.0:
             mixed.mul_(lam)

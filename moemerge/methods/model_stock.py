@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
+from moemerge.methods._host import div_scalar_, same_device
 from moemerge.methods._vectors import gram_dots, reduce_dots, row_dots
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams
 
@@ -62,7 +63,7 @@ def _apply(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> torch.Ten
         view = [o.reshape(1, -1) if len(chunk.shape) <= 1 else o for o in offs]
         dots = {(i, j): row_dots(view[i], view[j]) for i, j in _pairs(n)}
         t = torch.from_numpy(stock_t(n, dots).astype(np.float32))
-        t = t.reshape(-1, 1) if len(chunk.shape) > 1 else t.reshape(1)
+        t = same_device(t.reshape(-1, 1) if len(chunk.shape) > 1 else t.reshape(1), base)
     else:  # the offsets are only needed for the per-row cosines
         base = chunk.base(out=chunk.scratch(0))
         dots = {pair: np.array([v]) for pair, v in zip(_pairs(n), stats["dots"])}
@@ -72,7 +73,7 @@ def _apply(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> torch.Ten
     chunk.input(0, out=avg)
     for i in range(1, n):
         avg.add_(chunk.input(i, out=chunk.scratch(2 + i)))
-    avg.div_(n)
+    div_scalar_(avg, n)
     avg.mul_(t)
     one_minus = 1.0 - t
     base.mul_(one_minus)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
+from moemerge.methods._host import same_device
 from moemerge.methods._vectors import exact_dots, reduce_dots, row_dots
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams
 
@@ -82,8 +83,8 @@ def _apply(chunk: Chunk, stats: Mapping[str, Any], p: TensorParams) -> torch.Ten
         else:
             x0, x1 = v0, v1
         a, b = nuslerp_coefficients(t, row_dots(x0, x1), row_dots(x0, x0), row_dots(x1, x1))
-        ca = torch.from_numpy(a.astype(np.float32)).reshape(-1, 1)
-        cb = torch.from_numpy(b.astype(np.float32)).reshape(-1, 1)
+        ca = same_device(torch.from_numpy(a.astype(np.float32)).reshape(-1, 1), x0)
+        cb = same_device(torch.from_numpy(b.astype(np.float32)).reshape(-1, 1), x1)
         if p.glob.get("nuslerp_row_wise", False):
             x0.mul_(ca)
             x1.mul_(cb)

@@ -14,6 +14,7 @@ from typing import Any
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.methods import _fused
+from moemerge.methods._host import div_scalar_
 from moemerge.methods._memo import ScratchMemo
 from moemerge.methods._selection import Selection, Target, selection_passes
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams, check_range
@@ -46,14 +47,14 @@ def _variance(deltas: list[torch.Tensor], out: torch.Tensor, mean: torch.Tensor,
     mean.copy_(deltas[0])
     for d in deltas[1:]:
         mean.add_(d)
-    mean.div_(n)
+    div_scalar_(mean, n)
     torch.sub(deltas[0], mean, out=out)
     out.mul_(out)  # the first square as is: 0 + x^2 == x^2 (squares are never -0)
     for d in deltas[1:]:
         torch.sub(d, mean, out=tmp)
         tmp.mul_(tmp)
         out.add_(tmp)
-    out.div_(n)
+    div_scalar_(out, n)
     return out
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
+from moemerge.methods._host import host_copy, on_host
+
 __all__ = [
     "BLOCK",
     "exact_row_sum",
@@ -93,9 +95,7 @@ def exact_row_sum(x: torch.Tensor) -> int:
 
 def _rows(x: torch.Tensor) -> np.ndarray:
     """A [rows, row_len] numpy view of a CPU tensor (a copy only if it is not contiguous)."""
-    t = x.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
+    t = host_copy(x.detach())  # off the host: a copy (same values, so the same sums)
     a = t.contiguous().numpy()
     if a.ndim <= 1:
         return a
@@ -371,6 +371,8 @@ def random_keep(key: int, start: int, count: int, p: float, out: torch.Tensor | 
     u = m * 2^-53 with m = z >> 11 an integer, so u < p exactly when m < ceil(p * 2^53),
     i.e. when z < ceil(p * 2^53) * 2^11 (p * 2^53 is exact: a power-of-two scale).
     """
+    if out is not None and not on_host(out):  # drawn on the host (numpy), then copied: same bits
+        return out.reshape(-1).copy_(random_keep(key, start, count, p))
     res = torch.empty(count, dtype=torch.bool) if out is None else out.reshape(-1)
     if res.numel() != count or res.dtype != torch.bool:
         raise ValueError(f"random_keep: out must be a bool tensor of {count} elements")

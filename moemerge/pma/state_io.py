@@ -38,7 +38,7 @@ def _chunk_key(array: str, index: int, ndim: int) -> str:
 
 def _split_codec(codecs: Any) -> bool:
     """Whether an array's codecs are `bytes` (little-endian) then the state codec, only."""
-    names = [getattr(c, "to_dict", dict)().get("name") for c in codecs]
+    names = [_codec_name(c) for c in codecs]
     return names == ["bytes", CODEC_NAME] and str(getattr(codecs[0], "endian", "")).endswith("little")
 
 
@@ -50,7 +50,9 @@ class FastStateReader:
         self.local = hasattr(sums, "root") and _is_local(sums)
         self._meta: dict[str, tuple[int, int] | None] = {}  # name -> (chunk rows, ndim); None: zarr
         self._lock = threading.Lock()
-        self._bufs = threading.local()
+        #: read buffers free for reuse: as many as reads ran at once (one in a local update), each
+        #: as big as the largest chunk read; within what the plan counts for zarr's own copies
+        self._free: list[bytearray] = []
 
     def _geometry(self, name: str) -> tuple[int, int] | None:
         with self._lock:
@@ -81,17 +83,32 @@ class FastStateReader:
         for i in range(r0 // rows_per, -(-r1 // rows_per)):
             key = _chunk_key(array, i, ndim)
             data = self._read(key)
-            want = (self.sums.chunk_checksums or {}).get(key)
-            if want is not None and chunk_checksum(data) != want:
-                raise CheckpointError(f"{self.sums.url}/{array}: chunk {i} does not match the checksum recorded "
-                                      f"when it was written (a damaged or replaced object): {self._hint()}")
             a = (i * rows_per - r0) * row_len
             n = (min(r1, (i + 1) * rows_per) - i * rows_per) * row_len
-            if n == rows_per * row_len:
-                decode(data, out=dst[a:a + n])
-            else:  # the last chunk is stored padded to the chunk shape: keep the rows there are
-                dst[a:a + n] = decode(data)[:n]
+            try:
+                want = (self.sums.chunk_checksums or {}).get(key)
+                if want is not None and chunk_checksum(data) != want:
+                    raise CheckpointError(f"{self.sums.url}/{array}: chunk {i} does not match the checksum "
+                                          f"recorded when it was written (a damaged or replaced object): "
+                                          f"{self._hint()}")
+                if n == rows_per * row_len:
+                    decode(data, out=dst[a:a + n])
+                else:  # the last chunk is stored padded to the chunk shape: keep the rows there are
+                    dst[a:a + n] = decode(data)[:n]
+            finally:
+                self._give(data.obj)  # type: ignore[arg-type]
         return True
+
+    def _take(self, size: int) -> bytearray:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None or len(buf) < size:  # grown, then reused: its pages stay mapped
+            buf = bytearray(max(size, 1 << 20))
+        return buf
+
+    def _give(self, buf: bytearray) -> None:
+        with self._lock:
+            self._free.append(buf)
 
     def _hint(self) -> str:
         return getattr(self.sums, "damaged_hint", None) or DAMAGED_STORE_HINT
@@ -107,16 +124,18 @@ class FastStateReader:
                                   f"{self._hint()}") from None
         try:
             size = os.fstat(fd).st_size
-            buf = getattr(self._bufs, "buf", None)
-            if buf is None or len(buf) < size:  # grown, then reused: its pages stay mapped
-                buf = self._bufs.buf = bytearray(max(size, 1 << 20))
+            buf = self._take(size)
             view = memoryview(buf)[:size]
             got = 0
-            while got < size:
-                n = os.readv(fd, [view[got:]])
-                if n <= 0:
-                    raise CheckpointError(f"{path}: short read ({got} of {size} bytes): {self._hint()}")
-                got += n
+            try:
+                while got < size:
+                    n = os.readv(fd, [view[got:]])
+                    if n <= 0:
+                        raise CheckpointError(f"{path}: short read ({got} of {size} bytes): {self._hint()}")
+                    got += n
+            except BaseException:
+                self._give(buf)
+                raise
             return view
         finally:
             os.close(fd)
@@ -189,4 +208,9 @@ def _is_local(obj: Any) -> bool:
 
 def _uses_split(writer: Any) -> bool:
     comps = getattr(writer, "compressors", None) or []
-    return len(comps) == 1 and getattr(comps[0], "to_dict", lambda: {})().get("name") == CODEC_NAME
+    return len(comps) == 1 and _codec_name(comps[0]) == CODEC_NAME
+
+
+def _codec_name(codec: Any) -> Any:
+    doc = codec.to_dict() if hasattr(codec, "to_dict") else {}
+    return doc.get("name") if isinstance(doc, dict) else None

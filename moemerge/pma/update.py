@@ -574,6 +574,9 @@ def _open_sources(sources: tuple[str, ...], storage_options: dict[str, Any] | No
     """A Dask worker's inputs of an update's plan, in source order: each snapshot (served
     dequantized), then each running quantity of the state version `version` (read through the
     state's pointer, which names it until this update commits)."""
+    from moemerge.pma.state_codec import register
+
+    register()  # the worker writes (and reads) state arrays stored with the state codec
     kinds = {state_source(version, q): q for q in quantities} if version is not None else {}
     opened: list[Any] = []
     cur: StateVersion | None = None

@@ -307,8 +307,11 @@ def test_like_input_needs_a_quantized_first_input(tmp_path: Path, gen: torch.Gen
 
 def test_mixed_inputs_default_to_unquantized_and_say_so(tmp_path: Path, gen: torch.Generator) -> None:
     a = fp8_block_model(tmp_path / "a", gen)
+    config = json.loads((a / "config.json").read_text())  # the same model, stored dequantized
+    config.pop("quantization_config")
     b = write_checkpoint(tmp_path / "b", {n: dequant64(_load_dir(a), n).to(torch.bfloat16) if n in _LINEARS else v
-                                          for n, v in _load_dir(a).items() if not n.endswith("_scale_inv")})
+                                          for n, v in _load_dir(a).items() if not n.endswith("_scale_inv")},
+                         config=config)
     cfg = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 0.5}},
                                                 {"model": str(b), "parameters": {"weight": 0.5}}]}
     p = moemerge.plan(cfg)

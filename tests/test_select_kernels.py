@@ -7,6 +7,7 @@ deltas, bf16 cancellations, odd sizes, single rows), whole and streamed in row-c
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -195,3 +196,24 @@ def test_fused_large_chunks_split_across_threads(name: str, monkeypatch: pytest.
             assert want == got, f"{name} rows/chunk={rpc}: output bits differ"
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", SELECTION)
+@pytest.mark.parametrize("densities", [(1.0, 1.0), (1.0, 0.4), (0.0, 1.0)])
+def test_fused_matches_torch_when_densities_keep_everything_or_nothing(
+        name: str, densities: tuple[float, float], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Density 1 sparsifies nothing (no selection at all when every input has it), density 0
+    keeps nothing: both are edges of the fused dispatch (every density 1 used to crash it)."""
+    method = get_method(name)
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    shape = (9, 31)
+    sources = _data("random", shape, 2, torch.bfloat16, g)
+    params = _params(name, 2, g)
+    params = TensorParams(per_input=tuple({**p, "density": d} for p, d in zip(params.per_input, densities)),
+                          glob=params.glob, seed=params.seed)
+    for rpc in (None, 3):
+        monkeypatch.setenv("MOEMERGE_NO_NUMBA", "1")
+        want, want_stats = _merge(method, params, shape, sources, rpc, fused=False)
+        monkeypatch.delenv("MOEMERGE_NO_NUMBA")
+        got, got_stats = _merge(method, params, shape, sources, rpc, fused=True)
+        assert _same(want_stats, got_stats) and want == got, f"{name} densities={densities} rows/chunk={rpc}"

@@ -284,12 +284,12 @@ def generalized_apply(fam: Any, chunk: Chunk, stats: Mapping[str, Any], p: Tenso
     key = np.zeros(n, np.uint64)
     bound = np.zeros(n, np.uint64)
     masks = np.zeros((1, 1), np.bool_)
-    if fam.sparsify in ("magnitude", "outliers"):
-        sel = fam.selection(p, chunk.shape)
+    sel = fam.selection(p, chunk.shape) if fam.sparsify in ("magnitude", "outliers") else None
+    if sel is not None:  # None: no input is sparsified here (every density 1), nothing selected
         for i in sparse:
             kind[i] = 1 if fam.sparsify == "magnitude" else 2
             names[i] = [f"{i}:top"] if fam.sparsify == "magnitude" else [f"{i}:hi", f"{i}:lo"]
-        thr, cut, take = _targets(sel, stats, names) if sparse else _targets(sel, stats, [])
+        thr, cut, take = _targets(sel, stats, names)
     else:
         thr = np.full((max(1, n), 2), _NEVER, np.int64)
         cut, take = np.full_like(thr, -1), np.zeros_like(thr)

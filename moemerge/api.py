@@ -145,6 +145,10 @@ def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int
     shard = parse_size(shard_size, what="--shard-size", minimum=1)
     units = {} if unit_size is None else {"unit_bytes": parse_size(unit_size, what="--unit-size", minimum=1)}
     side = ckpts[0].config() or {}
+    if cfg.slices:  # named `modules:` find their parts from config.json (planner/modules.py)
+        from moemerge.planner.modules import with_module_layout
+
+        cfg = with_module_layout(cfg, side)
     hint = side.get("num_hidden_layers") if isinstance(side.get("num_hidden_layers"), int) else None
     p: Plan = plan_with_quant(build_plan(
         cfg, {c.url: c.tensors for c in ckpts}, memory_budget=budget, shard_size=shard,

@@ -8,7 +8,7 @@ into that many output layers; slices are stacked in order. The planner expands t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from moemerge.errors import ConfigError
@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from moemerge.config import MergeConfig, ParamValue
     from moemerge.methods.base import Method
 
-__all__ = ["SliceSource", "SliceSpec", "ParsedSlices", "parse_slices", "check_slices_config", "slice_bases"]
+__all__ = ["SliceSource", "SliceSpec", "ParsedSlices", "parse_slices", "check_slices_config", "slice_bases",
+           "module_params", "DEFAULT_MODULE"]
 
 #: MergeKit's name of the one module of every single-part architecture (its JSON definitions).
 DEFAULT_MODULE = "default"
@@ -50,6 +51,13 @@ class SliceSpec:
     parameters: dict[str, ParamValue] = field(default_factory=dict)
     residual_weight: float | None = None
     """Accepted as MergeKit 0.1.5 accepts it, and, as there, without effect (a plan warning says so)."""
+    module: str = DEFAULT_MODULE
+    """The part of the model this slice belongs to (`modules:`); `default`: the whole model."""
+    module_parameters: dict[str, ParamValue] = field(default_factory=dict)
+    """Its module's `parameters` (between the slice's and the top level's)."""
+    architecture: str | None = None
+    """For a named module: the layout family (`planner/modules.py`) the planner found in the
+    inputs' config.json; None until then."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,11 +143,12 @@ def parse_slices(doc: Mapping[str, Any], base_model: str | None) -> ParsedSlices
 
     `modules:` is MergeKit's grammar for models made of parts (a vision tower, a projector and
     a text decoder, each with its own layers and weight prefix). A single-part model has one
-    module, `default`: `modules: {default: {slices: ..., parameters: ...}}` is read here (its
-    `parameters` rank between the slices' and the top level's). Named parts of multi-part models
-    are refused: which tensors belong to which part comes from MergeKit's per-architecture
-    definitions, which moemerge, reading tensors by name, does not have. `base_model` is the
-    top-level base of a method that takes one (appended to a module's `models:`), else None.
+    module, `default`: `modules: {default: {slices: ..., parameters: ...}}`. Named parts
+    (`text_decoder: {...}, vision_tower: {...}`) are read the same way, each slice tagged with
+    its module; which tensors and config keys make each part is the planner's business
+    (`planner/modules.py`, from config.json). A module's `parameters` rank between its slices'
+    and the top level's. `base_model` is the top-level base of a method that takes one
+    (appended to a module's `models:`), else None.
     """
     from moemerge.config import _parse_params
 
@@ -152,24 +161,26 @@ def parse_slices(doc: Mapping[str, Any], base_model: str | None) -> ParsedSlices
         mods = doc["modules"]
         if not isinstance(mods, dict) or not mods:
             raise ConfigError("`modules` must be a mapping of module name -> {slices | models, parameters}")
-        named = sorted(str(k) for k in mods if k != DEFAULT_MODULE)
-        if named:
-            raise ConfigError(
-                f"`modules`: {', '.join(f'`{k}`' for k in named)} name(s) a part of a multi-part model "
-                "(vision-language models: text_decoder, vision_tower, multi_modal_projector); which "
-                "tensors and layer counts belong to each part comes from MergeKit's per-architecture "
-                "definitions, which moemerge does not use, so module-wise merges of such models are "
-                f"not supported. For a single-part model use `modules: {{{DEFAULT_MODULE}: ...}}` "
-                "(MergeKit's name for its only module) or top-level `slices:` / `models:`")
-        mod = _mapping(mods[DEFAULT_MODULE], f"modules.{DEFAULT_MODULE}", _MODULE_KEYS)
-        where = f"modules.{DEFAULT_MODULE}"
-        if (mod.get("slices") is None) == (mod.get("models") is None):
-            raise ConfigError(f"`{where}`: give either `slices` or `models` (MergeKit's rule)")
-        module_params = _parse_params(mod.get("parameters"), f"{where}.parameters")
-        if mod.get("models") is not None:
-            slices: tuple[SliceSpec, ...] = (_module_models(mod["models"], where, base_model),)
-        else:
-            slices = _slice_list(mod["slices"], f"{where}.slices")
+        if DEFAULT_MODULE in mods and len(mods) > 1:
+            raise ConfigError(f"`modules`: `{DEFAULT_MODULE}` is the whole model (single-part models); it cannot "
+                              f"be listed with named parts ({', '.join(str(k) for k in mods if k != DEFAULT_MODULE)})")
+        collected: list[SliceSpec] = []
+        for name, body in mods.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ConfigError(f"`modules`: {name!r} is not a module name (e.g. text_decoder, vision_tower)")
+            where = f"modules.{name}"
+            mod = _mapping(body, where, _MODULE_KEYS)
+            if (mod.get("slices") is None) == (mod.get("models") is None):
+                raise ConfigError(f"`{where}`: give either `slices` or `models` (MergeKit's rule)")
+            params = _parse_params(mod.get("parameters"), f"{where}.parameters")
+            if name == DEFAULT_MODULE:
+                module_params = params
+            if mod.get("models") is not None:
+                part: tuple[SliceSpec, ...] = (_module_models(mod["models"], where, base_model),)
+            else:
+                part = _slice_list(mod["slices"], f"{where}.slices")
+            collected += [replace(sl, module=name, module_parameters=params) for sl in part]
+        slices: tuple[SliceSpec, ...] = tuple(collected)
     else:
         slices = _slice_list(doc["slices"], "slices")
     models: list[str] = []
@@ -186,6 +197,12 @@ def _slice_list(v: Any, where: str) -> tuple[SliceSpec, ...]:
     return tuple(_parse_slice(s, f"{where}[{i}]") for i, s in enumerate(v))
 
 
+def module_params(cfg: MergeConfig, sl: SliceSpec) -> dict[str, ParamValue]:
+    """The `parameters` of slice `sl`'s module (a config built by hand may give the default
+    module's only as `cfg.module_parameters`)."""
+    return sl.module_parameters or (cfg.module_parameters if sl.module == DEFAULT_MODULE else {})
+
+
 def slice_bases(cfg: MergeConfig, method: Method, sl: SliceSpec) -> str | None:
     """The base model of slice `sl` for `method` (the slice's, else the top level's); None when
     the method takes no base."""
@@ -200,9 +217,12 @@ def check_slices_config(cfg: MergeConfig, method: Method) -> None:
     from moemerge.config import _param_problems
 
     problems = _param_problems(method, "parameters", cfg.parameters, {"model", "global"}, None)
-    if cfg.module_parameters:
-        problems += _param_problems(method, f"modules.{DEFAULT_MODULE}.parameters", cfg.module_parameters,
-                                    {"model", "global"}, None)
+    seen: set[str] = set()
+    for sl in cfg.slices:
+        mp = module_params(cfg, sl)
+        if mp and sl.module not in seen:
+            seen.add(sl.module)
+            problems += _param_problems(method, f"modules.{sl.module}.parameters", mp, {"model", "global"}, None)
     for sl in cfg.slices:
         problems += _param_problems(method, f"{sl.where}.parameters", sl.parameters, {"model", "global"}, None)
         names = [s.model for s in sl.sources]
@@ -236,7 +256,7 @@ def check_slices_config(cfg: MergeConfig, method: Method) -> None:
         for spec in method.params:
             if spec.default is not None:
                 continue
-            shared = [sl.parameters, cfg.module_parameters, cfg.parameters]
+            shared = [sl.parameters, module_params(cfg, sl), cfg.parameters]
             if spec.scope == "global":
                 if not any(spec.name in p for p in shared):
                     problems.append(f"`{sl.where}.parameters.{spec.name}`: required by {method.name} (or "

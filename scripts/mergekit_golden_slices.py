@@ -11,6 +11,12 @@ defaults, as in scripts/mergekit_golden.py), and we keep:
 - tests/golden/slices/CASE.config.json       MergeKit's config.json of the output
 - tests/golden/slices/MANIFEST.json          versions, cases and file checksums
 
+Module cases (`modules:` of a multi-part model, read by tests/test_modules.py) merge two tiny
+random Qwen2.5-VL models that this script writes to tests/golden/inputs/qwen25vl_{a,b}/ when
+missing, with the tensor names MergeKit 0.1.5's definitions use (`model.layers.N.`,
+`visual.blocks.N.`: transformers < 4.52's names, which transformers still loads). They are
+listed under `module_cases` in the manifest.
+
     python scripts/mergekit_golden_slices.py [--venv /tmp/mkvenv]
 """
 
@@ -30,6 +36,50 @@ from mergekit_golden import GOLDEN, MERGEKIT_VERSION, _run_mergekit  # noqa: E40
 
 OUT = GOLDEN / "slices"
 B, F1, F2 = "inputs/base_l4", "inputs/ft1_l4", "inputs/ft2_l4"
+VA, VB = "inputs/qwen25vl_a", "inputs/qwen25vl_b"
+
+
+def _write_vl(rel: str, seed: int) -> None:
+    """A tiny random Qwen2.5-VL (3 text layers, 3 vision blocks, block 1 full-attention)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64, bos_token_id=1, eos_token_id=2,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=3, hidden_size=16, intermediate_size=16, out_hidden_size=16, num_heads=2,
+                           patch_size=2, spatial_merge_size=2, in_channels=3, temporal_patch_size=2,
+                           window_size=8, fullatt_block_indexes=[1]))
+    cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    g = torch.Generator().manual_seed(seed)
+    sd = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."):
+          torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+    out = GOLDEN / rel
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(dict(sorted(sd.items())), str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(str(out))
+
+
+def module_cases() -> dict[str, dict[str, Any]]:
+    """`modules:` of a multi-part model (MergeKit's qwen2_5_vl definition): text layers sliced
+    (a repeated layer, a gradient), the vision tower merged whole with per-model weights, the
+    projector with a module-level weight under the top level's."""
+    return {"qwen25vl_modules": {
+        "merge_method": "linear", "dtype": "float32", "parameters": {"weight": 1.0},
+        "modules": {
+            "text_decoder": {"slices": [
+                {"sources": [_src(VA, 0, 2, weight=[0.2, 0.9]), _src(VB, 1, 3)], "parameters": {"weight": 0.5}},
+                {"sources": [_src(VB, 1, 2), _src(VA, 2, 3, weight=0.25)]},
+            ]},
+            "vision_tower": {"models": [{"model": VA, "parameters": {"weight": 0.3}},
+                                        {"model": VB, "parameters": {"weight": 0.7}}]},
+            "multi_modal_projector": {"models": [{"model": VA}, {"model": VB, "parameters": {"weight": 3.0}}],
+                                      "parameters": {"weight": 0.5}},
+        },
+    }}
 
 
 def _src(model: str, a: int, b: int, **params: Any) -> dict[str, Any]:
@@ -98,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     if ver[0] != MERGEKIT_VERSION:
         raise SystemExit(f"{args.venv} has mergekit {ver[0]}; the golden files are for {MERGEKIT_VERSION}")
     OUT.mkdir(parents=True, exist_ok=True)
-    all_cases = cases()
+    for rel, seed in ((VA, 11), (VB, 12)):
+        if not (GOLDEN / rel / "model.safetensors").exists():
+            _write_vl(rel, seed)
+    all_cases = {**cases(), **module_cases()}
     for case, doc in all_cases.items():
         cfg_path = OUT / f"{case}.yaml"
         cfg_path.write_text(f"# MergeKit {MERGEKIT_VERSION} golden slices case `{case}`; paths are relative to "
@@ -114,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             (OUT / f"{case}.config.json").write_text((out / "config.json").read_text())
         print(f"{case}: {len(merged)} tensors")
     manifest = {
-        "mergekit": MERGEKIT_VERSION, "mergekit_torch": ver[1], "cases": list(all_cases),
+        "mergekit": MERGEKIT_VERSION, "mergekit_torch": ver[1], "cases": list(cases()),
+        "module_cases": list(module_cases()),
         "files": {p.name: _sha(p) for p in sorted(OUT.iterdir()) if p.is_file() and p.name != "MANIFEST.json"},
     }
     (OUT / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")

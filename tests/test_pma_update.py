@@ -416,7 +416,10 @@ def test_state_codec_round_trips_every_bit_pattern() -> None:
         "fp32 values": rng.standard_normal(n).astype(np.float32).astype(np.float64),
         "full fp64": rng.standard_normal(n),           # every value an exception: fallback
         "empty": np.zeros(0),
+        "zeros (a short chunk's padding)": np.zeros(n),
     }
+    cases["zeros and a -0.0"] = np.zeros(n)
+    cases["zeros and a -0.0"][n // 2] = -0.0
     odd = rng.standard_normal(n).astype(np.float32).astype(np.float64)
     specials = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, 1e39, -1e300, 1e-40, 5e-324, 2.0 ** -149,
                          np.float32(3.0) + 2.0 ** -40, np.finfo(np.float32).max])
@@ -430,6 +433,8 @@ def test_state_codec_round_trips_every_bit_pattern() -> None:
             assert b"".join(bytes(p) for p in codec.encode_parts(x, fallback)) == data
         if what == "sum of bf16":
             assert len(data) < 3.1 * x.size  # about 3 bytes a value (8 raw)
+        if what.startswith("zeros ("):
+            assert len(data) < 100  # block headers only
     good = codec.encode(cases["sum of bf16"])
     for bad, why in ((good[:-5], "block lengths"), (good + b"\0", "trailing bytes"), (b"XXXX" + good[4:], "header"),
                      (good[:10], "bytes"), (good[:16 + 10], "truncated")):

@@ -154,9 +154,10 @@ def test_quantize_none_and_fp8_block_from_bf16_and_refusals(tmp_path: Path, gen:
     plain = tmp_path / "plain"
     snaps = {}
     for step in (10, 20, 30):
-        snaps[step] = {"model.layers.0.mlp.down_proj.weight": (torch.randn(200, 300, generator=gen) * 0.05).bfloat16(),
-                       "model.layers.0.self_attn.o_proj.weight": (torch.randn(128, 64, generator=gen) * 0.05).bfloat16(),
-                       "model.norm.weight": (1 + 0.1 * torch.randn(64, generator=gen)).bfloat16()}
+        snaps[step] = {
+            "model.layers.0.mlp.down_proj.weight": (torch.randn(200, 300, generator=gen) * 0.05).bfloat16(),
+            "model.layers.0.self_attn.o_proj.weight": (torch.randn(128, 64, generator=gen) * 0.05).bfloat16(),
+            "model.norm.weight": (1 + 0.1 * torch.randn(64, generator=gen)).bfloat16()}
         write_checkpoint(plain / f"step-{step:08d}", snaps[step], config={"model_type": "llama"})
     res = update(str(tmp_path / "state2"), str(plain / "step-*"), str(tmp_path / "q"), method="wma", last=3,
                  quantize="fp8-block", memory_budget="1MB", chunk_rows=128)

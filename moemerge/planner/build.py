@@ -391,6 +391,7 @@ def _tensor_plans(method: Method, planned: Sequence[PlannedTensor], sizing: _Siz
             rows_per_chunk=rows_per_chunk, out_file=fname, out_offset=off,
             **({"quant": placed(q, where)} if q else {}),
             in_names=tuple(i.name for i in p.infos) if renamed else (),
+            in_codecs=tuple(i.codec for i in p.infos) if any(i.codec for i in p.infos) else (),
         ))
     return tensors, totals, one_row
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moemerge.io.checkpoint import TensorInfo
 from moemerge.io.dtypes import itemsize
@@ -15,6 +15,9 @@ from moemerge.io.quant_out import OutQuant
 from moemerge.io.writer import TensorPlacement
 from moemerge.io.zarr_writer import ZarrArraySpec
 from moemerge.methods.base import TensorParams
+
+if TYPE_CHECKING:
+    from moemerge.planner.estimate import Estimate
 
 __all__ = ["PlannedTensor", "TensorPlan", "ShardLayout", "WorkUnit", "Plan"]
 
@@ -69,6 +72,10 @@ class TensorPlan:
     source. Slices (planner/slices.py) read layer 2 of one model into output layer 7. Names on
     the plan rather than a renaming checkpoint view: one source is read under different names
     for different output tensors (a layer taken twice), and the plan travels to Dask workers."""
+    in_codecs: tuple[str | None, ...] = ()
+    """The quantization codec of each source's stored tensor (None: stored plain), in
+    `sources_used` order; empty: none quantized. Only the time estimate reads it
+    (planner/estimate.py: dequantizing costs CPU)."""
 
     def read_name(self, i: int) -> str:
         """The tensor name to read from the i-th source of `sources_used`."""
@@ -183,7 +190,13 @@ class Plan:
             h.update(hashlib.sha256(sh.header).digest())
         return h.hexdigest()
 
-    def summary(self) -> dict[str, object]:
+    def estimate(self, *, disk_speed: float | None = None, cores: int | None = None) -> Estimate:
+        """Its wall-time estimate (planner/estimate.py): disk speed in bytes/s, default 1 GB/s."""
+        from moemerge.planner.estimate import estimate
+
+        return estimate(self, disk_speed=disk_speed, cores=cores)
+
+    def summary(self, *, disk_speed: float | None = None) -> dict[str, object]:
         """The plan as a small JSON-able dict (what `moemerge plan --json` prints)."""
         return {
             "method": self.method,
@@ -198,6 +211,7 @@ class Plan:
             "peak_buffer_bytes": self.peak_bytes,
             "warnings": list(self.warnings),
             "notes": list(self.notes),
+            "estimate": self.estimate(disk_speed=disk_speed).as_dict(),
             **({"quantize": self.quantize, "quantization_config": self.quantization_config}
                if self.quantize is not None else {}),
         }

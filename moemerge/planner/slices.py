@@ -17,7 +17,7 @@ MergeKit 0.1.5's meaning (`mergekit/plan.py`, `MergePlanner.plan_module`):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +29,9 @@ from moemerge.io.quant.base import QuantSpec
 from moemerge.methods.base import Method, ParamSpec, TensorParams
 from moemerge.planner.params import _LAYER
 from moemerge.planner.plan import PlannedTensor
-from moemerge.slices_config import SliceSpec, slice_bases
+from moemerge.slices_config import DEFAULT_MODULE, SliceSpec, module_params, slice_bases
 
-__all__ = ["select_slices", "output_layers", "slice_config_updates", "is_pre_weight"]
+__all__ = ["select_slices", "output_layers", "slice_config_updates", "config_list_updates", "is_pre_weight"]
 
 #: Averages over one run's snapshots take non-float tensors from the newest (as planner/build.py).
 _AVERAGES = frozenset({"sma", "wma", "ema"})
@@ -50,8 +50,12 @@ def is_pre_weight(name: str) -> bool:
     return "embed_out" not in name and _PRE.search(name) is not None
 
 
-def _renumber(name: str, layer: int) -> str:
-    m = _LAYER.search(name)
+#: The layer pattern of a module with no layers (a projector): matches nothing.
+_NO_LAYERS = re.compile(r"(?!)")
+
+
+def _renumber(name: str, layer: int, rx: re.Pattern[str] = _LAYER) -> str:
+    m = rx.search(name)
     assert m is not None, name
     return f"{name[:m.start(1)]}{layer}{name[m.end(1):]}"
 
@@ -66,20 +70,29 @@ class _Layers:
     n_layers: int
     suffix_shapes: dict[str, tuple[int, ...]]
     """Shape of each in-layer name with its layer index blanked (the first layer's that has it)."""
+    rx: re.Pattern[str] = _LAYER
+    """Finds the layer index (group 1) in a name (a module's own pattern, `planner/modules.py`)."""
+    has_layers: bool = True
+    """False for a module that has no layers (a projector): its tensors are all `others`."""
 
 
-def _layers(cat: Mapping[str, TensorInfo]) -> _Layers:
+def _layers(cat: Mapping[str, TensorInfo], rx: re.Pattern[str] = _LAYER,
+            keep: Callable[[str], bool] | None = None) -> _Layers:
+    """`cat`'s names (those `keep` accepts) by layer, the layer index found by `rx`."""
     by_layer: dict[int, list[str]] = {}
     others: list[str] = []
     shapes: dict[str, tuple[int, ...]] = {}
     for name in sorted(cat, key=lambda n: (cat[n].file, cat[n].start)):
-        m = _LAYER.search(name)
+        if keep is not None and not keep(name):
+            continue
+        m = rx.search(name)
         if m is None:
             others.append(name)
             continue
         by_layer.setdefault(int(m.group(1)), []).append(name)
-        shapes.setdefault(_renumber(name, -1), tuple(cat[name].shape))
-    return _Layers(by_layer=by_layer, others=others, n_layers=max(by_layer, default=-1) + 1, suffix_shapes=shapes)
+        shapes.setdefault(_renumber(name, -1, rx), tuple(cat[name].shape))
+    return _Layers(by_layer=by_layer, others=others, n_layers=max(by_layer, default=-1) + 1, suffix_shapes=shapes,
+                   rx=rx, has_layers=rx is not _NO_LAYERS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,17 +108,21 @@ class _Resolved:
         return b - a
 
 
-def _resolve_ranges(cfg: MergeConfig, layers: Mapping[str, _Layers]) -> list[_Resolved]:
+def _resolve_ranges(slices: Sequence[SliceSpec], layers: Mapping[str, _Layers]) -> list[_Resolved]:
     """Each slice's layer ranges (a module's `models:` entry: every layer), checked against the
     models' layers; every problem raised at once."""
     problems: list[str] = []
     out: list[_Resolved] = []
-    for sl in cfg.slices:
+    for sl in slices:
         ranges = []
         for j, s in enumerate(sl.sources):
             n = layers[s.model].n_layers
             a, b = s.layer_range if s.layer_range is not None else (0, n)
-            if n == 0:
+            if not layers[s.model].has_layers:
+                if s.layer_range is not None:
+                    problems.append(f"`{sl.where}.sources[{j}]`: the {sl.module} module has no layers; give it "
+                                    "`models:` instead of `slices:`")
+            elif n == 0:
                 problems.append(f"`{sl.where}.sources[{j}]`: {s.model} has no numbered layers "
                                 "(no `layers.N.` tensor names); slices take layer ranges")
             elif b > n:
@@ -123,14 +140,64 @@ def _resolve_ranges(cfg: MergeConfig, layers: Mapping[str, _Layers]) -> list[_Re
     return out
 
 
-def output_layers(cfg: MergeConfig, catalogs: Mapping[str, Mapping[str, TensorInfo]]) -> list[tuple[str, int]]:
-    """(model, its layer index) of each output layer, in order: each slice's first source."""
-    layers = {m.model: _layers(catalogs[m.model]) for m in cfg.models}
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Group:
+    """The slices of one module, with the models' tensors of that module by layer."""
+
+    module: str
+    slices: tuple[SliceSpec, ...]
+    layers: dict[str, _Layers]
+    is_pre: Callable[[str], bool]
+
+
+def _groups(cfg: MergeConfig, catalogs: Mapping[str, Mapping[str, TensorInfo]]) -> list[_Group]:
+    """`cfg.slices` by module, in the config's order: one group of the whole model for top-level
+    `slices:` / `modules: {default: ...}`; for named modules, each its part of every model
+    (`planner/modules.py`), every tensor of every model placed in a part or refused."""
+    named = [sl for sl in cfg.slices if sl.module != DEFAULT_MODULE]
+    if not named:
+        return [_Group(module=DEFAULT_MODULE, slices=tuple(cfg.slices),
+                       layers={m.model: _layers(catalogs[m.model]) for m in cfg.models}, is_pre=is_pre_weight)]
+    from moemerge.planner.modules import family
+
+    fam = named[0].architecture
+    if fam is None:
+        raise PlanError("named `modules:` need the inputs' config.json to find each part's tensors; plan them "
+                        "with moemerge.plan / moemerge.run (not build_plan alone)")
+    lay = family(fam)
+    strays = sorted({f"{m.model}: `{n}`" for m in cfg.models for n in catalogs[m.model] if lay.module_of(n) is None})
+    if strays:
+        raise PlanError(f"{len(strays)} tensor(s) belong to no part of a {fam} model ({', '.join(strays[:5])}"
+                        f"{', ...' if len(strays) > 5 else ''}); moemerge's module table (planner/modules.py) "
+                        f"knows the parts {', '.join(m.name for m in lay.modules)} by their name prefixes")
+    out: list[_Group] = []
+    for name in dict.fromkeys(sl.module for sl in cfg.slices):
+        mod = lay.module(name)
+
+        def mine(n: str, mod: Any = mod) -> bool:
+            return lay.module_of(n) is mod
+
+        def pre(n: str, p: re.Pattern[str] | None = mod.pre) -> bool:
+            return is_pre_weight(n) if p is None else p.search(n) is not None
+
+        rx = mod.layer or _NO_LAYERS
+        out.append(_Group(module=name, slices=tuple(sl for sl in cfg.slices if sl.module == name),
+                          layers={m.model: _layers(catalogs[m.model], rx, mine) for m in cfg.models}, is_pre=pre))
+    return out
+
+
+def _output_layers(g: _Group) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
-    for r in _resolve_ranges(cfg, layers):
+    for r in _resolve_ranges(g.slices, g.layers):
         a, _ = r.ranges[0]
         out += [(r.spec.sources[0].model, a + i) for i in range(r.length)]
     return out
+
+
+def output_layers(cfg: MergeConfig, catalogs: Mapping[str, Mapping[str, TensorInfo]]) -> list[tuple[str, int]]:
+    """(model, its layer index) of each output layer, in order: each slice's first source (of
+    every module in turn, for named `modules:`)."""
+    return [x for g in _groups(cfg, catalogs) for x in _output_layers(g)]
 
 
 def _as_kind(spec: ParamSpec, v: Any) -> Any:
@@ -152,7 +219,7 @@ def _params(method: Method, cfg: MergeConfig, sl: SliceSpec, inputs: Sequence[tu
             layer: int | None, n: int, seed: int) -> tuple[TensorParams, list[str]]:
     """Parameters of one output tensor; `inputs` are (model, its stored name) of the method's
     inputs (base excluded); `layer` is the index within the slice (None outside layers)."""
-    shared = [sl.parameters, cfg.module_parameters, cfg.parameters]
+    shared = [sl.parameters, module_params(cfg, sl), cfg.parameters]
     problems: list[str] = []
     per_input = []
     for model, in_name in inputs:
@@ -217,15 +284,29 @@ def select_slices(cfg: MergeConfig, method: Method, sources: Sequence[str],
         raise PlanError("slices with a quantized output are not supported: the output layers are renumbered, "
                         "so the inputs' quantized layout does not describe them; add `--quantize none` "
                         "(the quantized inputs are read dequantized and written unquantized)")
-    layers = {m.model: _layers(catalogs[m.model]) for m in cfg.models}
-    resolved = _resolve_ranges(cfg, layers)
     acc = _Acc(planned=[], warnings=[], missing=[], mismatched=[], param_problems=[])
     _warn(cfg, method, acc)
+    take_last = (cfg.non_float or ("last" if method.name in _AVERAGES else "equal")) == "last"
+    most = 0
+    for g in _groups(cfg, catalogs):
+        most = max(most, _expand(cfg, method, sources, catalogs, g, acc, take_last=take_last, seed=seed))
+    sel = _Selection(planned=tuple(acc.planned), warnings=tuple(acc.warnings), unsupported=(),
+                     missing=tuple(acc.missing), mismatched=tuple(acc.mismatched),
+                     param_problems=tuple(acc.param_problems))
+    return sel, max(most, 1)
+
+
+def _expand(cfg: MergeConfig, method: Method, sources: Sequence[str],
+            catalogs: Mapping[str, Mapping[str, TensorInfo]], g: _Group, acc: _Acc, *, take_last: bool,
+            seed: int) -> int:
+    """The planned tensors of one module's slices (appended to `acc`); the most method inputs
+    any of them has."""
+    layers = g.layers
+    resolved = _resolve_ranges(g.slices, layers)
     first, last = resolved[0], resolved[-1]
     ref_model = first.spec.sources[0].model
     ref = layers[ref_model]
-    _check_architecture(cfg, resolved, layers, catalogs, acc)
-    take_last = (cfg.non_float or ("last" if method.name in _AVERAGES else "equal")) == "last"
+    _check_architecture(resolved, layers, catalogs, acc)
     most = 0
 
     def plan(sl: SliceSpec, models: Sequence[str], names: Sequence[str], out_name: str,
@@ -282,8 +363,8 @@ def select_slices(cfg: MergeConfig, method: Method, sources: Sequence[str],
         acc.planned.append(PlannedTensor(name=out_name, infos=tuple(infos), method=method.name, out_dtype=out_dtype,
                                          inputs=inputs, base=b, params=params))
 
-    pre = [n for n in ref.others if is_pre_weight(n)]
-    post = [n for n in ref.others if not is_pre_weight(n)]
+    pre = [n for n in ref.others if g.is_pre(n)]
+    post = [n for n in ref.others if not g.is_pre(n)]
     head = [s.model for s in first.spec.sources]
     for name in pre:
         plan(first.spec, head, [name] * len(head), name, None, 1)
@@ -292,8 +373,9 @@ def select_slices(cfg: MergeConfig, method: Method, sources: Sequence[str],
         for i in range(r.length):
             lead = layers[r.spec.sources[0].model].by_layer.get(r.ranges[0][0] + i, [])
             for name in lead:  # the first source's tensors of this layer say what the layer holds
-                names = [_renumber(name, a + i) for a, _ in r.ranges]
-                plan(r.spec, [s.model for s in r.spec.sources], names, _renumber(name, out_layer), i, r.length)
+                names = [_renumber(name, a + i, ref.rx) for a, _ in r.ranges]
+                plan(r.spec, [s.model for s in r.spec.sources], names, _renumber(name, out_layer, ref.rx), i,
+                     r.length)
             out_layer += 1
     tail = [s.model for s in last.spec.sources][:len(head)]
     if len(last.spec.sources) > len(head):
@@ -302,10 +384,7 @@ def select_slices(cfg: MergeConfig, method: Method, sources: Sequence[str],
             f"after the layers (final norm, lm_head) are merged from {', '.join(tail)} only, as MergeKit 0.1.5 does")
     for name in post:
         plan(last.spec, tail, [name] * len(tail), name, None, 1)
-    sel = _Selection(planned=tuple(acc.planned), warnings=tuple(acc.warnings), unsupported=(),
-                     missing=tuple(acc.missing), mismatched=tuple(acc.mismatched),
-                     param_problems=tuple(acc.param_problems))
-    return sel, max(most, 1)
+    return most
 
 
 def _warn(cfg: MergeConfig, method: Method, acc: _Acc) -> None:
@@ -313,7 +392,7 @@ def _warn(cfg: MergeConfig, method: Method, acc: _Acc) -> None:
         acc.warnings.append(f"base_model is not merged by {method.name}; its config and tokenizer files are copied")
     scopes = [cfg.parameters, cfg.module_parameters]
     for sl in cfg.slices:
-        scopes += [sl.parameters, *(s.parameters for s in sl.sources)]
+        scopes += [sl.parameters, sl.module_parameters, *(s.parameters for s in sl.sources)]
         if sl.residual_weight is not None:
             acc.warnings.append(f"{sl.where}.residual_weight has no effect (MergeKit 0.1.5 ignores it too)")
     for name in method.ignored_params:
@@ -321,7 +400,7 @@ def _warn(cfg: MergeConfig, method: Method, acc: _Acc) -> None:
             acc.warnings.append(f"parameter `{name}` has no effect on {method.name} (MergeKit ignores it too)")
 
 
-def _check_architecture(cfg: MergeConfig, resolved: Sequence[_Resolved], layers: Mapping[str, _Layers],
+def _check_architecture(resolved: Sequence[_Resolved], layers: Mapping[str, _Layers],
                         catalogs: Mapping[str, Mapping[str, TensorInfo]], acc: _Acc) -> None:
     """Every model a slice reads shares the first model's architecture: the same tensors
     outside the layers, and the same shape for each in-layer tensor the first model has.
@@ -343,7 +422,7 @@ def _check_architecture(cfg: MergeConfig, resolved: Sequence[_Resolved], layers:
             a, b = r.ranges[j]
             for layer in range(a, b):
                 for name in lay.by_layer.get(layer, []):
-                    want = ref.suffix_shapes.get(_renumber(name, -1))
+                    want = ref.suffix_shapes.get(_renumber(name, -1, ref.rx))
                     if want is not None and tuple(cat[name].shape) != want:
                         acc.mismatched.append(f"{where}: {s.model} has `{name}` {list(cat[name].shape)}, "
                                               f"{ref_model}'s layers have {list(want)}; every model a slice reads "
@@ -392,10 +471,23 @@ def slice_config_updates(cfg: MergeConfig, catalogs: Mapping[str, Mapping[str, T
     The side source's lists are used for every model (the models share one architecture).
     Example: layer_types [a, b, c, d] and slices [0, 2) + [1, 3) -> [a, b, b, c].
     """
+    named = [sl for sl in cfg.slices if sl.module != DEFAULT_MODULE]
+    if named:  # each part's own keys, maybe nested (`vision_config.depth`): planner/modules.py
+        from moemerge.planner.modules import module_config_updates
+
+        maps = {g.module: [layer for _, layer in _output_layers(g)] for g in _groups(cfg, catalogs)}
+        return module_config_updates(side_config, maps, str(named[0].architecture))
     mapping = [layer for _, layer in output_layers(cfg, catalogs)]
     side = dict(side_config or {})
-    _check_layer_patterns(side, mapping)
     keys = [k for k in _LAYER_COUNT_KEYS if isinstance(side.get(k), int) and not isinstance(side.get(k), bool)]
+    return tuple(config_list_updates(side, mapping, keys))
+
+
+def config_list_updates(side: Mapping[str, Any], mapping: Sequence[int], keys: Sequence[str]) -> list[tuple[str, Any]]:
+    """The layer-count keys `keys` (none: `num_hidden_layers`) of the config mapping `side` set to
+    the output's count, and its per-layer lists remapped by `mapping` (output layer -> source
+    layer); positional layer patterns that `mapping` breaks are refused."""
+    _check_layer_patterns(side, mapping)
     updates: list[tuple[str, Any]] = [(k, len(mapping)) for k in keys or ["num_hidden_layers"]]
     old = side[keys[0]] if keys else None
     for key, value in side.items():
@@ -406,4 +498,4 @@ def slice_config_updates(cfg: MergeConfig, catalogs: Mapping[str, Mapping[str, T
             updates.append((key, [i for i, src in enumerate(mapping) if src in listed]))
         elif old is not None and len(value) == old:
             updates.append((key, [value[src] for src in mapping]))
-    return tuple(updates)
+    return updates

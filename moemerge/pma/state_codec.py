@@ -18,7 +18,9 @@ elements, each a header (mode, elements, exceptions, payload bytes) and its payl
   (a float32 whose low 8 bits are zero), then the exceptions as above;
 - `RAW`: the float64 values as they are (little-endian);
 - `LZ4`: blosc-lz4 with byte shuffle of the float64 values (a block that is mostly
-  exceptions, e.g. the sums of fp32 snapshots, when the codec is told `fallback: lz4`).
+  exceptions, e.g. the sums of fp32 snapshots, when the codec is told `fallback: lz4`);
+- `ZERO`: every value +0.0, no payload (the padding of a tensor's short last chunk, which
+  zarr stores at the full chunk shape; zero tensors).
 
 Each block takes the smallest of the modes it may use. Decoding checks every length and index:
 a damaged chunk fails (the state's chunk checksums catch it before, io.zarr_store).
@@ -45,7 +47,7 @@ MAGIC = b"MMF1"
 #: Elements per block: its temporaries (about 20 bytes per element) stay in the CPU's cache,
 #: and bounded whatever the chunk size.
 BLOCK = 1 << 16
-RAW, F32, F24, LZ4 = 0, 1, 2, 3
+RAW, F32, F24, LZ4, ZERO = 0, 1, 2, 3, 4
 _HEAD = struct.Struct("<4sQ")
 _BLOCK = struct.Struct("<B3xIIQ")  # mode, elements, exceptions, payload bytes
 #: bytes per exception: its index (uint32) and its float64 value
@@ -62,6 +64,9 @@ def _lz4() -> Any:
 
 def _encode_block(a: np.ndarray, fallback: Fallback, parts: list[bytes | memoryview]) -> None:
     n = a.size
+    if not a.view(np.uint64).any():  # all +0.0 (-0.0 has its sign bit set: not here)
+        parts.append(_BLOCK.pack(ZERO, n, 0, 0))
+        return
     with np.errstate(over="ignore"):  # beyond float32's range: inf, an exception
         hi = a.astype(np.float32)
     bad32 = hi.astype(np.float64) != a  # inexact in float32 (NaN too: kept whole, payload and all)
@@ -131,7 +136,11 @@ def decode(data: bytes | memoryview | np.ndarray, out: np.ndarray | None = None)
         if m == 0 or done + m > n or pos + size > buf.size:
             raise _damaged("block lengths")
         body, dst = buf[pos:pos + size], out[done:done + m]
-        if mode == RAW:
+        if mode == ZERO:
+            if size:
+                raise _damaged("zero block length")
+            dst[:] = 0.0
+        elif mode == RAW:
             if size != 8 * m:
                 raise _damaged("raw block length")
             dst[:] = body.view("<f8")

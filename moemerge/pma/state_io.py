@@ -158,7 +158,7 @@ class FastStateWriter:
         per = spec.rows_per_chunk
         n_rows = len(data) // 8 // max(1, row_len)
         rows = spec.shape[0] if spec.shape else 0
-        if (not self.fast or not 1 <= len(spec.shape) <= 2 or row_len == 0 or row_start % per or n_rows > per
+        if (not self.fast or not 1 <= len(spec.shape) <= 2 or row_len == 0 or per < 1 or row_start % per or n_rows > per
                 or (n_rows < per and row_start + n_rows != rows)):
             self.writer.write_rows(name, row_start, data)
             return

@@ -166,8 +166,9 @@ def update(
         job = _Job(store=store, cur=cur, settings=settings, decision=decision, out=out, budget=budget,
                    shard=shard, out_format=out_format, out_dtype=out_dt, overwrite=overwrite,
                    storage_options=storage_options, notes=list(notes), progress=progress,
-                   chunk_rows=chunk_rows, unit_bytes=units, quantize=quantize, dask=_Dask(workers=workers, scheduler=scheduler, client=client,
-                                                     dashboard=dashboard, dcp=settings.dcp))
+                   chunk_rows=chunk_rows, unit_bytes=units, quantize=quantize,
+                   dask=_Dask(workers=workers, scheduler=scheduler, client=client, dashboard=dashboard,
+                              dcp=settings.dcp))
         job.leases.append(state_lease)
         return job.run(t0)
     finally:

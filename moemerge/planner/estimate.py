@@ -1,0 +1,169 @@
+"""A plan's wall-time estimate: I/O (bytes read, every statistics pass's re-read included, and
+bytes written, at a disk rate) against compute (measured CPU cost per element per input per
+pass of each method family, over the threads the engine computes on), plus start-up.
+
+The engine (engine/pipeline.py) reads the next chunk on prefetch threads and writes the last
+one on a writer thread while the calling thread computes, so a run takes about the longer of
+the two, not their sum: wall ~ start-up + max(I/O, compute). The constants were measured with
+scripts/bench_estimate.py on a 2-core x86 cloud machine (README "Benchmarks"); compute scales
+with the cores the method uses (elementwise methods compute on one thread, the others on all).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moemerge.planner.plan import Plan, TensorPlan
+
+__all__ = ["DEFAULT_DISK_SPEED", "Costs", "FAMILIES", "Estimate", "estimate", "family_of"]
+
+#: Bytes per second read and written when the user gives no `--disk-speed`: what sequential
+#: 64 MiB reads reached on a plain cloud disk here (scripts/bench.py's floor); a guide only.
+DEFAULT_DISK_SPEED = 1e9
+#: Seconds from `moemerge run` to the first read: interpreter, torch, numba's cached kernels,
+#: headers and the plan (measured on small inputs; a 92k-tensor plan adds a few seconds).
+STARTUP_S = 2.5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Costs:
+    """CPU nanoseconds of one method family, per element of one input (the base counts as
+    one), on one core of the reference machine."""
+
+    apply_ns: float
+    """The merge itself (conversion to float32 included)."""
+    pass_ns: float
+    """Each statistics pass (a histogram, dot products), on top of the apply."""
+    parallel: bool
+    """Computes on every core (torch threads and numba kernels); False: one thread (the
+    engine runs elementwise methods single-threaded, as they are memory-bound)."""
+
+
+#: Method family -> costs, measured with scripts/bench_estimate.py (2 cores, bf16 inputs,
+#: float32 compute). Families group methods whose kernels cost alike per element.
+FAMILIES: dict[str, Costs] = {
+    "elementwise": Costs(apply_ns=1.0, pass_ns=0.0, parallel=False),
+    "selection": Costs(apply_ns=4.0, pass_ns=2.0, parallel=True),
+    "sce": Costs(apply_ns=4.0, pass_ns=2.0, parallel=True),
+    "geometric": Costs(apply_ns=4.0, pass_ns=2.0, parallel=True),
+    "fusion": Costs(apply_ns=4.0, pass_ns=2.0, parallel=True),
+}
+
+_FAMILY_OF: dict[str, str] = {
+    **dict.fromkeys(("linear", "task_arithmetic", "nearswap", "passthrough", "sma", "wma", "ema", "minus-sqrt"),
+                    "elementwise"),
+    **dict.fromkeys(("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+                     "della_linear"), "selection"),
+    "sce": "sce",
+    **dict.fromkeys(("slerp", "nuslerp", "model_stock", "multislerp", "karcher"), "geometric"),
+    **dict.fromkeys(("arcee_fusion", "ram", "ramplus_tl"), "fusion"),
+}
+
+#: CPU ns per element to dequantize a quantized input (io.quant; on the read threads, in
+#: parallel with the compute) and to requantize a quantized output (engine/requant.py).
+DEQUANT_NS = 2.0
+REQUANT_NS = 4.0
+#: CPU ns per byte the pipeline spends whatever the method: the copy of each read into the
+#: read buffer and the sha256 of each written byte (threads beside the compute).
+READ_COPY_NS = 0.1
+HASH_NS = 0.5
+#: float64 compute (an F64 input or output) costs about this many times float32's.
+F64_FACTOR = 2.0
+
+
+def family_of(method: str, elementwise: bool) -> str:
+    """The cost family of a registered method; an unknown one by its shape (elementwise or not)."""
+    return _FAMILY_OF.get(method, "elementwise" if elementwise else "geometric")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Estimate:
+    """What a plan's run should take, and what that assumes."""
+
+    method: str
+    family: str
+    read_bytes: int
+    write_bytes: int
+    disk_speed: float
+    """Bytes per second assumed for reads and for writes."""
+    cores: int
+    threads: int
+    """Threads the method computes on."""
+    io_s: float
+    compute_s: float
+    startup_s: float
+    total_s: float
+    """start-up + max(I/O, compute): the pipeline overlaps them."""
+    bound: str
+    """`I/O` or `compute`: which of the two the estimate says limits the run."""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"total_s": round(self.total_s, 1), "io_s": round(self.io_s, 1),
+                "compute_s": round(self.compute_s, 1), "startup_s": self.startup_s, "bound": self.bound,
+                "disk_speed_bytes_per_s": self.disk_speed, "cores": self.cores, "threads": self.threads,
+                "family": self.family, "read_bytes": self.read_bytes, "write_bytes": self.write_bytes}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (what torch and numba size their thread pools by)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _tensor_ns(t: TensorPlan, costs: Costs, n_passes: int) -> tuple[float, float]:
+    """(method CPU ns, dequantize + requantize CPU ns) of one merged tensor."""
+    n_in = len(t.sources_used)
+    work = t.numel * n_in * (costs.apply_ns + costs.pass_ns * n_passes)
+    if t.compute_dtype == "F64":
+        work *= F64_FACTOR
+    quant = t.numel * DEQUANT_NS * sum(1 for c in t.in_codecs if c is not None)
+    if t.quant is not None:
+        quant += t.numel * REQUANT_NS
+    return work, quant
+
+
+def estimate(plan: Plan, *, disk_speed: float | None = None, cores: int | None = None) -> Estimate:
+    """The wall-time estimate of running `plan` locally (see the module docstring).
+
+    `disk_speed`: bytes per second for reads and writes (default `DEFAULT_DISK_SPEED`);
+    `cores`: the cores to compute on (default: this machine's).
+    """
+    from moemerge.methods import get_method
+
+    speed = DEFAULT_DISK_SPEED if disk_speed is None else float(disk_speed)
+    if speed <= 0:
+        raise ValueError(f"disk speed must be positive, got {speed}")
+    ncores = usable_cores() if cores is None else max(1, cores)
+    method = get_method(plan.method)
+    family = family_of(plan.method, method.elementwise)
+    costs = FAMILIES[family]
+    threads = ncores if costs.parallel else 1
+    work_ns = quant_ns = 0.0
+    passes_of: dict[tuple[int, tuple[int, ...]], int] = {}  # as the planner: few distinct (params, shape)
+    for t in plan.tensors:
+        if t.method == "copy":
+            continue
+        key = (id(t.params), t.shape)
+        n = passes_of.get(key)
+        if n is None:
+            n = passes_of[key] = len(method.passes(t.params, t.shape))
+        w, q = _tensor_ns(t, costs, n)
+        work_ns += w
+        quant_ns += q
+    # the pipeline's own CPU (read copies, output hashing) runs on other threads: it shares
+    # the cores with a parallel method, and has a core of its own beside a one-thread one
+    pipe_ns = plan.bytes_read * READ_COPY_NS + plan.bytes_written * HASH_NS
+    if costs.parallel:
+        compute_s = (work_ns + quant_ns + pipe_ns) / ncores / 1e9
+    else:
+        compute_s = max(work_ns, (quant_ns + pipe_ns) / max(1, ncores - 1)) / 1e9
+    io_s = plan.bytes_read / speed + plan.bytes_written / speed
+    total = STARTUP_S + max(io_s, compute_s)
+    return Estimate(method=plan.method, family=family, read_bytes=plan.bytes_read, write_bytes=plan.bytes_written,
+                    disk_speed=speed, cores=ncores, threads=threads, io_s=io_s, compute_s=compute_s,
+                    startup_s=STARTUP_S, total_s=total, bound="I/O" if io_s >= compute_s else "compute")

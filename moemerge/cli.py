@@ -221,6 +221,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=DEFAULT_DEVICE,
                    help="cuda: also print the device memory the merge needs there (engine/device.py)")
     p.add_argument("--cuda", dest="device", action="store_const", const="cuda", help="same as --device cuda")
+    p.add_argument("--disk-speed", default=None, type=_disk_speed, metavar="RATE",
+                   help="read and write rate the time estimate assumes, per second, e.g. 500MB or 2GB (default 1GB)")
     _common(p)
     _dask_opts(p)
 
@@ -259,7 +261,18 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _print_plan(plan: Any, header: str) -> None:
+def _disk_speed(text: str) -> int:
+    """`--disk-speed` as bytes per second (`500MB`, `2GB`; a trailing `/s` is allowed)."""
+    from moemerge.errors import ConfigError
+    from moemerge.sizes import parse_size
+
+    try:
+        return parse_size(text.removesuffix("/s"), what="--disk-speed", minimum=1)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _print_plan(plan: Any, header: str, disk_speed: int | None = None) -> None:
     from moemerge.sizes import format_size
 
     t = Table(title=header, show_header=False, box=None)
@@ -275,8 +288,12 @@ def _print_plan(plan: Any, header: str) -> None:
     if (plan.quantize or "none") != "none":  # --quantize (or its default): the output's layout
         t.add_row("quantize", plan.quantize)
     t.add_row("memory", f"buffers {format_size(plan.peak_bytes)} (budget {format_size(plan.memory_budget)})")
-    # ~1 GB/s is what sequential reads reached on a plain cloud disk here; a rough guide only
-    t.add_row("estimate", f"~{plan.bytes_read / 1e9:,.0f} s at 1 GB/s")
+    # planner/estimate.py: measured per-element costs of the method on a 2-core machine
+    e = plan.estimate(disk_speed=disk_speed)
+    t.add_row("estimate", f"~{e.total_s:,.0f} s: the longer of I/O and compute (they overlap) + "
+                          f"{e.startup_s:g} s start-up")
+    t.add_row("", f"I/O {e.io_s:,.1f} s at {format_size(e.disk_speed)}/s (read and write)")
+    t.add_row("", f"compute {e.compute_s:,.1f} s ({e.family} methods on {e.threads} of {e.cores} core(s))")
     _out.print(t)
     for w in plan.warnings:
         _err.print(f"[yellow]warning:[/] {w}")
@@ -364,9 +381,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     dask = plan_split(p, args.workers, args.out) if args.workers else None
     dev = _device_need(p, args.device)
     if args.json:
-        _out.print_json(json.dumps({**p.summary(), **({"dask": dask} if dask else {}), **dev}))
+        summary = p.summary(disk_speed=args.disk_speed)
+        _out.print_json(json.dumps({**summary, **({"dask": dask} if dask else {}), **dev}))
         return
-    _print_plan(p, f"plan for {args.config}")
+    _print_plan(p, f"plan for {args.config}", args.disk_speed)
     if dev:
         from moemerge.sizes import format_size
 

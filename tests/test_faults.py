@@ -980,7 +980,7 @@ def test_pma_state_with_a_damaged_chunk_fails_the_update_and_keeps_the_state(tmp
     line = err.strip()
     assert "\n" not in line and "Traceback" not in err
     what = "is missing" if damage == "delete" else "does not match the checksum"
-    assert f"{version}/S%3Amodel.embed_tokens.weight: chunk {coords} {what}" in line
+    assert f"{version}/S%3Amodel.embed_tokens.weight: chunk {coords} {what}" in line, line
     assert "--recompute-every 1" in line and "new STATE" in line
     # the state is not changed: the pointer and every file of the named version as they were
     assert (state / POINTER_NAME).read_bytes() == pointer

@@ -439,7 +439,9 @@ def test_pma_over_fp8_snapshots_writes_fp8_like_the_snapshots(tmp_path: Path, ge
     for name in _LINEARS:
         want = sum(dequant64(t, name) for t in ins) / 3
         err_ = (dequant64(got, name) - want).abs()
-        assert bool((err_ <= half_step(got, name, want) + 2.0 ** -22 * want.abs()).all()), name
+        # the float32 sum's rounding is relative to sum |w x| (terms can cancel), not to |want|
+        fp32 = 2.0 ** -21 * sum(dequant64(t, name).abs() for t in ins) / 3
+        assert bool((err_ <= half_step(got, name, want) + fp32).all()), name
     code, stdout, err = run_cli("pma", *snaps, "-o", tmp_path / "bf16", "--quantize", "none", "--no-progress")
     assert code == 0, err
     assert _load_dir(tmp_path / "bf16")["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16

@@ -88,7 +88,9 @@ class Estimate:
     read_bytes: int
     write_bytes: int
     disk_speed: float
-    """Bytes per second assumed for reads and for writes."""
+    """Bytes per second assumed for reads."""
+    write_speed: float
+    """Bytes per second assumed for writes (the disk speed unless given apart)."""
     cores: int
     threads: int
     """Threads the method computes on."""
@@ -103,7 +105,7 @@ class Estimate:
     def as_dict(self) -> dict[str, object]:
         return {"total_s": round(self.total_s, 1), "io_s": round(self.io_s, 1),
                 "compute_s": round(self.compute_s, 1), "startup_s": self.startup_s, "bound": self.bound,
-                "disk_speed_bytes_per_s": self.disk_speed, "cores": self.cores, "threads": self.threads,
+                "disk_speed_bytes_per_s": self.disk_speed, "write_speed_bytes_per_s": self.write_speed, "cores": self.cores, "threads": self.threads,
                 "family": self.family, "read_bytes": self.read_bytes, "write_bytes": self.write_bytes}
 
 
@@ -116,28 +118,31 @@ def usable_cores() -> int:
 
 
 def _tensor_ns(t: TensorPlan, costs: Costs, n_passes: int) -> tuple[float, float]:
-    """(method CPU ns, dequantize + requantize CPU ns) of one merged tensor."""
+    """(compute-thread CPU ns, read-thread CPU ns) of one merged tensor: the method and any
+    requantizing run where the chunk is computed, dequantizing where it is read."""
     n_in = len(t.sources_used)
     work = t.numel * n_in * (costs.apply_ns + costs.pass_ns * n_passes)
     if t.compute_dtype == "F64":
         work *= F64_FACTOR
-    quant = t.numel * DEQUANT_NS * sum(1 for c in t.in_codecs if c is not None)
     if t.quant is not None:
-        quant += t.numel * REQUANT_NS
-    return work, quant
+        work += t.numel * REQUANT_NS
+    return work, t.numel * DEQUANT_NS * sum(1 for c in t.in_codecs if c is not None)
 
 
-def estimate(plan: Plan, *, disk_speed: float | None = None, cores: int | None = None) -> Estimate:
+def estimate(plan: Plan, *, disk_speed: float | None = None, write_speed: float | None = None,
+             cores: int | None = None) -> Estimate:
     """The wall-time estimate of running `plan` locally (see the module docstring).
 
     `disk_speed`: bytes per second for reads and writes (default `DEFAULT_DISK_SPEED`);
+    `write_speed`: for writes when they differ (scripts/bench_estimate.py measures both);
     `cores`: the cores to compute on (default: this machine's).
     """
     from moemerge.methods import get_method
 
     speed = DEFAULT_DISK_SPEED if disk_speed is None else float(disk_speed)
-    if speed <= 0:
-        raise ValueError(f"disk speed must be positive, got {speed}")
+    wspeed = speed if write_speed is None else float(write_speed)
+    if speed <= 0 or wspeed <= 0:
+        raise ValueError(f"disk speed must be positive, got {speed} (read), {wspeed} (write)")
     ncores = usable_cores() if cores is None else max(1, cores)
     method = get_method(plan.method)
     family = family_of(plan.method, method.elementwise)
@@ -162,8 +167,8 @@ def estimate(plan: Plan, *, disk_speed: float | None = None, cores: int | None =
         compute_s = (work_ns + quant_ns + pipe_ns) / ncores / 1e9
     else:
         compute_s = max(work_ns, (quant_ns + pipe_ns) / max(1, ncores - 1)) / 1e9
-    io_s = plan.bytes_read / speed + plan.bytes_written / speed
+    io_s = plan.bytes_read / speed + plan.bytes_written / wspeed
     total = STARTUP_S + max(io_s, compute_s)
     return Estimate(method=plan.method, family=family, read_bytes=plan.bytes_read, write_bytes=plan.bytes_written,
-                    disk_speed=speed, cores=ncores, threads=threads, io_s=io_s, compute_s=compute_s,
+                    disk_speed=speed, write_speed=wspeed, cores=ncores, threads=threads, io_s=io_s, compute_s=compute_s,
                     startup_s=STARTUP_S, total_s=total, bound="I/O" if io_s >= compute_s else "compute")

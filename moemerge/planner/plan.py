@@ -190,11 +190,12 @@ class Plan:
             h.update(hashlib.sha256(sh.header).digest())
         return h.hexdigest()
 
-    def estimate(self, *, disk_speed: float | None = None, cores: int | None = None) -> Estimate:
+    def estimate(self, *, disk_speed: float | None = None, write_speed: float | None = None,
+                 cores: int | None = None) -> Estimate:
         """Its wall-time estimate (planner/estimate.py): disk speed in bytes/s, default 1 GB/s."""
         from moemerge.planner.estimate import estimate
 
-        return estimate(self, disk_speed=disk_speed, cores=cores)
+        return estimate(self, disk_speed=disk_speed, write_speed=write_speed, cores=cores)
 
     def summary(self, *, disk_speed: float | None = None) -> dict[str, object]:
         """The plan as a small JSON-able dict (what `moemerge plan --json` prints)."""

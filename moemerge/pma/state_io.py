@@ -88,7 +88,8 @@ class FastStateReader:
             try:
                 want = (self.sums.chunk_checksums or {}).get(key)
                 if want is not None and chunk_checksum(data) != want:
-                    raise CheckpointError(f"{self.sums.url}/{array}: chunk {i} does not match the checksum "
+                    coords = key.rsplit("/c/", 1)[1].replace("/", ".")  # as zarr's reads name it
+                    raise CheckpointError(f"{self.sums.url}/{array}: chunk {coords} does not match the checksum "
                                           f"recorded when it was written (a damaged or replaced object): "
                                           f"{self._hint()}")
                 if n == rows_per * row_len:

@@ -1,0 +1,151 @@
+"""`moemerge plan`'s time estimate (planner/estimate.py): I/O from the plan's bytes (every
+streamed statistics pass re-reads), compute from per-element costs, and the flags and JSON
+that show them. The model's arithmetic is checked; wall time never is."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moemerge.api import plan
+from moemerge.planner import estimate as est
+from tests.quant_fixtures import block_fp8_model
+
+SHAPE = (64, 256)
+
+
+def _models(ckpt_factory, n: int, seed: int = 0) -> list[Path]:
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(*SHAPE, generator=gen)
+    return [ckpt_factory(f"m{i}", {"w": (base + 0.1 * torch.randn(*SHAPE, generator=gen)).to(torch.bfloat16),
+                                   "norm": torch.rand(SHAPE[1], generator=gen).to(torch.bfloat16)})
+            for i in range(n)]
+
+
+def _cfg(tmp_path: Path, method: str, paths: list[Path], name: str = "c.yml") -> Path:
+    doc: dict = {"merge_method": method, "models": [{"model": str(p), "parameters": {"weight": 0.5}}
+                                                    for p in paths[1:]]}
+    doc["base_model"] = str(paths[0])
+    if method in ("ties", "dare_ties"):
+        doc["parameters"] = {"density": 0.5}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _work_ns(p, costs: est.Costs, passes: int) -> float:
+    """The model's method CPU ns, computed here from the plan's tensors independently."""
+    return sum(t.numel * len(t.sources_used) * (costs.apply_ns + costs.pass_ns * passes)
+               for t in p.tensors if t.method != "copy")
+
+
+def test_compute_grows_with_statistics_passes(tmp_path: Path, ckpt_factory) -> None:
+    paths = _models(ckpt_factory, 3)
+    lin = plan(str(_cfg(tmp_path, "task_arithmetic", paths, "a.yml")))
+    ties = plan(str(_cfg(tmp_path, "ties", paths, "b.yml")))
+    e_lin, e_ties = lin.estimate(cores=2), ties.estimate(cores=2)
+    assert e_lin.family == "elementwise" and e_ties.family == "selection"
+    sel = est.FAMILIES["selection"]
+    from moemerge.methods import get_method
+
+    t = ties.tensors[0]
+    n_pass = len(get_method("ties").passes(t.params, t.shape))
+    assert n_pass >= 2
+    pipe = ties.bytes_read * est.READ_COPY_NS + ties.bytes_written * est.HASH_NS
+    want = (_work_ns(ties, sel, n_pass) + pipe) / 2 / 1e9
+    assert e_ties.compute_s == pytest.approx(want, rel=1e-9)
+    # the passes are what makes it cost more than without them
+    no_pass = (_work_ns(ties, sel, 0) + pipe) / 2 / 1e9
+    assert e_ties.compute_s > no_pass
+    assert e_ties.total_s == pytest.approx(e_ties.startup_s + max(e_ties.io_s, e_ties.compute_s))
+
+
+def test_streamed_passes_reread_and_cost_io(tmp_path: Path, ckpt_factory) -> None:
+    """Under a budget too small for a tensor, every statistics pass reads it again: the I/O
+    estimate follows the plan's bytes read, which count those re-reads."""
+    from moemerge.synthetic import make_single_tensor_checkpoint
+
+    paths = [make_single_tensor_checkpoint(tmp_path / f"s{i}", "w", (2048, 1024), "BF16", seed=i) for i in range(3)]
+    cfg = _cfg(tmp_path, "ties", paths)
+    whole = plan(str(cfg), memory_budget="1GB")
+    streamed = plan(str(cfg), memory_budget="8MB")
+    assert len(streamed.tensors[0].chunks) > 1 and len(whole.tensors[0].chunks) == 1
+    in_bytes = 3 * 2048 * 1024 * 2
+    assert whole.bytes_read == in_bytes
+    assert streamed.bytes_read == in_bytes * (1 + streamed.passes)
+    a, b = whole.estimate(disk_speed=1e9), streamed.estimate(disk_speed=1e9)
+    assert a.io_s == pytest.approx((in_bytes + whole.bytes_written) / 1e9)
+    assert b.io_s == pytest.approx((streamed.bytes_read + streamed.bytes_written) / 1e9)
+    assert b.io_s > a.io_s and b.total_s >= a.total_s
+
+
+def test_compute_grows_with_inputs(tmp_path: Path, ckpt_factory) -> None:
+    paths = _models(ckpt_factory, 5)
+    few = plan(str(_cfg(tmp_path, "ties", paths[:3], "a.yml"))).estimate(cores=2)
+    many = plan(str(_cfg(tmp_path, "ties", paths, "b.yml"))).estimate(cores=2)
+    assert many.compute_s > few.compute_s * 1.4  # 5 inputs against 3: the work is per input
+    assert many.read_bytes == pytest.approx(few.read_bytes * 5 / 3)
+
+
+def test_cores_divide_parallel_methods_only(tmp_path: Path, ckpt_factory) -> None:
+    paths = _models(ckpt_factory, 3)
+    ties = plan(str(_cfg(tmp_path, "ties", paths, "a.yml")))
+    assert ties.estimate(cores=4).compute_s == pytest.approx(ties.estimate(cores=2).compute_s / 2)
+    lin = plan(str(_cfg(tmp_path, "task_arithmetic", paths, "b.yml")))
+    assert lin.estimate(cores=4).threads == 1
+    assert lin.estimate(cores=4).compute_s == pytest.approx(
+        _work_ns(lin, est.FAMILIES["elementwise"], 0) / 1e9)
+
+
+def test_disk_speed_changes_io_only(tmp_path: Path, ckpt_factory) -> None:
+    p = plan(str(_cfg(tmp_path, "ties", _models(ckpt_factory, 3))))
+    fast, slow = p.estimate(), p.estimate(disk_speed=500e6)
+    assert fast.disk_speed == est.DEFAULT_DISK_SPEED
+    assert slow.io_s == pytest.approx(2 * fast.io_s)
+    assert slow.compute_s == fast.compute_s
+    with pytest.raises(ValueError, match="positive"):
+        p.estimate(disk_speed=0)
+
+
+def test_plan_json_and_table_show_the_estimate(tmp_path: Path, ckpt_factory, run_cli) -> None:
+    cfg = _cfg(tmp_path, "ties", _models(ckpt_factory, 3))
+    code, out, err = run_cli("plan", str(cfg), "--json", "--disk-speed", "500MB")
+    assert code == 0, err
+    e = json.loads(out)["estimate"]
+    for key in ("total_s", "io_s", "compute_s", "startup_s", "bound", "disk_speed_bytes_per_s",
+                "write_speed_bytes_per_s", "cores", "threads", "family", "read_bytes", "write_bytes"):
+        assert key in e, key
+    assert e["disk_speed_bytes_per_s"] == 500e6 and e["family"] == "selection"
+    code, out, err = run_cli("plan", str(cfg), "--disk-speed", "2GB/s")
+    assert code == 0, err
+    assert "I/O" in out and "compute" in out and "2.00 GB/s" in out, out
+    code, out, err = run_cli("plan", str(cfg), "--disk-speed", "fast")
+    assert code != 0 and "--disk-speed" in err
+
+
+def test_quantized_input_costs_dequantize(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(3)
+    a, _ = block_fp8_model(tmp_path / "a", gen)
+    b, _ = block_fp8_model(tmp_path / "b", gen)
+    cfg = tmp_path / "q.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}]}))
+    p = plan(str(cfg), quantize="none")
+    quantized = [t for t in p.tensors if t.in_codecs]
+    assert quantized and all(c is not None for t in quantized for c in t.in_codecs)
+    plain = dataclasses.replace(p, tensors=tuple(dataclasses.replace(t, in_codecs=()) for t in p.tensors))
+    deq_elems = sum(t.numel * len(t.in_codecs) for t in quantized)
+    # dequantizing runs beside the one compute thread of an elementwise method (cores - 1 of them)
+    got = p.estimate(cores=3).compute_s
+    pipe_ns = p.bytes_read * est.READ_COPY_NS + p.bytes_written * est.HASH_NS
+    want = max(_work_ns(p, est.FAMILIES["elementwise"], 0), (deq_elems * est.DEQUANT_NS + pipe_ns) / 2) / 1e9
+    assert got == pytest.approx(want)
+    assert got >= plain.estimate(cores=3).compute_s
+    requant = plan(str(cfg), quantize="like-input")
+    assert any(t.quant is not None for t in requant.tensors)
+    assert requant.estimate(cores=1).compute_s > p.estimate(cores=1).compute_s

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from moemerge.planner.plan import Plan, TensorPlan
 
-__all__ = ["DEFAULT_DISK_SPEED", "Costs", "FAMILIES", "Estimate", "estimate", "family_of"]
+__all__ = ["DEFAULT_DISK_SPEED", "Costs", "FAMILIES", "METHOD_COSTS", "Estimate", "estimate", "family_of"]
 
 #: Bytes per second read and written when the user gives no `--disk-speed`: what sequential
 #: 64 MiB reads reached on a plain cloud disk here (scripts/bench.py's floor); a guide only.
@@ -26,6 +26,8 @@ DEFAULT_DISK_SPEED = 1e9
 #: Seconds from `moemerge run` to the first read: interpreter, torch, numba's cached kernels,
 #: headers and the plan (measured on small inputs; a 92k-tensor plan adds a few seconds).
 STARTUP_S = 2.5
+#: CPU seconds of that start-up (the rest is waiting on files).
+STARTUP_CPU_S = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,6 +52,12 @@ FAMILIES: dict[str, Costs] = {
     "sce": Costs(apply_ns=4.0, pass_ns=2.0, parallel=True),
     "geometric": Costs(apply_ns=4.0, pass_ns=2.0, parallel=True),
     "fusion": Costs(apply_ns=4.0, pass_ns=2.0, parallel=True),
+}
+#: Methods that cost clearly more (or less) than their family: their own measured costs.
+METHOD_COSTS: dict[str, Costs] = {
+    # DELLA's per-row rank sampling draws and sorts: ~4x ties' per element (README "Benchmarks")
+    "della": Costs(apply_ns=27.0, pass_ns=1.6, parallel=True),
+    "della_linear": Costs(apply_ns=27.0, pass_ns=1.6, parallel=True),
 }
 
 _FAMILY_OF: dict[str, str] = {
@@ -97,6 +105,9 @@ class Estimate:
     io_s: float
     compute_s: float
     startup_s: float
+    cpu_s: float
+    """CPU seconds the run should take in all (start-up's included): what
+    scripts/bench_estimate.py checks the constants against on a shared machine."""
     total_s: float
     """start-up + max(I/O, compute): the pipeline overlaps them."""
     bound: str
@@ -104,7 +115,7 @@ class Estimate:
 
     def as_dict(self) -> dict[str, object]:
         return {"total_s": round(self.total_s, 1), "io_s": round(self.io_s, 1),
-                "compute_s": round(self.compute_s, 1), "startup_s": self.startup_s, "bound": self.bound,
+                "compute_s": round(self.compute_s, 1), "startup_s": self.startup_s, "cpu_s": round(self.cpu_s, 1), "bound": self.bound,
                 "disk_speed_bytes_per_s": self.disk_speed, "write_speed_bytes_per_s": self.write_speed, "cores": self.cores, "threads": self.threads,
                 "family": self.family, "read_bytes": self.read_bytes, "write_bytes": self.write_bytes}
 
@@ -146,7 +157,7 @@ def estimate(plan: Plan, *, disk_speed: float | None = None, write_speed: float 
     ncores = usable_cores() if cores is None else max(1, cores)
     method = get_method(plan.method)
     family = family_of(plan.method, method.elementwise)
-    costs = FAMILIES[family]
+    costs = METHOD_COSTS.get(plan.method, FAMILIES[family])
     threads = ncores if costs.parallel else 1
     work_ns = quant_ns = 0.0
     passes_of: dict[tuple[int, tuple[int, ...]], int] = {}  # as the planner: few distinct (params, shape)
@@ -171,4 +182,4 @@ def estimate(plan: Plan, *, disk_speed: float | None = None, write_speed: float 
     total = STARTUP_S + max(io_s, compute_s)
     return Estimate(method=plan.method, family=family, read_bytes=plan.bytes_read, write_bytes=plan.bytes_written,
                     disk_speed=speed, write_speed=wspeed, cores=ncores, threads=threads, io_s=io_s, compute_s=compute_s,
-                    startup_s=STARTUP_S, total_s=total, bound="I/O" if io_s >= compute_s else "compute")
+                    startup_s=STARTUP_S, cpu_s=STARTUP_CPU_S + (work_ns + quant_ns + pipe_ns) / 1e9, total_s=total, bound="I/O" if io_s >= compute_s else "compute")

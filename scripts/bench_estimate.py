@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=2, help="runs per case, the fastest kept (default 2)")
     p.add_argument("--cold", action="store_true",
                    help="drop the page cache before each floor and run (root only; slows other users)")
+    p.add_argument("--wait-quiet", type=float, default=60,
+                   help="before each run wait up to this many seconds for other processes to go idle (default 60)")
     p.add_argument("--dir", default=None, help="where inputs and outputs go (default: a new temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the inputs for a later run with the same --dir")
     return p
@@ -70,10 +72,11 @@ def _floor(paths: list[Path], write_bytes: int, work: Path, cold: bool) -> tuple
     return max(reads), max(writes)
 
 
-def _measure(cmd: list[str], out: Path, repeat: int, cold: bool) -> tuple[float, float, float]:
+def _measure(cmd: list[str], out: Path, repeat: int, cold: bool, quiet: float) -> tuple[float, float, float]:
     """(wall s, CPU s, other processes' CPU s) of the fastest of `repeat` runs."""
     best: tuple[float, float, float] | None = None
     for _ in range(repeat):
+        bench.wait_quiet(quiet)
         shutil.rmtree(out, ignore_errors=True)
         if cold:
             bench.drop_caches()
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 p = plan({k: v for k, v in doc.items()}, memory_budget=budget, **({"quantize": q} if q else {}))
                 read_rate, write_rate = _floor(paths, p.bytes_written, work, args.cold)
                 est = p.estimate(disk_speed=read_rate, write_speed=write_rate)
-                wall, cpu, other = _measure(cmd, work / "out", args.repeat, args.cold)
+                wall, cpu, other = _measure(cmd, work / "out", args.repeat, args.cold, args.wait_quiet)
                 row = (label, format_size(size), est.family, f"{p.bytes_read / 1e9:.2f}", str(p.passes),
                        f"{est.io_s:.1f}", f"{est.compute_s:.1f}", f"{est.total_s:.1f}", f"{wall:.1f}",
                        f"{est.total_s / wall:.2f}", f"{est.cpu_s:.1f}", f"{cpu:.1f}", f"{est.cpu_s / cpu:.2f}",

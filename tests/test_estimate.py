@@ -99,7 +99,7 @@ def test_cores_divide_parallel_methods_only(tmp_path: Path, ckpt_factory) -> Non
     lin = plan(str(_cfg(tmp_path, "task_arithmetic", paths, "b.yml")))
     assert lin.estimate(cores=4).threads == 1
     assert lin.estimate(cores=4).compute_s == pytest.approx(
-        _work_ns(lin, est.FAMILIES["elementwise"], 0) / 1e9)
+        _work_ns(lin, est.METHOD_COSTS["task_arithmetic"], 0) / 1e9)
 
 
 def test_disk_speed_changes_io_only(tmp_path: Path, ckpt_factory) -> None:

@@ -100,6 +100,18 @@ def copy_equal(t: TensorPlan, raws: list[torch.Tensor], plan: Plan) -> torch.Ten
     return first
 
 
+def _weighted_into(method: Method, t: TensorPlan, raws: list[torch.Tensor], comp: torch.dtype,
+                   cast: torch.dtype | None, out: torch.Tensor) -> bool:
+    """A weighted-sum method (linear, the PMA averages) in one pass from the read buffer into
+    the write buffer (methods/_fused.py), when it can run with the torch path's bits."""
+    from moemerge.methods._fused import weighted_into
+
+    inputs = raws[1:] if t.base is not None else raws
+    if cast is not None and cast not in (torch.float32, torch.float64) and any(r.dtype != cast for r in inputs):
+        return False  # inputs are rounded to MergeKit's `dtype` first: the torch path does that
+    return weighted_into(method.name, t.params, inputs, comp, out)
+
+
 def apply_into(method: Method, t: TensorPlan, r0: int, r1: int, raws: list[torch.Tensor],
                slabs: list[torch.Tensor], comp: torch.dtype, cast: torch.dtype | None,
                stats: dict[str, Any], out: torch.Tensor) -> int:
@@ -111,6 +123,8 @@ def apply_into(method: Method, t: TensorPlan, r0: int, r1: int, raws: list[torch
     n = rows * t.row_len
     nbytes = n * itemsize(t.out_dtype)
     typed_out = out[:nbytes].view(to_torch(t.out_dtype))
+    if method.elementwise and n and _weighted_into(method, t, raws, comp, cast, typed_out):
+        return nbytes
     if method.elementwise:
         for s in range(0, n, BLOCK_ELEMS):
             e = min(n, s + BLOCK_ELEMS)

@@ -1,6 +1,8 @@
 """Fused CPU kernels for the statistics methods (ties, dare, breadcrumbs, della, sce): one pass
 over a chunk's stored inputs computes task vectors, histogram bins, masks and the sign vote,
 in row ranges on every core, with the same bits as the torch path (tests/test_select_kernels.py).
+`weighted_into` does the same for the weighted sums (linear, sma, ...): the read buffer straight
+into the write buffer (tests/test_linear_kernel.py).
 
 Each entry point returns None when it cannot run (numba missing or off with MOEMERGE_NO_NUMBA=1,
 a device other than the CPU, a compute dtype other than float32, inputs cast or of mixed or
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from functools import partial
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from moemerge.methods._selection import Selection
 
 __all__ = ["available", "Ranked", "abs_delta_values", "variance_values", "histograms", "tie_counts",
-           "generalized_apply", "l1_partials", "sce_masked", "sce_apply"]
+           "generalized_apply", "l1_partials", "sce_masked", "sce_apply", "WEIGHTED_SUMS", "weighted_into"]
 
 _KERNELS: Any = None
 _FAILED = False
@@ -379,3 +381,80 @@ def sce_apply(chunk: Chunk, stats: Mapping[str, Any], sel: Selection | None,
     eta32 = np.array(eta, np.float32)
     _flat_ranges(src.n, lambda j0, j1: _kernels().sce_apply_k(src.flat, src.ss, bufs, eta32, j0, j1, out))
     return out_t
+
+
+# -- weighted sums (linear, the PMA averages): the stored inputs straight into the output ------
+
+#: Elementwise methods whose output is a weighted sum of their inputs, as `_kernels.weighted_sum`
+#: computes it: method name -> weights(params, n_inputs). Each method registers the function its
+#: own `apply` uses, so the two paths cannot disagree on the weights.
+WEIGHTED_SUMS: dict[str, Callable[[TensorParams, int], Sequence[float]]] = {}
+_LINEAR: Any = None
+_LINEAR_FAILED = False
+#: Output dtypes the loop writes: bf16 (as its uint16 bits) and float32.
+_OUT_DTYPES = ("torch.bfloat16", "torch.float32")
+
+
+def _linear_kernels() -> Any:
+    global _LINEAR, _LINEAR_FAILED
+    if _LINEAR is None and not _LINEAR_FAILED:
+        try:
+            from moemerge.methods import _linear_numba
+
+            _LINEAR = _linear_numba
+        except (ImportError, RuntimeError, OSError):  # no numba, or no writable cache directory
+            _LINEAR_FAILED = True
+    return _LINEAR
+
+
+def _evenly_spaced(raws: Sequence[torch.Tensor]) -> Stored | None:
+    """`raws` (one dtype, bf16 or float32, equal lengths, host memory) as one flat numpy view
+    when they lie evenly spaced in one buffer (the engine's read buffer), else None."""
+    if not raws:
+        return None
+    dt = raws[0].dtype
+    if dt not in (torch.bfloat16, torch.float32) or any(r.dtype != dt or not on_host(r) or not r.is_contiguous()
+                                                         for r in raws):
+        return None
+    n = raws[0].numel()
+    if n == 0 or any(r.numel() != n for r in raws):
+        return None
+    size = raws[0].element_size()
+    ptrs = [r.data_ptr() for r in raws]
+    step = ptrs[1] - ptrs[0] if len(ptrs) > 1 else n * size
+    if step < n * size or step % size or any(b - a != step for a, b in zip(ptrs, ptrs[1:])):
+        return None
+    first = raws[0].reshape(-1)
+    a0 = first.view(torch.int16).numpy().view(np.uint16) if dt == torch.bfloat16 else first.numpy()
+    ss = step // size
+    flat = np.lib.stride_tricks.as_strided(a0, shape=((len(raws) - 1) * ss + n,), strides=(size,), writeable=False)
+    return Stored(flat=flat, ss=ss, n=n)
+
+
+def weighted_into(name: str, params: TensorParams, raws: Sequence[torch.Tensor], compute: torch.dtype,
+                  out: torch.Tensor) -> bool:
+    """Method `name`'s weighted sum of the stored inputs `raws` (base excluded) written straight
+    into `out` (the output's typed elements, bf16 or float32) in one pass, with the bits of the
+    torch path (read -> float32 -> multiply-add in input order -> one rounding). False when it
+    cannot run (see the module docstring; also float64 compute, other output dtypes, a method
+    not in `WEIGHTED_SUMS`) or a result is NaN: then nothing is promised about `out`, and the
+    caller runs the torch path, which keeps torch's NaN bit patterns."""
+    weights_of = WEIGHTED_SUMS.get(name)
+    if (weights_of is None or compute != torch.float32 or str(out.dtype) not in _OUT_DTYPES
+            or not on_host(out) or not out.is_contiguous()
+            or os.environ.get("MOEMERGE_NO_NUMBA", "") not in ("", "0")):
+        return False
+    src = _evenly_spaced(raws)
+    if src is None or out.numel() != src.n:
+        return False
+    k = _linear_kernels()
+    if k is None:
+        return False
+    w = np.array([float(x) for x in weights_of(params, len(raws))], np.float32)  # torch: a float32 operand
+    if len(w) != len(raws):
+        return False
+    flat = out.reshape(-1)
+    dst = flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
+    nans: list[int] = []
+    _flat_ranges(src.n, lambda j0, j1: nans.append(k.wsum_k(src.flat, src.ss, len(w), w, j0, j1, dst)))
+    return not any(nans)

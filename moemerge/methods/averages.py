@@ -20,6 +20,7 @@ from typing import Any
 
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
+from moemerge.methods._fused import WEIGHTED_SUMS
 from moemerge.methods._kernels import weighted_sum
 from moemerge.methods.base import Chunk, Method, ParamSpec, TensorParams, check_range
 from moemerge.settings import DEFAULT_ALPHA
@@ -71,9 +72,14 @@ def average_weights(method: str, n: int, alpha: float = DEFAULT_ALPHA) -> list[f
 
 
 def _make(name: str, pretty: str) -> Method:
+    def weights(params: TensorParams, n_inputs: int) -> list[float]:
+        return average_weights(name, n_inputs, float(params.glob.get("alpha", DEFAULT_ALPHA)))
+
     def apply(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> torch.Tensor:
-        alpha = float(params.glob.get("alpha", DEFAULT_ALPHA))
-        return weighted_sum(chunk, average_weights(name, chunk.n_inputs, alpha))
+        return weighted_sum(chunk, weights(params, chunk.n_inputs))
+
+    # the engine's one-pass path (methods/_fused.py `weighted_into`) computes the same sum
+    WEIGHTED_SUMS[name] = weights
 
     params: tuple[ParamSpec, ...] = ()
     if name == "ema":

@@ -7,6 +7,7 @@ from typing import Any
 
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
+from moemerge.methods._fused import WEIGHTED_SUMS
 from moemerge.methods._kernels import weighted_sum
 from moemerge.methods.base import Chunk, Method, ParamSpec, TensorParams
 
@@ -31,8 +32,12 @@ def _check(params: TensorParams) -> str | None:
     return None
 
 
+def _weights(params: TensorParams, n_inputs: int) -> list[float]:
+    return linear_weights(params)
+
+
 def _apply(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> torch.Tensor:
-    return weighted_sum(chunk, linear_weights(params))
+    return weighted_sum(chunk, _weights(params, chunk.n_inputs))
 
 
 LINEAR = Method(
@@ -48,3 +53,6 @@ LINEAR = Method(
     elementwise=True,
     check_tensor=_check,
 )
+
+# the engine's one-pass path (methods/_fused.py `weighted_into`) computes the same sum
+WEIGHTED_SUMS[LINEAR.name] = _weights

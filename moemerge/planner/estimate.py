@@ -25,39 +25,44 @@ __all__ = ["DEFAULT_DISK_SPEED", "Costs", "FAMILIES", "METHOD_COSTS", "Estimate"
 DEFAULT_DISK_SPEED = 1e9
 #: Seconds from `moemerge run` to the first read: interpreter, torch, numba's cached kernels,
 #: headers and the plan (measured on small inputs; a 92k-tensor plan adds a few seconds).
-STARTUP_S = 2.5
+STARTUP_S = 2.0
 #: CPU seconds of that start-up (the rest is waiting on files).
 STARTUP_CPU_S = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Costs:
-    """CPU nanoseconds of one method family, per element of one input (the base counts as
-    one), on one core of the reference machine."""
+    """CPU nanoseconds of a method, per element of one input (the base counts as one), on
+    one core of the reference machine. Elementwise methods compute on one thread (the engine
+    runs them single-threaded: they are memory-bound); the others on every core (torch
+    threads, numba's parallel kernels)."""
 
     apply_ns: float
     """The merge itself (conversion to float32 included)."""
-    pass_ns: float
-    """Each statistics pass (a histogram, dot products), on top of the apply."""
-    parallel: bool
-    """Computes on every core (torch threads and numba kernels); False: one thread (the
-    engine runs elementwise methods single-threaded, as they are memory-bound)."""
+    pass_ns: float = 0.0
+    """Each statistics pass (histograms, dot products), on top of the apply."""
 
 
-#: Method family -> costs, measured with scripts/bench_estimate.py (2 cores, bf16 inputs,
-#: float32 compute). Families group methods whose kernels cost alike per element.
+#: Method family -> costs, from the CPU seconds of scripts/bench_estimate.py runs (2 cores,
+#: bf16 inputs, float32 compute; README "Benchmarks"). Families group methods whose kernels
+#: cost alike per element; `METHOD_COSTS` holds the members measured clearly apart.
 FAMILIES: dict[str, Costs] = {
-    "elementwise": Costs(apply_ns=1.0, pass_ns=0.0, parallel=False),
-    "selection": Costs(apply_ns=4.0, pass_ns=2.0, parallel=True),
-    "sce": Costs(apply_ns=4.0, pass_ns=2.0, parallel=True),
-    "geometric": Costs(apply_ns=4.0, pass_ns=2.0, parallel=True),
-    "fusion": Costs(apply_ns=4.0, pass_ns=2.0, parallel=True),
+    "elementwise": Costs(apply_ns=1.0),
+    "selection": Costs(apply_ns=6.9, pass_ns=1.6),  # the fused numba kernels (methods/_fused.py)
+    "sce": Costs(apply_ns=13.0, pass_ns=1.6),
+    "geometric": Costs(apply_ns=4.7, pass_ns=1.5),
+    "fusion": Costs(apply_ns=17.0, pass_ns=6.0),
 }
-#: Methods that cost clearly more (or less) than their family: their own measured costs.
+#: Methods that cost clearly more than their family, with their own measured costs.
 METHOD_COSTS: dict[str, Costs] = {
-    # DELLA's per-row rank sampling draws and sorts: ~4x ties' per element (README "Benchmarks")
-    "della": Costs(apply_ns=27.0, pass_ns=1.6, parallel=True),
-    "della_linear": Costs(apply_ns=27.0, pass_ns=1.6, parallel=True),
+    "task_arithmetic": Costs(apply_ns=3.0),  # task vectors against the base, then the sum
+    # DELLA's per-row rank sampling draws and sorts: ~2.5x ties per element
+    "della": Costs(apply_ns=27.0, pass_ns=1.6),
+    "della_linear": Costs(apply_ns=27.0, pass_ns=1.6),
+    "nuslerp": Costs(apply_ns=9.0, pass_ns=1.5),
+    "multislerp": Costs(apply_ns=11.5, pass_ns=1.5),  # iterations on the sphere
+    "karcher": Costs(apply_ns=11.5, pass_ns=1.5),
+    "ramplus_tl": Costs(apply_ns=15.0, pass_ns=1.5),
 }
 
 _FAMILY_OF: dict[str, str] = {
@@ -158,7 +163,8 @@ def estimate(plan: Plan, *, disk_speed: float | None = None, write_speed: float 
     method = get_method(plan.method)
     family = family_of(plan.method, method.elementwise)
     costs = METHOD_COSTS.get(plan.method, FAMILIES[family])
-    threads = ncores if costs.parallel else 1
+    parallel = not method.elementwise
+    threads = ncores if parallel else 1
     work_ns = quant_ns = 0.0
     passes_of: dict[tuple[int, tuple[int, ...]], int] = {}  # as the planner: few distinct (params, shape)
     for t in plan.tensors:
@@ -174,7 +180,7 @@ def estimate(plan: Plan, *, disk_speed: float | None = None, write_speed: float 
     # the pipeline's own CPU (read copies, output hashing) runs on other threads: it shares
     # the cores with a parallel method, and has a core of its own beside a one-thread one
     pipe_ns = plan.bytes_read * READ_COPY_NS + plan.bytes_written * HASH_NS
-    if costs.parallel:
+    if parallel:
         compute_s = (work_ns + quant_ns + pipe_ns) / ncores / 1e9
     else:
         compute_s = max(work_ns, (quant_ns + pipe_ns) / max(1, ncores - 1)) / 1e9

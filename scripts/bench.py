@@ -451,6 +451,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mergekit", default=None, metavar="PATH",
                    help="MergeKit's mergekit-yaml (in its own venv) to run on the same inputs side by side; "
                         f"'none' to skip (default: {MERGEKIT_DEFAULT} if it exists)")
+    p.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run every case with this environment added, against the same floor (e.g. "
+                        "MOEMERGE_NO_NUMBA=1: the torch path next to the compiled one); repeatable")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--quant", action="store_true",
                    help="block-FP8 DeepSeek-style inputs instead: linear and ties, bf16 and like-input (FP8) "
@@ -570,17 +573,22 @@ def _main(argv: list[str] | None) -> int:
                         wall=floor, floor=floor))
         print(f"floor: read {read_best.wall:.2f}s + write {wr.wall:.2f}s = {floor:.2f}s", flush=True)
 
-        for method, cmd, out, b_read, b_written, _ in cases:
+        # each case as given, then (--baseline-env) again with those variables: both against one floor
+        variants = [(child_env, args.env)] + ([({**child_env, **dict(kv.split("=", 1) for kv in args.baseline_env)},
+                                                args.env + args.baseline_env)] if args.baseline_env else [])
+        for (method, cmd, out, b_read, b_written, _), (case_env, env_args) in (
+                (c, v) for c in cases for v in variants):
             label = f"{method} ({'pma' if method in PMA_METHODS else 'run'})" + (
-                f" [{' '.join(args.env)}]" if args.env else "")
+                f" [{' '.join(env_args)}]" if env_args else "")
 
             def attempt(cmd: list[str] = cmd, out: Path = out, label: str = label, tool: str = "moemerge",
                         warm: list[str] = [sys.executable, "-c", "import torch, moemerge.cli, moemerge.api"],
-                        b_read: int = b_read, b_written: int = b_written, method: str = method) -> Row:
+                        b_read: int = b_read, b_written: int = b_written, method: str = method,
+                        case_env: dict[str, str] = case_env) -> Row:
                 shutil.rmtree(out, ignore_errors=True)
                 cold = drop_caches()
                 subprocess.run(warm, check=True)  # imports come from the page cache, inputs do not
-                wall, rss, _, inner, cpu, other = run_case(cmd, child_env)
+                wall, rss, _, inner, cpu, other = run_case(cmd, case_env)
                 shutil.rmtree(out, ignore_errors=True)
                 return Row(case=label, cache="cold" if cold else "warm", gb_read=b_read / 1e9,
                            gb_written=b_written / 1e9, wall=wall, floor=floor, peak_rss=rss, budget=budget,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from functools import partial
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -440,6 +441,12 @@ def weighted_into(name: str, params: TensorParams, raws: Sequence[torch.Tensor],
     not in `WEIGHTED_SUMS`) or a result is NaN: then nothing is promised about `out`, and the
     caller runs the torch path, which keeps torch's NaN bit patterns."""
     weights_of = WEIGHTED_SUMS.get(name)
+    # Measured (scripts/bench.py, 3 x 500 MB bf16): the loop saves ~0.2 s of CPU per GB read,
+    # but loading numba and its cached code costs ~0.8 s and ~120 MB of RSS, so a plain linear
+    # or sma run was 1.86x the floor with it against 1.43x without. It runs only where numba is
+    # loaded anyway (a statistics method, FP8 inputs) or MOEMERGE_LINEAR_NUMBA=1 asks for it.
+    if "numba" not in sys.modules and os.environ.get("MOEMERGE_LINEAR_NUMBA", "") in ("", "0"):
+        return False
     if (weights_of is None or compute != torch.float32 or str(out.dtype) not in _OUT_DTYPES
             or not on_host(out) or not out.is_contiguous()
             or os.environ.get("MOEMERGE_NO_NUMBA", "") not in ("", "0")):

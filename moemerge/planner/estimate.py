@@ -6,7 +6,8 @@ The engine (engine/pipeline.py) reads the next chunk on prefetch threads and wri
 one on a writer thread while the calling thread computes, so a run takes about the longer of
 the two, not their sum: wall ~ start-up + max(I/O, compute). The constants were measured with
 scripts/bench_estimate.py on a 2-core x86 cloud machine (README "Benchmarks"); compute scales
-with the cores the method uses (elementwise methods compute on one thread, the others on all).
+with the cores the method uses (elementwise methods compute on one thread, the others on all,
+at `PARALLEL_EFFICIENCY` per extra core: measured on 2 cores, assumed beyond).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ DEFAULT_DISK_SPEED = 1e9
 STARTUP_S = 2.0
 #: CPU seconds of that start-up (the rest is waiting on files).
 STARTUP_CPU_S = 2.0
+#: Loading numba's cached kernels adds this much (wall, CPU) when the run uses them: the fused
+#: selection kernels (selection, sce; methods/_fused.py) and FP8 dequantizing (io/quant).
+NUMBA_STARTUP_S = (0.8, 1.0)
+#: Share of each core past the first that a parallel method's compute gains: torch's and
+#: numba's threads reached 1.75 cores of 2 here (the read, write and hash threads take the rest).
+PARALLEL_EFFICIENCY = 0.75
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,23 +54,24 @@ class Costs:
 #: bf16 inputs, float32 compute; README "Benchmarks"). Families group methods whose kernels
 #: cost alike per element; `METHOD_COSTS` holds the members measured clearly apart.
 FAMILIES: dict[str, Costs] = {
-    "elementwise": Costs(apply_ns=1.0),
-    "selection": Costs(apply_ns=6.9, pass_ns=1.6),  # the fused numba kernels (methods/_fused.py)
-    "sce": Costs(apply_ns=13.0, pass_ns=1.6),
-    "geometric": Costs(apply_ns=4.7, pass_ns=1.5),
-    "fusion": Costs(apply_ns=17.0, pass_ns=6.0),
+    "elementwise": Costs(apply_ns=1.3),
+    "selection": Costs(apply_ns=6.0, pass_ns=1.0),  # the fused numba kernels (methods/_fused.py)
+    "sce": Costs(apply_ns=12.0, pass_ns=1.0),
+    "geometric": Costs(apply_ns=5.5, pass_ns=1.0),
+    "fusion": Costs(apply_ns=10.0, pass_ns=3.0),
 }
-#: Methods that cost clearly more than their family, with their own measured costs.
+#: Methods measured clearly apart from their family, with their own costs.
 METHOD_COSTS: dict[str, Costs] = {
-    "task_arithmetic": Costs(apply_ns=3.0),  # task vectors against the base, then the sum
-    # DELLA's per-row rank sampling draws and sorts: ~2.5x ties per element
-    "della": Costs(apply_ns=27.0, pass_ns=1.6),
-    "della_linear": Costs(apply_ns=27.0, pass_ns=1.6),
-    "nuslerp": Costs(apply_ns=9.0, pass_ns=1.5),
-    "multislerp": Costs(apply_ns=11.5, pass_ns=1.5),  # iterations on the sphere
-    "karcher": Costs(apply_ns=11.5, pass_ns=1.5),
-    "ramplus_tl": Costs(apply_ns=15.0, pass_ns=1.5),
+    "task_arithmetic": Costs(apply_ns=2.5),  # task vectors against the base, then the sum
+    "nearswap": Costs(apply_ns=4.0),  # per-element weights from the distance to the base
+    # DELLA's per-row rank sampling draws and sorts: ~3x ties per element
+    "della": Costs(apply_ns=26.0, pass_ns=1.0),
+    "della_linear": Costs(apply_ns=26.0, pass_ns=1.0),
+    "ram": Costs(apply_ns=5.5),  # elementwise: on one thread
+    "ramplus_tl": Costs(apply_ns=9.5, pass_ns=1.0),
 }
+#: Families whose kernels are numba's (their start-up loads its cache).
+NUMBA_FAMILIES = frozenset({"selection", "sce"})
 
 _FAMILY_OF: dict[str, str] = {
     **dict.fromkeys(("linear", "task_arithmetic", "nearswap", "passthrough", "sma", "wma", "ema", "minus-sqrt"),
@@ -77,8 +85,8 @@ _FAMILY_OF: dict[str, str] = {
 
 #: CPU ns per element to dequantize a quantized input (io.quant; on the read threads, in
 #: parallel with the compute) and to requantize a quantized output (engine/requant.py).
-DEQUANT_NS = 2.0
-REQUANT_NS = 4.0
+DEQUANT_NS = 4.0
+REQUANT_NS = 1.0
 #: CPU ns per byte the pipeline spends whatever the method: the copy of each read into the
 #: read buffer and the sha256 of each written byte (threads beside the compute).
 READ_COPY_NS = 0.1
@@ -120,7 +128,8 @@ class Estimate:
 
     def as_dict(self) -> dict[str, object]:
         return {"total_s": round(self.total_s, 1), "io_s": round(self.io_s, 1),
-                "compute_s": round(self.compute_s, 1), "startup_s": self.startup_s, "cpu_s": round(self.cpu_s, 1), "bound": self.bound,
+                "compute_s": round(self.compute_s, 1), "startup_s": round(self.startup_s, 1),
+                "cpu_s": round(self.cpu_s, 1), "bound": self.bound,
                 "disk_speed_bytes_per_s": self.disk_speed, "write_speed_bytes_per_s": self.write_speed, "cores": self.cores, "threads": self.threads,
                 "family": self.family, "read_bytes": self.read_bytes, "write_bytes": self.write_bytes}
 
@@ -166,6 +175,7 @@ def estimate(plan: Plan, *, disk_speed: float | None = None, write_speed: float 
     parallel = not method.elementwise
     threads = ncores if parallel else 1
     work_ns = quant_ns = 0.0
+    numba = family in NUMBA_FAMILIES
     passes_of: dict[tuple[int, tuple[int, ...]], int] = {}  # as the planner: few distinct (params, shape)
     for t in plan.tensors:
         if t.method == "copy":
@@ -175,17 +185,21 @@ def estimate(plan: Plan, *, disk_speed: float | None = None, write_speed: float 
         if n is None:
             n = passes_of[key] = len(method.passes(t.params, t.shape))
         w, q = _tensor_ns(t, costs, n)
+        numba = numba or q > 0
         work_ns += w
         quant_ns += q
     # the pipeline's own CPU (read copies, output hashing) runs on other threads: it shares
     # the cores with a parallel method, and has a core of its own beside a one-thread one
     pipe_ns = plan.bytes_read * READ_COPY_NS + plan.bytes_written * HASH_NS
     if parallel:
-        compute_s = (work_ns + quant_ns + pipe_ns) / ncores / 1e9
+        compute_s = (work_ns + quant_ns + pipe_ns) / (1 + PARALLEL_EFFICIENCY * (ncores - 1)) / 1e9
     else:
         compute_s = max(work_ns, (quant_ns + pipe_ns) / max(1, ncores - 1)) / 1e9
     io_s = plan.bytes_read / speed + plan.bytes_written / wspeed
-    total = STARTUP_S + max(io_s, compute_s)
+    startup, startup_cpu = STARTUP_S, STARTUP_CPU_S
+    if numba:
+        startup, startup_cpu = startup + NUMBA_STARTUP_S[0], startup_cpu + NUMBA_STARTUP_S[1]
     return Estimate(method=plan.method, family=family, read_bytes=plan.bytes_read, write_bytes=plan.bytes_written,
-                    disk_speed=speed, write_speed=wspeed, cores=ncores, threads=threads, io_s=io_s, compute_s=compute_s,
-                    startup_s=STARTUP_S, cpu_s=STARTUP_CPU_S + (work_ns + quant_ns + pipe_ns) / 1e9, total_s=total, bound="I/O" if io_s >= compute_s else "compute")
+                    disk_speed=speed, write_speed=wspeed, cores=ncores, threads=threads, io_s=io_s,
+                    compute_s=compute_s, startup_s=startup, cpu_s=startup_cpu + (work_ns + quant_ns + pipe_ns) / 1e9,
+                    total_s=startup + max(io_s, compute_s), bound="I/O" if io_s >= compute_s else "compute")

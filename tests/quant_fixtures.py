@@ -19,7 +19,7 @@ import torch
 from tests.conftest import write_checkpoint
 
 __all__ = ["LAYOUTS", "block_fp8_model", "mxfp4_model", "channel_fp8_model", "fp8_block_quantize",
-           "mxfp4_quantize", "mxfp4_dequantize", "GPT_OSS_CONFIG"]
+           "fp8_block_quantize_ue8m0", "mxfp4_quantize", "mxfp4_dequantize", "GPT_OSS_CONFIG", "UE8M0_CONFIG"]
 
 FP8_MAX = 448.0
 FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
@@ -40,6 +40,25 @@ def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
             s = tile.abs().max() / FP8_MAX
             scale[i, j] = s
             q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (tile / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_block_quantize_ue8m0(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3.1 `scale_fmt: ue8m0`: as `fp8_block_quantize`, the scale a power of two,
+    2^ceil(log2(amax / 448)) (DeepSeek's `fast_round_scale`), so no code exceeds 448."""
+    br, bc = block
+    r, c = w.shape
+    tr, tc = -(-r // br), -(-c // bc)
+    scale = torch.empty(tr, tc, dtype=torch.float32)
+    q = torch.empty(r, c, dtype=torch.float8_e4m3fn)
+    for i in range(tr):
+        for j in range(tc):
+            tile = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc].double()
+            amax = float(tile.abs().max())
+            s = 2.0 ** math.ceil(math.log2(amax / FP8_MAX)) if amax > 0 else 1.0
+            scale[i, j] = s
+            assert float((tile / s).abs().max()) <= FP8_MAX
+            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (tile / s).to(torch.float8_e4m3fn)
     return q, scale
 
 
@@ -85,9 +104,15 @@ def _bf16(gen: torch.Generator, *shape: int, scale: float = 0.05) -> torch.Tenso
     return (torch.randn(*shape, generator=gen) * scale).to(torch.bfloat16)
 
 
+#: DeepSeek-V3.1's quantization_config: block FP8 whose F32 scales are powers of two.
+UE8M0_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "scale_fmt": "ue8m0",
+                "weight_block_size": [128, 128]}
+
+
 def block_fp8_model(path: Path, gen: torch.Generator, *, block: tuple[int, int] = (128, 128),
-                    with_config: bool = True) -> tuple[Path, dict[str, torch.Tensor]]:
-    """DeepSeek-V3-style: FP8 attention + experts (one 200 x 300, ragged tiles), bf16 rest."""
+                    with_config: bool = True, ue8m0: bool = False) -> tuple[Path, dict[str, torch.Tensor]]:
+    """DeepSeek-V3-style: FP8 attention + experts (one 200 x 300, ragged tiles), bf16 rest;
+    `ue8m0`: DeepSeek-V3.1's power-of-two scales and `scale_fmt: ue8m0` in the config."""
     tensors: dict[str, torch.Tensor] = {}
     ref: dict[str, torch.Tensor] = {}
     quantized = {"model.layers.0.self_attn.q_proj.weight": (256, 128),
@@ -95,7 +120,8 @@ def block_fp8_model(path: Path, gen: torch.Generator, *, block: tuple[int, int] 
                  "model.layers.0.mlp.experts.1.up_proj.weight": (200, 300),
                  "model.layers.0.mlp.experts.0.down_proj.weight": (300, 200)}
     for name, shape in quantized.items():
-        q, s = fp8_block_quantize(torch.randn(*shape, generator=gen) * 0.05, block)
+        quantize = fp8_block_quantize_ue8m0 if ue8m0 else fp8_block_quantize
+        q, s = quantize(torch.randn(*shape, generator=gen) * 0.05, block)
         tensors[name], tensors[name + "_scale_inv"] = q, s
         ref[name] = fp8_block_dequantize(q, s, block)
     plain = {"model.embed_tokens.weight": _bf16(gen, 64, 128), "model.norm.weight": _bf16(gen, 128, scale=1.0),
@@ -107,6 +133,8 @@ def block_fp8_model(path: Path, gen: torch.Generator, *, block: tuple[int, int] 
     if with_config:
         cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                       "weight_block_size": list(block)}
+        if ue8m0:
+            cfg["quantization_config"]["scale_fmt"] = "ue8m0"
     return write_checkpoint(path, tensors, config=cfg, shards=2), ref
 
 
@@ -201,6 +229,7 @@ LAYOUTS: dict[str, Builder] = {
     "fp8-block-128": lambda p, g: block_fp8_model(p, g, block=(128, 128)),
     "fp8-block-64": lambda p, g: block_fp8_model(p, g, block=(64, 64)),
     "fp8-no-config": lambda p, g: block_fp8_model(p, g, with_config=False),
+    "fp8-ue8m0": lambda p, g: block_fp8_model(p, g, ue8m0=True),
     "mxfp4": mxfp4_model,
     "ct-channel": lambda p, g: channel_fp8_model(p, g, per_tensor=False),
     "ct-tensor": lambda p, g: channel_fp8_model(p, g, per_tensor=True),

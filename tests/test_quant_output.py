@@ -297,6 +297,19 @@ def test_quantized_zarr_output_is_refused_with_the_fix(tmp_path: Path, gen: torc
     assert p.quantize == "none" and any("unquantized" in n for n in p.notes)
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "dcp"])
+def test_quantized_zarr_or_dcp_refusal_names_the_reason_and_both_ways_out(tmp_path: Path, gen: torch.Generator,
+                                                                          run_cli, fmt: str) -> None:
+    src = fp8_block_model(tmp_path / "in", gen)
+    cfg = write_yaml(tmp_path / "m.yml", _one(src))
+    code, _, err = run_cli("run", cfg, tmp_path / "out", "--format", fmt, "--quantize", "fp8-block", "--no-progress")
+    assert code != 0 and "Traceback" not in err, err
+    assert "codes and scales" in err and "--format safetensors" in err and "--quantize none" in err, err
+    assert not (tmp_path / "out").exists()
+    p = moemerge.plan(_one(src), out_format=fmt)
+    assert any("--format safetensors" in n for n in p.notes), p.notes
+
+
 def test_like_input_needs_a_quantized_first_input(tmp_path: Path, gen: torch.Generator) -> None:
     plain = write_checkpoint(tmp_path / "plain", _plain(gen))
     with pytest.raises(ConfigError, match="not quantized.*fp8-block or mxfp4, or none"):

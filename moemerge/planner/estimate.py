@@ -48,27 +48,31 @@ class Costs:
     """The merge itself (conversion to float32 included)."""
     pass_ns: float = 0.0
     """Each statistics pass (histograms, dot products), on top of the apply."""
+    stream_ns: float = 0.0
+    """Further cost of each pass over a tensor streamed in several chunks: a tensor read once
+    keeps its inputs converted for every pass, a streamed one converts them on every read."""
 
 
 #: Method family -> costs, from the CPU seconds of scripts/bench_estimate.py runs (2 cores,
 #: bf16 inputs, float32 compute; README "Benchmarks"). Families group methods whose kernels
 #: cost alike per element; `METHOD_COSTS` holds the members measured clearly apart.
 FAMILIES: dict[str, Costs] = {
-    "elementwise": Costs(apply_ns=1.3),
+    "elementwise": Costs(apply_ns=1.5),
     "selection": Costs(apply_ns=6.0, pass_ns=1.0),  # the fused numba kernels (methods/_fused.py)
-    "sce": Costs(apply_ns=12.0, pass_ns=1.0),
-    "geometric": Costs(apply_ns=5.5, pass_ns=1.0),
-    "fusion": Costs(apply_ns=10.0, pass_ns=3.0),
+    "sce": Costs(apply_ns=15.0, pass_ns=1.0),
+    "geometric": Costs(apply_ns=4.5, pass_ns=1.0),
+    "fusion": Costs(apply_ns=10.0, pass_ns=3.0, stream_ns=3.5),
 }
 #: Methods measured clearly apart from their family, with their own costs.
 METHOD_COSTS: dict[str, Costs] = {
     "task_arithmetic": Costs(apply_ns=2.5),  # task vectors against the base, then the sum
     "nearswap": Costs(apply_ns=4.0),  # per-element weights from the distance to the base
     # DELLA's per-row rank sampling draws and sorts: ~3x ties per element
-    "della": Costs(apply_ns=26.0, pass_ns=1.0),
-    "della_linear": Costs(apply_ns=26.0, pass_ns=1.0),
+    "della": Costs(apply_ns=25.0, pass_ns=1.0),
+    "della_linear": Costs(apply_ns=25.0, pass_ns=1.0),
+    "model_stock": Costs(apply_ns=3.5, pass_ns=1.0),
     "ram": Costs(apply_ns=5.5),  # elementwise: on one thread
-    "ramplus_tl": Costs(apply_ns=9.5, pass_ns=1.0),
+    "ramplus_tl": Costs(apply_ns=8.0, pass_ns=1.0),
 }
 #: Families whose kernels are numba's (their start-up loads its cache).
 NUMBA_FAMILIES = frozenset({"selection", "sce"})
@@ -85,8 +89,8 @@ _FAMILY_OF: dict[str, str] = {
 
 #: CPU ns per element to dequantize a quantized input (io.quant; on the read threads, in
 #: parallel with the compute) and to requantize a quantized output (engine/requant.py).
-DEQUANT_NS = 4.0
-REQUANT_NS = 1.0
+DEQUANT_NS = 1.5
+REQUANT_NS = 0.5
 #: CPU ns per byte the pipeline spends whatever the method: the copy of each read into the
 #: read buffer and the sha256 of each written byte (threads beside the compute).
 READ_COPY_NS = 0.1
@@ -146,7 +150,8 @@ def _tensor_ns(t: TensorPlan, costs: Costs, n_passes: int) -> tuple[float, float
     """(compute-thread CPU ns, read-thread CPU ns) of one merged tensor: the method and any
     requantizing run where the chunk is computed, dequantizing where it is read."""
     n_in = len(t.sources_used)
-    work = t.numel * n_in * (costs.apply_ns + costs.pass_ns * n_passes)
+    per_pass = costs.pass_ns + (costs.stream_ns if t.rows > t.rows_per_chunk else 0.0)
+    work = t.numel * n_in * (costs.apply_ns + per_pass * n_passes)
     if t.compute_dtype == "F64":
         work *= F64_FACTOR
     if t.quant is not None:

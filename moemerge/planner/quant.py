@@ -43,6 +43,14 @@ _MXFP4_SCHEME = QuantScheme(method="mxfp4", config={
                                "lm_head"]})
 
 
+#: Why a format cannot take a quantized output (the refusal says it).
+_NO_PARTS = {
+    "zarr": "a Zarr output keeps one real-valued array per logical tensor, which `moemerge export` "
+            "turns back into safetensors",
+    "dcp": "a DCP output holds the training model's real-valued state_dict",
+}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutputQuant:
     """The output's quantization: mode, the quantized logical tensors, the config to write."""
@@ -74,7 +82,8 @@ def _same(a: QuantScheme, b: QuantScheme) -> bool:
 
 def _describe(scheme: QuantScheme) -> str:
     if scheme.block:
-        return f"{scheme.method} {'x'.join(map(str, scheme.block))} blocks"
+        pow2 = ", power-of-two (ue8m0) scales" if scheme.ue8m0 else ""
+        return f"{scheme.method} {'x'.join(map(str, scheme.block))} blocks{pow2}"
     return scheme.method + (f" per-{scheme.strategy}" if scheme.strategy else "")
 
 
@@ -87,11 +96,14 @@ def resolve_output_quant(mode: str | None, ckpts: Sequence[Checkpoint], logical:
     layouts = [input_layout(c) for c in ckpts]
     first = layouts[0] if layouts else None
     if out_format != "safetensors" and mode not in (None, "none"):
-        raise ConfigError(f"--quantize {mode}: quantized output is written as safetensors only; use "
-                          f"--format safetensors, or --quantize none for {out_format}")
+        why = _NO_PARTS.get(out_format, f"{out_format} keeps one real-valued array per tensor")
+        raise ConfigError(f"--quantize {mode}: quantized output is written as safetensors only ({why}: no place "
+                          f"for a quantized tensor's codes and scales); use --format safetensors (the default), "
+                          f"or --quantize none to write {out_format} unquantized")
     if out_format != "safetensors":
         return OutputQuant(mode="none", note=(
-            f"{out_format} output is unquantized" if any(lay is not None for lay in layouts) else None))
+            f"{out_format} output is unquantized (quantized output is written as safetensors only: "
+            "--format safetensors)" if any(lay is not None for lay in layouts) else None))
     if mode is None:
         if first is not None and all(lay is not None and _same(lay[0], first[0]) for lay in layouts):
             mode = "like-input"
@@ -123,6 +135,10 @@ def resolve_output_quant(mode: str | None, ckpts: Sequence[Checkpoint], logical:
 
     codec = get_codec(mode)
     scheme = _FP8_BLOCK if mode == "fp8-block" else _MXFP4_SCHEME
+    if mode == "fp8-block" and first is not None and first[0].ue8m0:
+        from dataclasses import replace
+
+        scheme = replace(scheme, ue8m0=True)  # DeepSeek-V3.1 in, its power-of-two scales out
     if mode == "fp8-block" and first is not None and first[0].method in ("fp8", "compressed-tensors", "fbgemm_fp8"):
         names = [n for n, s in first[1].items() if len(s.shape) >= 2]  # the input's quantized set
     elif mode == "fp8-block":
@@ -149,7 +165,8 @@ def resolve_output_quant(mode: str | None, ckpts: Sequence[Checkpoint], logical:
             n[:-len(".weight")] for n, t in logical.items() if n.endswith(".weight") and len(t.shape) == 2
             and n not in specs)
     return OutputQuant(mode=mode, specs=specs, config=config,
-                       note=f"output quantized as {mode} ({len(specs)} tensors, fresh scales)")
+                       note=f"output quantized as {mode} ({len(specs)} tensors, fresh "
+                            f"{'power-of-two (ue8m0) ' if scheme.ue8m0 else ''}scales)")
 
 
 def plan_with_quant(plan: Any, oq: OutputQuant) -> Any:

@@ -76,7 +76,7 @@ def parse_scheme(config: Mapping[str, Any] | None, where: str) -> QuantScheme | 
         if block is None or len(block) != 2:
             raise CheckpointError(f"{where}: `weight_block_size` is {qc.get('weight_block_size')!r}; "
                                   "block FP8 needs two positive integers, e.g. [128, 128]")
-        return QuantScheme(method=method, block=block, fp8=fp8, config=dict(qc),
+        return QuantScheme(method=method, block=block, fp8=fp8, config=dict(qc), ue8m0=_ue8m0(qc, where),
                            not_converted=_names(qc.get("modules_to_not_convert")))
     if method == "mxfp4":
         return QuantScheme(method=method, config=dict(qc), not_converted=_names(qc.get("modules_to_not_convert")))
@@ -89,6 +89,18 @@ def parse_scheme(config: Mapping[str, Any] | None, where: str) -> QuantScheme | 
         f"{where}: quantization `{method}` is not supported (moemerge reads fp8 block, mxfp4, "
         f"compressed-tensors float-quantized FP8 and fbgemm_fp8); averaging its integer codes would "
         f"give a wrong model: {_FIX}")
+
+
+def _ue8m0(qc: Mapping[str, Any], where: str) -> bool:
+    """Whether block FP8's `scale_fmt` says power-of-two scales (`ue8m0`) or plain (`float`,
+    absent); any other value is refused: its scales would be misread."""
+    fmt = qc.get("scale_fmt")
+    if fmt is None or fmt == "float":
+        return False
+    if fmt == "ue8m0":
+        return True
+    raise CheckpointError(f"{where}: `scale_fmt` is {fmt!r}; moemerge reads block FP8 with `float` or `ue8m0` "
+                          f"scales only: {_FIX}")
 
 
 def _compressed_tensors(qc: dict[str, Any], where: str) -> QuantScheme:
@@ -172,7 +184,9 @@ def dequantizing(ck: Checkpoint, *, raw_ok: bool = False) -> Checkpoint:
             "(or `last`) in the YAML to copy them as they are")
     if not specs or scheme is None:  # find_quantized gives specs only with their scheme
         return ck
-    return QuantizedView(ck, scheme, specs)
+    view = QuantizedView(ck, scheme, specs)
+    view.check_ue8m0()  # `scale_fmt: ue8m0` promises power-of-two scales: a lie is refused before work
+    return view
 
 
 def describe(ck: Checkpoint) -> str | None:

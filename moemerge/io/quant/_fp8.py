@@ -11,7 +11,30 @@ from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help n
 
 from moemerge.io.quant import _fp8_kernels
 
-__all__ = ["dequantize", "quantize", "group_amax"]
+__all__ = ["dequantize", "quantize", "group_amax", "pow2_scale", "not_pow2"]
+
+#: UE8M0 (an 8-bit exponent, bias 127; 255 is NaN) holds 2^-127 .. 2^127.
+UE8M0_MIN_EXP, UE8M0_MAX_EXP = -127, 127
+
+
+def pow2_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    """float32 power-of-two scales for `scale_fmt: ue8m0`: 2^ceil(log2(amax / fmax)), the
+    quotient taken exactly (float64 of the float32 amax), clamped to UE8M0's 2^-127..2^127;
+    1 for an all-zero group. Rounding up keeps every code within +-fmax; amax = fmax * 2^k
+    gives 2^k exactly (DeepSeek's `fast_round_scale` multiplies by a rounded 1/fmax instead,
+    which can take 2^(k+1) there)."""
+    x = amax.double() / fmax
+    mant, exp = torch.frexp(x)  # x = mant * 2^exp, mant in [0.5, 1)
+    k = torch.where(mant == 0.5, exp - 1, exp).clamp_(UE8M0_MIN_EXP, UE8M0_MAX_EXP)
+    scale = torch.ldexp(torch.ones_like(x), k).float()
+    return torch.where(amax > 0, scale, torch.ones_like(scale))
+
+
+def not_pow2(scales: torch.Tensor) -> torch.Tensor:
+    """Mask of the scales that are not a power of two in UE8M0's range (2^-127 .. 2^127)."""
+    s = scales.float()
+    mant, _ = torch.frexp(s)
+    return ~((mant == 0.5) & (s >= 2.0 ** UE8M0_MIN_EXP) & (s <= 2.0 ** UE8M0_MAX_EXP))
 
 
 def _expand(scales: torch.Tensor, row_group: torch.Tensor, cols: int, col_block: int) -> torch.Tensor:
@@ -87,7 +110,7 @@ def _inexact(values: torch.Tensor, scale_e: torch.Tensor, fp8: torch.dtype, row_
 
 def quantize(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block: int, fp8: torch.dtype,
              *, amax: torch.Tensor | None = None, scale_dtype: torch.dtype | None = None,
-             search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+             search: bool = True, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [n, cols] fp8, scales [m, tc] scale_dtype) with fresh scales amax / fmax.
 
     The scale is `amax / fmax` rounded once to the scale dtype (DeepSeek-V3's weight_quant,
@@ -98,6 +121,11 @@ def quantize(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block: i
     the first of (amax / fmax, one step down, one step up) that reproduces every value of the
     group exactly is taken: requantizing dequantized data gives its bytes back, and data no
     scale reproduces (any real merge) gets amax / fmax as the reference does.
+
+    With `pow2` (`scale_fmt: ue8m0`) the scale is `pow2_scale(amax)` = 2^k instead; where
+    amax / fmax is exactly 2^k and 2^(k+1) reproduces every value of the group, 2^(k+1) (a
+    block whose largest code rounded down to fmax / 2): data written with power-of-two scales
+    gets its scales, and so its bytes, back.
     """
     scale_dtype = torch.float32 if scale_dtype is None else scale_dtype  # None: float32 (no torch at import)
     n, cols = values.shape
@@ -105,9 +133,20 @@ def quantize(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block: i
     if amax is None:
         amax = group_amax(values, row_group, m, col_block)
     tc = amax.shape[1]
-    c0 = torch.where(amax > 0, (amax.double() / fmax).to(scale_dtype).float(), torch.ones_like(amax))
+    if pow2:
+        c0 = pow2_scale(amax, fmax)
+    else:
+        c0 = torch.where(amax > 0, (amax.double() / fmax).to(scale_dtype).float(), torch.ones_like(amax))
     cands, ok = [c0], [torch.zeros_like(amax, dtype=torch.bool)]
-    if scale_dtype == torch.float32 and search:
+    if pow2:
+        # amax = fmax * 2^k exactly: the group's largest code may be fmax / 2 = 224 rounded down
+        # at scale 2^(k+1) (where a ue8m0 quantizer puts it); that scale is taken when it
+        # reproduces every value, so requantizing such a checkpoint gives its bytes back
+        up = c0 * 2
+        fits = (c0.double() * fmax == amax.double()) & (amax > 0) & (c0 < 2.0 ** UE8M0_MAX_EXP)
+        if bool(fits.any()):
+            cands, ok = [c0, up], [ok[0], fits]
+    if scale_dtype == torch.float32 and search and not pow2:
         down = torch.nextafter(c0, torch.zeros_like(c0))
         up = torch.nextafter(c0, torch.full_like(c0, float("inf")))
 

@@ -79,6 +79,9 @@ class QuantScheme:
     """compressed-tensors weight strategy: `tensor`, `channel` or `block`; `row` for fbgemm."""
     fp8: str = "F8_E4M3"
     """Stored FP8 dtype of the codes."""
+    ue8m0: bool = False
+    """`scale_fmt: ue8m0` (DeepSeek-V3.1): every block scale is a power of two (2^-127..2^127),
+    checked on read; a quantizer writes 2^ceil(log2(amax / fmax)) (`_fp8.pow2_scale`)."""
     not_converted: tuple[str, ...] = ()
     """Modules the config says stay unquantized (`ignore`, `modules_to_not_convert`)."""
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)

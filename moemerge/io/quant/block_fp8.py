@@ -92,7 +92,7 @@ class BlockFP8(Codec):
             if fp8 is None:
                 fp8 = by_fp8[t.dtype] = QuantScheme(
                     method=scheme.method, block=scheme.block, strategy=scheme.strategy, fp8=t.dtype,
-                    not_converted=scheme.not_converted, config=scheme.config)
+                    ue8m0=scheme.ue8m0, not_converted=scheme.not_converted, config=scheme.config)
             key = (n, t.dtype, t.shape, s.name, s.dtype, s.shape)
             seen = _FOUND.get(key) if sharing() else None
             if seen is not None and seen.scheme == fp8 and seen.scheme.config == fp8.config:
@@ -103,11 +103,14 @@ class BlockFP8(Codec):
             except ValueError as e:
                 raise CheckpointError(f"{where}/{t.file}: FP8 tensor {e}") from e
             want = spec.parts[1].shape
-            if s.dtype not in ("F32", "BF16") or s.shape != want:
+            # ue8m0 scales may be stored as their 8-bit exponents (U8, bias 127; MXFP8 releases)
+            dtypes = ("F32", "BF16", "U8") if scheme.ue8m0 else ("F32", "BF16")
+            if s.dtype not in dtypes or s.shape != want:
                 raise CheckpointError(
                     f"{where}/{s.file}: `{s.name}` is {s.dtype} {list(s.shape)}; a "
                     f"{scheme.block[0]}x{scheme.block[1]} block scale of `{n}` {list(t.shape)} must be "
-                    f"F32 {list(want)} (weight_block_size {list(scheme.block)} in config.json)")
+                    f"F32 {list(want)} (weight_block_size {list(scheme.block)} in config.json"
+                    f"{'; or U8 exponents with scale_fmt ue8m0' if scheme.ue8m0 else ''})")
             if s.dtype != "F32":
                 spec = QuantSpec(codec=spec.codec, name=n, shape=spec.shape, dtype=spec.dtype, scheme=spec.scheme,
                                  row_align=spec.row_align,
@@ -125,8 +128,11 @@ class BlockFP8(Codec):
     def dequantize_rows(self, spec: QuantSpec, parts: Mapping[str, torch.Tensor], r0: int, r1: int, *,
                         out: torch.Tensor | None = None) -> torch.Tensor:
         first = self._tile_rows(spec, r0, r1)[0]
+        scales = scale_values(parts["scale"])
+        if spec.scheme.ue8m0:
+            check_pow2(spec, scales, first)
         group = self._tile_row(spec, torch.arange(r0, r1)) - first
-        return _fp8.dequantize(parts["weight"], parts["scale"], group, spec.scheme.block[1], out=out)
+        return _fp8.dequantize(parts["weight"], scales, group, spec.scheme.block[1], out=out)
 
     def quantize_rows(self, spec: QuantSpec, values: torch.Tensor, r0: int, r1: int, *,
                       amax: float | None = None) -> dict[str, torch.Tensor]:
@@ -134,15 +140,47 @@ class BlockFP8(Codec):
         first, last = self._tile_rows(spec, r0, r1)
         group = self._tile_row(spec, torch.arange(r0, r1)) - first
         scale_part = spec.part("scale")
+        exponents = scale_part.dtype == "U8"  # ue8m0 scales stored as their exponents
         codes, scale = _fp8.quantize(values.float(), group, last - first, spec.scheme.block[1],
-                                     to_torch(spec.scheme.fp8), scale_dtype=to_torch(scale_part.dtype))
+                                     to_torch(spec.scheme.fp8),
+                                     scale_dtype=torch.float32 if exponents else to_torch(scale_part.dtype),
+                                     pow2=spec.scheme.ue8m0)
+        if exponents:
+            scale = (torch.frexp(scale)[1] - 1 + 127).to(torch.uint8)  # 2^k -> k + 127 (k in -127..127)
         return {"weight": codes, "scale": scale}
 
     def quantization_config(self, scheme: QuantScheme) -> dict[str, Any]:
         if scheme.config:
-            return dict(scheme.config)
-        return {"quant_method": "fp8", "fmt": "e4m3" if scheme.fp8 == "F8_E4M3" else "e5m2",
-                "activation_scheme": "dynamic", "weight_block_size": list(scheme.block)}
+            cfg = dict(scheme.config)
+        else:
+            cfg = {"quant_method": "fp8", "fmt": "e4m3" if scheme.fp8 == "F8_E4M3" else "e5m2",
+                   "activation_scheme": "dynamic", "weight_block_size": list(scheme.block)}
+        if scheme.ue8m0:  # the scales written are powers of two: say so, as DeepSeek-V3.1 does
+            cfg["scale_fmt"] = "ue8m0"
+        return cfg
+
+
+def scale_values(scales: torch.Tensor) -> torch.Tensor:
+    """Stored scales as float (U8 UE8M0 exponents: 2^(e - 127), 255 NaN; others as they are)."""
+    if scales.dtype != torch.uint8:
+        return scales
+    e = scales.to(torch.int32)
+    v = torch.ldexp(torch.ones(e.shape, dtype=torch.float64), e - 127).float()
+    return torch.where(e == 255, torch.full_like(v, float("nan")), v)
+
+
+def check_pow2(spec: QuantSpec, scales: torch.Tensor, first_row: int) -> None:
+    """CheckpointError naming the scale tensor unless every scale (rows from `first_row` of
+    the flattened scale part) is a power of two: `scale_fmt: ue8m0` says they are, and an
+    output written `like-input` would claim it again for whatever the input really holds."""
+    bad = _fp8.not_pow2(scales)
+    if bool(bad.any()):
+        i, j = (int(x) for x in bad.nonzero()[0])
+        part = spec.part("scale")
+        raise CheckpointError(
+            f"`{part.name}` {list(part.shape)}: scale {float(scales[i, j])!r} (row {first_row + i}, column {j} "
+            f"of the flattened scales) is not a power of two, but config.json says `scale_fmt: ue8m0`; "
+            "the config does not match the weights: fix or drop `scale_fmt` in config.json")
 
 
 #: Specs made by `find` inside io.checkpoint.shared_records, by what decides them (names,

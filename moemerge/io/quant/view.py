@@ -15,6 +15,7 @@ from typing import Any
 
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
+from moemerge.errors import CheckpointError
 from moemerge.io.checkpoint import Checkpoint, TensorInfo, shared_table, sharing
 from moemerge.io.dtypes import itemsize, to_torch
 from moemerge.io.quant.base import QuantScheme, QuantSpec
@@ -23,6 +24,10 @@ __all__ = ["QuantizedView", "BAND_BYTES"]
 
 #: float32 bytes of one band's values (rounded to whole block rows, at least one).
 BAND_BYTES = 4 << 20
+#: `scale_fmt: ue8m0` scales are all read and checked when the view is opened (at plan time)
+#: up to this many bytes in all (F32 scales of a model up to ~68B parameters at 128 x 128); above it, each
+#: block is checked as it is read (a run then stops at the first bad scale, uncommitted).
+UE8M0_SCAN_BYTES = 16 << 20
 
 #: The served record of each spec, by the spec's identity (kept beside the id, which is reused
 #: only once the spec is gone): the same for inputs sharing shard headers (quant/block_fp8.py).
@@ -115,11 +120,35 @@ class QuantizedView(Checkpoint):
                 dt = to_torch(part.dtype)
                 parts[part.role] = torch.frombuffer(raw, dtype=torch.uint8).view(dt).view(p1 - p0, part.row_len) \
                     if len(raw) else torch.empty(0, part.row_len, dtype=dt)
-            if served == torch.float32:  # straight into the caller's buffer: no band temporary
-                codec.dequantize_rows(spec, parts, a, b, out=dst[a - r0:b - r0])
-            else:
-                dst[a - r0:b - r0].copy_(codec.dequantize_rows(spec, parts, a, b))
+            try:
+                if served == torch.float32:  # straight into the caller's buffer: no band temporary
+                    codec.dequantize_rows(spec, parts, a, b, out=dst[a - r0:b - r0])
+                else:
+                    dst[a - r0:b - r0].copy_(codec.dequantize_rows(spec, parts, a, b))
+            except CheckpointError as e:  # a codec's check of the stored data: say which checkpoint
+                raise CheckpointError(f"{self.url}: {e}") from e
             a = b
+
+    def check_ue8m0(self) -> None:
+        """Read every block scale of a `scale_fmt: ue8m0` checkpoint and refuse the first one
+        that is not a power of two (CheckpointError naming it), when they total at most
+        UE8M0_SCAN_BYTES; larger ones are checked block by block on read (`dequantize_rows`)."""
+        from moemerge.io.quant.block_fp8 import check_pow2, scale_values
+
+        if not self.scheme.ue8m0:
+            return
+        scales = [(s, s.part("scale")) for s in self.specs.values() if s.codec == "fp8-block"]
+        if sum(p.nbytes for _, p in scales) > UE8M0_SCAN_BYTES:
+            return
+        for spec, part in scales:
+            raw = self._scratch("scan", part.nbytes)
+            self.inner.read_rows(part.name, 0, part.rows, raw)
+            vals = torch.frombuffer(raw, dtype=torch.uint8).view(to_torch(part.dtype)).view(part.rows, part.row_len) \
+                if len(raw) else torch.empty(0, part.row_len)
+            try:
+                check_pow2(spec, scale_values(vals), 0)
+            except CheckpointError as e:
+                raise CheckpointError(f"{self.url}: {e}") from e
 
     def close(self) -> None:
         self.inner.close()

@@ -290,7 +290,8 @@ def _print_plan(plan: Any, header: str, disk_speed: int | None = None) -> None:
     t.add_row("memory", f"buffers {format_size(plan.peak_bytes)} (budget {format_size(plan.memory_budget)})")
     # planner/estimate.py: measured per-element costs of the method on a 2-core machine
     e = plan.estimate(disk_speed=disk_speed)
-    t.add_row("estimate", f"~{e.total_s:,.{1 if e.total_s < 10 else 0}f} s = {e.startup_s:g} s start-up + the longer of (overlapped):")
+    total = f"{e.total_s:,.{1 if e.total_s < 10 else 0}f}"
+    t.add_row("estimate", f"~{total} s = {e.startup_s:g} s start-up + the longer of (overlapped):")
     t.add_row("", f"I/O {e.io_s:,.1f} s (read + write at {format_size(e.disk_speed)}/s; --disk-speed)")
     t.add_row("", f"compute {e.compute_s:,.1f} s ({e.family} costs, {e.threads} thread(s) of {e.cores} cores)")
     _out.print(t)

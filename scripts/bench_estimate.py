@@ -88,11 +88,14 @@ def _measure(cmd: list[str], out: Path, repeat: int, cold: bool, quiet: float) -
     return best
 
 
-def _cases(args: argparse.Namespace, work: Path, size: int, methods: list[str]) -> list[tuple[str, list[Path], list[str], dict[str, Any]]]:
+Case = tuple[str, list[Path], list[str], dict[str, Any]]
+
+
+def _cases(args: argparse.Namespace, work: Path, size: int, methods: list[str]) -> list[Case]:
     """(label, inputs, command, config) of every case at one size."""
     fields = dict(family=args.family, dtype="BF16", layers=args.layers, shard_size=1 << 30)
     paths, _, _ = bench.make_inputs(work / f"inputs-{size}", args.inputs, size, fields)
-    out: list[tuple[str, list[Path], list[str], dict[str, Any]]] = []
+    out: list[Case] = []
     for m in methods:
         cmd, doc = bench._command(m, paths, work / "out", work, args.budget, dict(bench.DEFAULT_PARAMS))
         out.append((m, paths, cmd, doc))

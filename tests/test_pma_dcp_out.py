@@ -300,7 +300,8 @@ def test_dcp_output_refusals_name_the_fix(tmp_path: Path, gen: torch.Generator, 
     assert code == 1 and "already holds a finished merge" in err and "--overwrite" in err
     code, _, err = run_cli("pma", *map(str, paths), "-o", str(out), "--format", "dcp", "--quantize", "fp8-block",
                            "--overwrite", "--no-progress")
-    assert code == 1 and "--quantize none for dcp" in err  # a DCP output is unquantized
+    # a DCP output is unquantized: both ways out are named
+    assert code == 1 and "--quantize none to write dcp unquantized" in err and "--format safetensors" in err, err
     assert _digest([out]) == before and verify(str(out)) > 0  # nothing lost
 
 

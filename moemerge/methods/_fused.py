@@ -74,26 +74,13 @@ def _stored(chunk: Chunk) -> Stored | None:
     if get is None or chunk.compute_dtype != torch.float32 or not chunk.has_base or not available():
         return None
     raws: Sequence[torch.Tensor] | None = get()
-    if raws is None or not raws:
-        return None
-    dt = raws[0].dtype
-    if dt not in (torch.bfloat16, torch.float32) or any(r.dtype != dt or not on_host(r)
-                                                         or not r.is_contiguous() for r in raws):
+    if not raws:
         return None
     n = raws[0].numel()
     # whole rows only: an elementwise method's 1-D block of a chunk is not rows [start, stop)
-    if n == 0 or n != (chunk.row_stop - chunk.row_start) * chunk.row_len or any(r.numel() != n for r in raws):
+    if n != (chunk.row_stop - chunk.row_start) * chunk.row_len:
         return None
-    size = raws[0].element_size()
-    ptrs = [r.data_ptr() for r in raws]
-    step = ptrs[1] - ptrs[0] if len(ptrs) > 1 else n * size
-    if step < n * size or step % size or any(b - a != step for a, b in zip(ptrs, ptrs[1:])):
-        return None
-    first = raws[0].reshape(-1)
-    a0 = first.view(torch.int16).numpy().view(np.uint16) if dt == torch.bfloat16 else first.numpy()
-    ss = step // size
-    flat = np.lib.stride_tricks.as_strided(a0, shape=((len(raws) - 1) * ss + n,), strides=(size,), writeable=False)
-    return Stored(flat=flat, ss=ss, n=n)
+    return _evenly_spaced(raws)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

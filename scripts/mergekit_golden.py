@@ -300,8 +300,17 @@ def _record_main(record: str, argv: list[str]) -> None:
 
 # -- main ------------------------------------------------------------------------------------------
 
-def _sha(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes (golden manifests record one per file)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def mergekit_yaml(venv: Path) -> Path:
+    """The venv's `mergekit-yaml`; exits naming the set-up (this docstring) when it is missing."""
+    mk = venv / "bin" / "mergekit-yaml"
+    if not mk.exists():
+        raise SystemExit(f"{mk} not found: set up the venv as scripts/mergekit_golden.py's docstring says")
+    return mk
 
 
 def _write_inputs() -> dict[str, dict[str, Any]]:
@@ -340,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from safetensors.torch import load_file, save_file
 
-    mk = args.venv / "bin" / "mergekit-yaml"
-    if not mk.exists():
-        raise SystemExit(f"{mk} not found: set up the venv as this script's docstring says")
+    mk = mergekit_yaml(args.venv)
     ver = subprocess.run([str(args.venv / "bin" / "python"), "-c",
                           "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"],
                          capture_output=True, text=True, check=True).stdout.split()
@@ -407,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         "mergekit": MERGEKIT_VERSION, "mergekit_torch": ver[1], "seed": SEED,
         "random_seed": MERGEKIT_RANDOM_SEED, "models": FAMILIES, "cases": list(all_cases), "random": list(RANDOM),
         "special_tensors": {"frozen_both": FROZEN_BOTH, "frozen_ft2": FROZEN_FT2, "quantized": QUANTIZED},
-        "files": {str(p.relative_to(GOLDEN)): _sha(p) for p in sorted(GOLDEN.rglob("*"))
+        "files": {str(p.relative_to(GOLDEN)): sha256_file(p) for p in sorted(GOLDEN.rglob("*"))
                   if p.is_file() and p.name != "MANIFEST.json"},
     }
     (GOLDEN / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -27,7 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mergekit_golden import GOLDEN, MERGEKIT_VERSION, _models, _run_mergekit, _sha, _task  # noqa: E402
+from mergekit_golden import GOLDEN, MERGEKIT_VERSION, _models, _run_mergekit, _task, mergekit_yaml  # noqa: E402
+from mergekit_golden import sha256_file as _sha  # noqa: E402
 
 OUT = GOLDEN / "methods3"
 
@@ -61,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
     from safetensors.torch import load_file, save_file
 
-    mk = args.venv / "bin" / "mergekit-yaml"
-    if not mk.exists():
-        raise SystemExit(f"{mk} not found: set up the venv as scripts/mergekit_golden.py says")
+    mergekit_yaml(args.venv)  # exits early when the venv has no MergeKit
     ver = subprocess.run([str(args.venv / "bin" / "python"), "-c",
                           "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"],
                          capture_output=True, text=True, check=True).stdout.split()

@@ -23,7 +23,6 @@ listed under `module_cases` in the manifest.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mergekit_golden import GOLDEN, MERGEKIT_VERSION, _run_mergekit  # noqa: E402
+from mergekit_golden import sha256_file as _sha  # noqa: E402
 
 OUT = GOLDEN / "slices"
 B, F1, F2 = "inputs/base_l4", "inputs/ft1_l4", "inputs/ft2_l4"
@@ -127,9 +127,6 @@ def cases() -> dict[str, dict[str, Any]]:
     }
     return c
 
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

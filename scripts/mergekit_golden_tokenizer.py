@@ -118,9 +118,6 @@ def cases() -> dict[str, dict[str, Any]]:
     }
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
     from safetensors.torch import load_file, save_file
 
-    mk = args.venv / "bin" / "mergekit-yaml"
-    if not mk.exists():
-        raise SystemExit(f"{mk} not found: set up the venv as scripts/mergekit_golden.py says")
+    mk = mg.mergekit_yaml(args.venv)
     for name in WORDS:
         write_model(GOLDEN / "inputs" / name, build_tokenizer(WORDS[name], ADDED[name]), name)
     for sub in ("configs", "outputs"):
@@ -163,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case}: {len(merged)} tensors, files {sorted(p.name for p in dest.iterdir())}")
     manifest = {
         "mergekit": mg.MERGEKIT_VERSION, "seed": SEED, "cases": list(cases()), "samples": list(SAMPLES),
-        "files": {str(p.relative_to(GOLDEN)): _sha(p) for p in sorted(GOLDEN.rglob("*"))
+        "files": {str(p.relative_to(GOLDEN)): mg.sha256_file(p) for p in sorted(GOLDEN.rglob("*"))
                   if p.is_file() and p.name != "MANIFEST.json"},
     }
     (GOLDEN / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")

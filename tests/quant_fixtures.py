@@ -235,3 +235,23 @@ LAYOUTS: dict[str, Builder] = {
     "ct-tensor": lambda p, g: channel_fp8_model(p, g, per_tensor=True),
     "fbgemm": lambda p, g: channel_fp8_model(p, g, method="fbgemm_fp8"),
 }
+
+
+def tiny_qwen3_moe(path: Path, seed: int, layers: int = 2) -> Path:
+    """A tiny random Qwen3-MoE saved by transformers in bf16 (for load-and-run checks of outputs)."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    # 128-multiples: transformers' CPU FP8 dequantizer derives the tile from rows // scale rows,
+    # so a ragged tile grid (the fixtures above) would be misread by it, not by us
+    cfg = transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=32, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.02)
+    model.to(torch.bfloat16).save_pretrained(path)
+    return path

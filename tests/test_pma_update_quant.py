@@ -197,11 +197,11 @@ def test_cli_pma_update_quantize_flag(tmp_path: Path, gen: torch.Generator, run_
 def test_quantized_nightly_output_loads_in_transformers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("accelerate")  # transformers' FP8 loader needs it
     transformers = pytest.importorskip("transformers")
-    from tests.test_quant_output import _tiny_qwen3_moe
+    from tests.quant_fixtures import tiny_qwen3_moe
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for i, step in enumerate((100, 200, 300, 400)):
-        _tiny_qwen3_moe(tmp_path / "ckpt" / f"step-{step:08d}", 11 + i)
+        tiny_qwen3_moe(tmp_path / "ckpt" / f"step-{step:08d}", 11 + i)
     state, out = str(tmp_path / "state"), str(tmp_path / "out")
     update(state, str(tmp_path / "ckpt" / "step-*"), out, last=3, quantize="fp8-block", before_step=400)
     res = update(state, str(tmp_path / "ckpt" / "step-*"), out, quantize="fp8-block")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import moemerge
 from moemerge.errors import ConfigError
 from tests.conftest import write_checkpoint, write_yaml
+from tests.quant_fixtures import tiny_qwen3_moe
 
 FP8_MAX = 448.0
 FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
@@ -355,28 +356,13 @@ def test_dask_round_trip_with_split_tensors(tmp_path: Path, gen: torch.Generator
     assert math.isfinite(res.seconds)
 
 
-def _tiny_qwen3_moe(path: Path, seed: int) -> Path:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    # 128-multiples: transformers' CPU FP8 dequantizer derives the tile from rows // scale rows,
-    # so a ragged tile grid (our fixtures above) would be misread by it, not by us
-    cfg = transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=0.02)
-    model.to(torch.bfloat16).save_pretrained(path)
-    return path
 
 
 def test_fp8_block_output_loads_in_transformers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("accelerate")  # transformers' FP8 loader needs it
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    a, b = _tiny_qwen3_moe(tmp_path / "a", 1), _tiny_qwen3_moe(tmp_path / "b", 2)
+    a, b = tiny_qwen3_moe(tmp_path / "a", 1), tiny_qwen3_moe(tmp_path / "b", 2)
     cfg = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 0.5}},
                                                 {"model": str(b), "parameters": {"weight": 0.5}}]}
     _run(cfg, tmp_path / "out", quantize="fp8-block")

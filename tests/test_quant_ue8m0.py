@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import moemerge
 from moemerge.errors import CheckpointError
-from tests.quant_fixtures import FP8_MAX, UE8M0_CONFIG, block_fp8_model, fp8_block_quantize_ue8m0
+from tests.quant_fixtures import FP8_MAX, UE8M0_CONFIG, block_fp8_model, fp8_block_quantize_ue8m0, tiny_qwen3_moe
 
 BLOCK = (128, 128)
 
@@ -178,17 +178,7 @@ def test_unknown_scale_fmt_is_refused(tmp_path: Path, gen: torch.Generator) -> N
 def _tiny_qwen3_moe_ue8m0(path: Path, seed: int) -> Path:
     """A tiny Qwen3-MoE saved as DeepSeek-V3.1 would be: Linear weights (not router, lm_head,
     embeddings) block FP8 with power-of-two scales, `scale_fmt: ue8m0`."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=0.02)
-    model.to(torch.bfloat16).save_pretrained(path)
+    tiny_qwen3_moe(path, seed, layers=1)
     sd = {k: v for f in path.glob("*.safetensors") for k, v in load_file(str(f)).items()}
     for f in path.glob("*.safetensors"):
         f.unlink()

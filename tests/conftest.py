@@ -7,6 +7,7 @@ import io
 import json
 import os
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,12 @@ def s3_server(monkeypatch: pytest.MonkeyPatch):
         except ImportError:
             pass
         server.stop()
+
+
+def golden_paths(doc: Any, root: Path) -> Any:
+    """A golden config (tests/golden) with its `inputs/...` model paths made absolute under `root`."""
+    if isinstance(doc, dict):
+        return {k: golden_paths(v, root) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [golden_paths(v, root) for v in doc]
+    return str(root / doc) if isinstance(doc, str) and doc.startswith("inputs/") else doc

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moemerge
-from conftest import write_yaml
+from conftest import golden_paths, write_yaml
 from moemerge.config import parse_config
 from moemerge.errors import ConfigError, MoemergeError, PlanError
 from moemerge.planner.slices import is_pre_weight, slice_config_updates
@@ -409,12 +409,7 @@ SLICE_CASES = tuple(json.loads((GOLDEN / "slices" / "MANIFEST.json").read_text()
 
 
 def _absolute(doc: Any) -> Any:
-    """The golden config with its `inputs/...` model paths made absolute."""
-    if isinstance(doc, dict):
-        return {k: _absolute(v) for k, v in doc.items()}
-    if isinstance(doc, list):
-        return [_absolute(v) for v in doc]
-    return str(GOLDEN / doc) if isinstance(doc, str) and doc.startswith("inputs/") else doc
+    return golden_paths(doc, GOLDEN)
 
 
 @pytest.mark.parametrize("case", SLICE_CASES)

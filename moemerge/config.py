@@ -40,6 +40,9 @@ __all__ = [
     "param_problem",
     "input_models",
     "check_method_config",
+    "parse_params",
+    "parse_model_ref",
+    "scoped_param_problems",
 ]
 
 Scalar = Union[float, int, bool, str]
@@ -291,7 +294,7 @@ def _parse_value(v: Any, key: str) -> ParamValue:
     )
 
 
-def _parse_params(doc: Any, where: str) -> dict[str, ParamValue]:
+def parse_params(doc: Any, where: str) -> dict[str, ParamValue]:
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -299,7 +302,7 @@ def _parse_params(doc: Any, where: str) -> dict[str, ParamValue]:
     return {str(k): _parse_value(v, f"{where}.{k}" if where else str(k)) for k, v in doc.items()}
 
 
-def _parse_model_ref(v: Any, key: str) -> str:
+def parse_model_ref(v: Any, key: str) -> str:
     """A model reference (path, URL, Hub id, `@revision`, `+adapter`) as the location opened."""
     from moemerge.io.hub import model_reference
 
@@ -366,7 +369,7 @@ def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
         from moemerge.slices_config import parse_slices
 
         b = doc.get("base_model")
-        sliced = parse_slices(doc, None if b is None or method.base == "none" else _parse_model_ref(b, "base_model"))
+        sliced = parse_slices(doc, None if b is None or method.base == "none" else parse_model_ref(b, "base_model"))
     models_doc = doc.get("models") if sliced is None else [{"model": m} for m in sliced.models]
     if not isinstance(models_doc, list) or not models_doc:
         raise ConfigError(f"{where}: `models` must be a non-empty list of {{model: PATH}} entries")
@@ -382,8 +385,8 @@ def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
             raise ConfigError(f"{where}: `{key}` has unknown key(s) {extra}; allowed: model, parameters")
         models.append(
             ModelSpec(
-                model=_parse_model_ref(m["model"], f"{key}.model"),
-                parameters=_parse_params(m.get("parameters"), f"{key}.parameters"),
+                model=parse_model_ref(m["model"], f"{key}.model"),
+                parameters=parse_params(m.get("parameters"), f"{key}.parameters"),
             )
         )
     base = doc.get("base_model")
@@ -395,16 +398,16 @@ def parse_config(doc: Any, *, where: str = "config") -> MergeConfig:
         raise ConfigError(f"{where}: `tokenizer_source` must be 'base' or a model location")
     from moemerge.io.vocab.settings import parse_chat_template, parse_tokenizer_settings
 
-    tok_settings = parse_tokenizer_settings(doc, where, _parse_model_ref)
+    tok_settings = parse_tokenizer_settings(doc, where, parse_model_ref)
     cfg = MergeConfig(
         merge_method=method.name,
         models=tuple(models),
-        base_model=None if base is None else _parse_model_ref(base, "base_model"),
-        parameters=_parse_params(doc.get("parameters"), "parameters"),
+        base_model=None if base is None else parse_model_ref(base, "base_model"),
+        parameters=parse_params(doc.get("parameters"), "parameters"),
         dtype=_parse_dtype(doc.get("dtype"), "dtype"),
         out_dtype=_parse_dtype(doc.get("out_dtype"), "out_dtype"),
         # a model location made explicit as every model reference (a Hub id -> hf://...)
-        tokenizer_source=tok if tok in (None, "base", "union") else _parse_model_ref(tok, "tokenizer_source"),
+        tokenizer_source=tok if tok in (None, "base", "union") else parse_model_ref(tok, "tokenizer_source"),
         tokenizer=tok_settings,
         chat_template=parse_chat_template(doc.get("chat_template"), where),
         non_float=_parse_non_float(doc.get("non_float"), where),
@@ -462,7 +465,7 @@ def _written_values(v: ParamValue, path: str) -> list[tuple[Scalar, str, str]]:
     return [(v, path, "every tensor")]
 
 
-def _param_problems(method: Method, where: str, params: Mapping[str, ParamValue], scope_ok: set[str],
+def scoped_param_problems(method: Method, where: str, params: Mapping[str, ParamValue], scope_ok: set[str],
                     model: str | None) -> list[str]:
     """Unknown names, misplaced global parameters and out-of-range values of one `parameters:`."""
     problems: list[str] = []
@@ -491,9 +494,9 @@ def _param_problems(method: Method, where: str, params: Mapping[str, ParamValue]
 def check_method_config(cfg: MergeConfig, method: Method) -> None:
     """Check parameter names, values and the input contract of `cfg` for `method`; every
     problem is listed in one ConfigError."""
-    problems = _param_problems(method, "parameters", cfg.parameters, {"model", "global"}, None)
+    problems = scoped_param_problems(method, "parameters", cfg.parameters, {"model", "global"}, None)
     for i, m in enumerate(cfg.models):
-        problems += _param_problems(method, f"models[{i}].parameters", m.parameters, {"model"}, m.model)
+        problems += scoped_param_problems(method, f"models[{i}].parameters", m.parameters, {"model"}, m.model)
     if method.base == "required" and not cfg.base_model:
         problems.append(f"`base_model`: {method.name} needs a base model (task vectors are taken against it)")
     n = len(input_models(cfg, method))

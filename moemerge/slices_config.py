@@ -93,7 +93,7 @@ def _layer_range(v: Any, where: str) -> tuple[int, int]:
 
 
 def _parse_slice(doc: Any, where: str) -> SliceSpec:
-    from moemerge.config import _parse_model_ref, _parse_params
+    from moemerge.config import parse_model_ref, parse_params
 
     d = _mapping(doc, where, _SLICE_KEYS)
     srcs = d.get("sources")
@@ -105,23 +105,23 @@ def _parse_slice(doc: Any, where: str) -> SliceSpec:
         sd = _mapping(s, at, _SOURCE_KEYS)
         if "model" not in sd or "layer_range" not in sd:
             raise ConfigError(f"`{at}` needs `model` and `layer_range`, got {s!r}")
-        sources.append(SliceSource(model=_parse_model_ref(sd["model"], f"{at}.model"),
+        sources.append(SliceSource(model=parse_model_ref(sd["model"], f"{at}.model"),
                                    layer_range=_layer_range(sd["layer_range"], at),
-                                   parameters=_parse_params(sd.get("parameters"), f"{at}.parameters")))
+                                   parameters=parse_params(sd.get("parameters"), f"{at}.parameters")))
     base = d.get("base_model")
     rw = d.get("residual_weight")
     if rw is not None and (isinstance(rw, bool) or not isinstance(rw, int | float)):
         raise ConfigError(f"`{where}.residual_weight` must be a number, got {rw!r}")
     return SliceSpec(where=where, sources=tuple(sources),
-                     base_model=None if base is None else _parse_model_ref(base, f"{where}.base_model"),
-                     parameters=_parse_params(d.get("parameters"), f"{where}.parameters"),
+                     base_model=None if base is None else parse_model_ref(base, f"{where}.base_model"),
+                     parameters=parse_params(d.get("parameters"), f"{where}.parameters"),
                      residual_weight=None if rw is None else float(rw))
 
 
 def _module_models(models: Any, where: str, base: str | None) -> SliceSpec:
     """A module's `models:` as MergeKit reads it: one slice of every layer of each model, the
     base (of a method that takes one) appended when it is not listed."""
-    from moemerge.config import _parse_model_ref, _parse_params
+    from moemerge.config import parse_model_ref, parse_params
 
     if not isinstance(models, list) or not models:
         raise ConfigError(f"`{where}.models` must be a non-empty list of {{model: PATH}} entries")
@@ -131,8 +131,8 @@ def _module_models(models: Any, where: str, base: str | None) -> SliceSpec:
         md = _mapping({"model": m} if isinstance(m, str) else m, at, ("model", "parameters"))
         if "model" not in md:
             raise ConfigError(f"`{at}` must have a `model` key, got {m!r}")
-        sources.append(SliceSource(model=_parse_model_ref(md["model"], f"{at}.model"), layer_range=None,
-                                   parameters=_parse_params(md.get("parameters"), f"{at}.parameters")))
+        sources.append(SliceSource(model=parse_model_ref(md["model"], f"{at}.model"), layer_range=None,
+                                   parameters=parse_params(md.get("parameters"), f"{at}.parameters")))
     if base is not None and base not in [s.model for s in sources]:
         sources.append(SliceSource(model=base, layer_range=None))
     return SliceSpec(where=f"{where}.models", sources=tuple(sources))
@@ -150,7 +150,7 @@ def parse_slices(doc: Mapping[str, Any], base_model: str | None) -> ParsedSlices
     and the top level's. `base_model` is the top-level base of a method that takes one
     (appended to a module's `models:`), else None.
     """
-    from moemerge.config import _parse_params
+    from moemerge.config import parse_params
 
     given = [k for k in ("models", "slices", "modules") if doc.get(k) is not None]
     if len(given) != 1:
@@ -172,7 +172,7 @@ def parse_slices(doc: Mapping[str, Any], base_model: str | None) -> ParsedSlices
             mod = _mapping(body, where, _MODULE_KEYS)
             if (mod.get("slices") is None) == (mod.get("models") is None):
                 raise ConfigError(f"`{where}`: give either `slices` or `models` (MergeKit's rule)")
-            params = _parse_params(mod.get("parameters"), f"{where}.parameters")
+            params = parse_params(mod.get("parameters"), f"{where}.parameters")
             if name == DEFAULT_MODULE:
                 module_params = params
             if mod.get("models") is not None:
@@ -214,20 +214,20 @@ def slice_bases(cfg: MergeConfig, method: Method, sl: SliceSpec) -> str | None:
 def check_slices_config(cfg: MergeConfig, method: Method) -> None:
     """Every slice's inputs and parameters checked against `method` (names, values, the input
     contract, ranges of equal length); all problems in one ConfigError."""
-    from moemerge.config import _param_problems
+    from moemerge.config import scoped_param_problems
 
-    problems = _param_problems(method, "parameters", cfg.parameters, {"model", "global"}, None)
+    problems = scoped_param_problems(method, "parameters", cfg.parameters, {"model", "global"}, None)
     seen: set[str] = set()
     for sl in cfg.slices:
         mp = module_params(cfg, sl)
         if mp and sl.module not in seen:
             seen.add(sl.module)
-            problems += _param_problems(method, f"modules.{sl.module}.parameters", mp, {"model", "global"}, None)
+            problems += scoped_param_problems(method, f"modules.{sl.module}.parameters", mp, {"model", "global"}, None)
     for sl in cfg.slices:
-        problems += _param_problems(method, f"{sl.where}.parameters", sl.parameters, {"model", "global"}, None)
+        problems += scoped_param_problems(method, f"{sl.where}.parameters", sl.parameters, {"model", "global"}, None)
         names = [s.model for s in sl.sources]
         for j, s in enumerate(sl.sources):
-            problems += _param_problems(method, f"{sl.where}.sources[{j}].parameters", s.parameters, {"model"},
+            problems += scoped_param_problems(method, f"{sl.where}.sources[{j}].parameters", s.parameters, {"model"},
                                         s.model)
         dup = sorted({m for m in names if names.count(m) > 1})
         if dup:

@@ -11,6 +11,8 @@ other dtypes than bf16/float32); the method then runs its torch path, which stay
 
 from __future__ import annotations
 
+import importlib
+
 import math
 import os
 import sys
@@ -33,23 +35,26 @@ if TYPE_CHECKING:
 __all__ = ["available", "Ranked", "abs_delta_values", "variance_values", "histograms", "tie_counts",
            "generalized_apply", "l1_partials", "sce_masked", "sce_apply", "WEIGHTED_SUMS", "weighted_into"]
 
-_KERNELS: Any = None
-_FAILED = False
+#: Compiled kernel modules by name, once imported; None: could not be (no numba, no cache dir).
+_COMPILED: dict[str, Any] = {}
 #: Threshold bits no value reaches (selects nothing) and a cut row after every row (ties: all)
 _NEVER = 1 << 31
 _ALL_ROWS = 1 << 62
 
 
-def _kernels() -> Any:
-    global _KERNELS, _FAILED
-    if _KERNELS is None and not _FAILED:
+def _compiled(name: str) -> Any:
+    """The kernel module `moemerge.methods.NAME`, imported on first use (its numba functions
+    compile or load from cache then); None when that fails, and from then on."""
+    if name not in _COMPILED:
         try:
-            from moemerge.methods import _select_numba
-
-            _KERNELS = _select_numba
+            _COMPILED[name] = importlib.import_module(f"moemerge.methods.{name}")
         except (ImportError, RuntimeError, OSError):  # no numba, or no writable cache directory
-            _FAILED = True
-    return _KERNELS
+            _COMPILED[name] = None
+    return _COMPILED[name]
+
+
+def _kernels() -> Any:
+    return _compiled("_select_numba")
 
 
 def available() -> bool:
@@ -377,22 +382,12 @@ def sce_apply(chunk: Chunk, stats: Mapping[str, Any], sel: Selection | None,
 #: computes it: method name -> weights(params, n_inputs). Each method registers the function its
 #: own `apply` uses, so the two paths cannot disagree on the weights.
 WEIGHTED_SUMS: dict[str, Callable[[TensorParams, int], Sequence[float]]] = {}
-_LINEAR: Any = None
-_LINEAR_FAILED = False
 #: Output dtypes the loop writes: bf16 (as its uint16 bits) and float32.
 _OUT_DTYPES = ("torch.bfloat16", "torch.float32")
 
 
 def _linear_kernels() -> Any:
-    global _LINEAR, _LINEAR_FAILED
-    if _LINEAR is None and not _LINEAR_FAILED:
-        try:
-            from moemerge.methods import _linear_numba
-
-            _LINEAR = _linear_numba
-        except (ImportError, RuntimeError, OSError):  # no numba, or no writable cache directory
-            _LINEAR_FAILED = True
-    return _LINEAR
+    return _compiled("_linear_numba")
 
 
 def _evenly_spaced(raws: Sequence[torch.Tensor]) -> Stored | None:

@@ -458,6 +458,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", action="store_true",
                    help="block-FP8 DeepSeek-style inputs instead: linear and ties, bf16 and like-input (FP8) "
                         "output, each against its floor (scripts/bench_quant.py)")
+    p.add_argument("--suite", choices=["full"], default=None,
+                   help="run every row of issue 15's table (scripts/bench_suite.py) and print one summary; "
+                        "takes --scale, --only, --dir, --keep, --mergekit and --wait-quiet; other flags are ignored")
+    p.add_argument("--scale", type=float, default=1.0, help="--suite: multiply every input size (default 1)")
+    p.add_argument("--only", default=None,
+                   help="--suite: comma-separated parts (deepseek, default, mergekit, plan, estimate, pma)")
     p.add_argument("--wait-quiet", type=float, default=300,
                    help="before each measurement wait up to this many seconds for other processes to "
                         "go idle (default 300; 0: do not wait)")
@@ -483,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.suite:
+        from bench_suite import run_suite
+
+        return run_suite(scale=args.scale, work_dir=args.dir, keep=args.keep, mergekit=args.mergekit,
+                         only=args.only, wait_quiet=args.wait_quiet)
     dtype = _DTYPES.get(args.dtype.lower())
     if dtype is None:
         raise SystemExit(f"bench: --dtype {args.dtype}: use bf16, f16 or f32")

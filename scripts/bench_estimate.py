@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="before each run wait up to this many seconds for other processes to go idle (default 60)")
     p.add_argument("--dir", default=None, help="where inputs and outputs go (default: a new temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the inputs for a later run with the same --dir")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return p
 
 
@@ -161,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.inputs} inputs, --memory-budget {args.budget}, {os.cpu_count()} cores, "
           f"{'cold' if args.cold else 'warm'} page cache; estimate at the measured read/write rates; "
           "CPU s: the merge process's user+system; other CPU s: other processes meanwhile (shared machine).")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps([dict(zip(head, r)) for r in rows], indent=1))
     off = [r for r in rows if not 0.7 <= float(r[9]) <= 1.3]  # wall: the target
     for r in off:
         print(f"OUTSIDE 30%: {r[0]} at {r[1]}: estimate {r[7]} s, measured {r[8]} s")

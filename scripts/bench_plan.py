@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--distinct-headers", action="store_true",
                    help="give each input its own header metadata, so no two shard headers are byte-identical "
                         "(default: identical, as fine-tunes saved alike are; their records are then shared)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     return p
 
 
@@ -153,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         ]
         results = [_run(c, max(1, args.repeat), root) for c in cases]
         print(_table(results))
+        if args.json:
+            import json
+
+            args.json.write_text(json.dumps([{"case": r.case.name, "wall": r.wall, "cpu": r.cpu, "peak_mb": r.peak_mb,
+                                              "max_seconds": r.case.max_seconds, "max_mb": r.case.max_mb}
+                                             for r in results], indent=1))
         return 0 if all(r.wall <= r.case.max_seconds and (r.case.max_mb is None or r.peak_mb <= r.case.max_mb)
                         for r in results) else 1
     finally:

@@ -530,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     args = _parser().parse_args(argv)
+    if args.command in ("run", "multi", "pma") and not getattr(args, "dry_run", False):
+        from moemerge._startup import load_torch_quietly
+
+        load_torch_quietly()  # these compute: torch loads now, without the collector's rescans
     previous = None
     if threading.current_thread() is threading.main_thread():  # only there can Python take signals
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

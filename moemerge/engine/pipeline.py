@@ -72,6 +72,26 @@ class ChunkKernel(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Requant:
+    """A filled output buffer of a quantized tensor's merged float32 rows, handed to the writer
+    thread, which requantizes them (engine/requant.py) before writing: the compute loop goes on
+    with the next chunk meanwhile (the buffer is the writer's until it is written)."""
+
+    t: TensorPlan
+    r0: int
+    r1: int
+    nbytes: int
+    buf: torch.Tensor
+    first: bool
+    last: bool
+
+    def written(self) -> Written:
+        segs = tuple(Segment(name=n, row=r, offset=o, nbytes=b)
+                     for n, r, o, b in requantize(self.t, self.r0, self.r1, self.buf, self.nbytes))
+        return Written(segments=segs, buf=self.buf, first=self.first, last=self.last)
+
+
 @dataclass(slots=True)
 class JobsResult:
     digests: dict[str, str] = field(default_factory=dict)
@@ -183,7 +203,7 @@ class _Pipeline:
         self.staged = [pool.acquire() for pool in self.stage_pools]
         self.stop = threading.Event()
         self.ready: queue.Queue[Ready | None] = queue.Queue(maxsize=2)  # None: no more
-        self.writes: queue.Queue[Written | None] = queue.Queue(maxsize=2)
+        self.writes: queue.Queue[Written | _Requant | None] = queue.Queue(maxsize=2)
         self.errors: list[BaseException] = []
         self.readers = ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(plan.sources))),
                                           thread_name_prefix="moemerge-read")
@@ -284,7 +304,12 @@ class _Pipeline:
                     self.stop.set()
                 return
             aux: list[Future[None]] = []
+            buf = item.buf
             try:
+                if isinstance(item, _Requant):
+                    if self.stop.is_set():
+                        continue  # (the buffer goes back below)
+                    item = item.written()
                 data = item.buf.numpy().data
                 if self.aux_pool is not None and self.aux_writer is not None and not self.stop.is_set():
                     aux = [self.aux_pool.submit(self.aux_writer.write_rows, seg.name, seg.row,
@@ -317,7 +342,7 @@ class _Pipeline:
             finally:
                 for f in aux:  # they read the buffer: it is free only once they are done
                     f.exception()
-                self.out_pool.release(item.buf)
+                self.out_pool.release(buf)
 
     def _emit(self, job: Job, fill: Callable[[torch.Tensor], int | list[Segment]]) -> None:
         """Fill an output buffer and queue it for writing. `fill` returns the bytes it wrote
@@ -325,19 +350,19 @@ class _Pipeline:
         engine/requant.py) or the segments to write (a chunk kernel's)."""
         t = self.plan.tensors[job.ti]
         out = self.out_pool.acquire(self.stop)
+        item: Written | _Requant
         try:
             filled = fill(out)
             if isinstance(filled, list):
-                segs = filled
+                item = Written(segments=tuple(filled), buf=out, first=job.r0 == 0, last=job.last)
             elif t.quant is None:
-                segs = [Segment(name=t.name, row=job.r0, offset=0, nbytes=filled)]
-            else:
-                segs = [Segment(name=n, row=r, offset=o, nbytes=b)
-                        for n, r, o, b in requantize(t, job.r0, job.r1, out, filled)]
+                item = Written(segments=(Segment(name=t.name, row=job.r0, offset=0, nbytes=filled),), buf=out,
+                               first=job.r0 == 0, last=job.last)
+            else:  # requantized by the writer thread, beside the next chunk's merge
+                item = _Requant(t=t, r0=job.r0, r1=job.r1, nbytes=filled, buf=out, first=job.r0 == 0, last=job.last)
         except BaseException:
             self.out_pool.release(out)
             raise
-        item = Written(segments=tuple(segs), buf=out, first=job.r0 == 0, last=job.last)
         while True:
             if self.stop.is_set():
                 raise Cancelled()

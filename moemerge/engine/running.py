@@ -2,7 +2,8 @@
 
 A float tensor's read buffer holds the step's snapshots' rows, then the previous sums' (fp64);
 its output buffer gets the average (the output dtype), then the new sums, each at an aligned
-offset. The stage runs on cache-sized blocks of the chunk, as elementwise methods do. A tensor
+offset. The stage runs over the whole chunk in one compiled pass (methods._running_fast, the
+same bits), else on cache-sized blocks of the chunk with torch, as elementwise methods do. A tensor
 written quantized (`--quantize`) gets its average as float32, turned into its stored parts
 right after it (engine/requant.py, as a merge's), before the sums.
 """
@@ -18,6 +19,7 @@ from moemerge.engine.constants import ALIGN, BLOCK_ELEMS
 from moemerge.engine.jobs import Segment
 from moemerge.engine.requant import requantize
 from moemerge.io.dtypes import itemsize, to_torch
+from moemerge.methods._running_fast import fold_average
 from moemerge.methods.running import SCRATCH, RunningStep
 from moemerge.planner.plan import TensorPlan
 
@@ -34,6 +36,8 @@ class RunningKernel:
 
     step: RunningStep
     array: Callable[[str, str], str]
+    compiled: bool = True
+    """Whether the compiled pass may run (numba's load costs ~0.75 s of CPU: small updates skip it)."""
 
     def _layout(self, t: TensorPlan, rows: int) -> list[int]:
         """Offsets of the average, then of each new sum, in the output buffer; then the end."""
@@ -59,7 +63,8 @@ class RunningKernel:
         avg = out[:avg_bytes].view(to_torch(t.out_dtype))
         sums_out = {q: out[off:off + n * 8].view(torch.float64)
                     for q, off in zip(qs if step.writes_sums else (), offsets[1:])}
-        for s in range(0, n, BLOCK_ELEMS):
+        fast = self.compiled and fold_average(step, [x[:n] for x in snaps], {q: v[:n] for q, v in sums_in.items()}, sums_out, avg)
+        for s in range(0, 0 if fast else n, BLOCK_ELEMS):  # the torch path: when the compiled one cannot
             e = min(n, s + BLOCK_ELEMS)
             scratch = [sl.view(torch.float64)[:e - s] for sl in slabs[:SCRATCH]]
             sums = step.fold([x[s:e] for x in snaps], {q: v[s:e] for q, v in sums_in.items()},

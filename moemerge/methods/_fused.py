@@ -27,12 +27,14 @@ from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help n
 from moemerge.methods._host import on_host
 from moemerge.methods.base import Chunk, TensorParams
 from moemerge.methods.stats import Threshold, _for_row_ranges, stream_key
+from moemerge.methods._ties import tie_cut
 
 if TYPE_CHECKING:
     from moemerge.methods._memo import ScratchMemo
     from moemerge.methods._selection import Selection
 
-__all__ = ["available", "Ranked", "abs_delta_values", "variance_values", "histograms", "tie_counts",
+__all__ = ["available", "Ranked", "abs_delta_values", "variance_values", "histograms", "window_histograms",
+           "tie_counts",
            "generalized_apply", "l1_partials", "sce_masked", "sce_apply", "WEIGHTED_SUMS", "weighted_into"]
 
 #: Compiled kernel modules by name, once imported; None: could not be (no numba, no cache dir).
@@ -135,6 +137,29 @@ def histograms(ranked: Ranked, sources: Sequence[int], bins: Sequence[int]) -> t
     return sum(p[0] for p in parts[1:]) + parts[0][0], sum(p[1] for p in parts[1:]) + parts[0][1]
 
 
+def window_histograms(ranked: Ranked, sources: Sequence[int], wlo: Sequence[int], nb: Sequence[int]) -> np.ndarray:
+    """[targets, max(nb), 65,536] int64: per target t (source sources[t]) the low-bits
+    histograms of its values whose high bits lie in [wlo[t], wlo[t] + nb[t])."""
+    k = _kernels()
+    trow = np.array([ranked.row(s) for s in sources], np.int64)
+    lo = np.array(list(wlo), np.int64)
+    cnt = np.array(list(nb), np.int64)
+    width = max(1, int(cnt.max(initial=1)))
+    parts: list[np.ndarray] = []
+
+    def body(j0: int, j1: int) -> None:
+        # int32 per range: a chunk holds fewer than 2^31 values (a work unit's bytes at most)
+        hist = np.zeros((len(trow), width, 1 << 16), np.int32)
+        k.window_k(ranked.src.flat, ranked.src.ss, ranked.n_inputs, trow, lo, cnt, j0, j1, hist)
+        parts.append(hist)
+
+    _flat_ranges(ranked.src.n, body)
+    out = parts[0].astype(np.int64)
+    for p in parts[1:]:
+        out += p
+    return out
+
+
 def tie_counts(ranked: Ranked, sources: Sequence[int], thr_bits: Sequence[int], rows: int) -> np.ndarray:
     """[targets, rows]: values equal to thr_bits[t] in each chunk row."""
     k = _kernels()
@@ -147,31 +172,41 @@ def tie_counts(ranked: Ranked, sources: Sequence[int], thr_bits: Sequence[int], 
     return counts
 
 
-def _encode(thr: Threshold, ties: np.ndarray | None) -> tuple[int, int, int]:
-    """(bits, cut row, tied values kept in the cut row) of `top_mask`'s rule: above `bits`, or
-    equal to it in a row before the cut row, or among the cut row's first few equal values."""
+def _encode(thr: Threshold, ties: Any, row_start: int, rows: int,
+            row_counts: Callable[[], np.ndarray]) -> tuple[int, int, int]:
+    """(bits, cut row, tied values kept in the cut row) of `top_mask`'s rule for the chunk of
+    `rows` rows from `row_start`: above `bits`, or equal to it in a row before the cut row, or
+    among the cut row's first few equal values. `row_counts()`: the chunk's per-row count of
+    values equal to `thr.bits` (asked only when the cut falls inside this chunk)."""
     if thr.q == 0:
         return _NEVER, -1, 0
     if thr.take_equal <= 0:
         return thr.bits, -1, 0
     if thr.take_equal >= thr.equal:
         return thr.bits, _ALL_ROWS, 0
-    assert ties is not None
-    cut = int(np.searchsorted(ties, thr.take_equal, side="left")) - 1  # ties[cut] < take <= ties[cut+1]
-    return thr.bits, cut, thr.take_equal - int(ties[cut])
+    cut, take = tie_cut(thr, ties, row_start, row_start + rows, row_counts)
+    return thr.bits, cut, take
 
 
-def _targets(sel: Selection, stats: Mapping[str, Any], names: Sequence[Sequence[str]]) -> tuple[np.ndarray, ...]:
-    """thr, cut and take arrays [len(names), 2] for the selection targets names[i] (up to 2 each)."""
+def _targets(sel: Selection, stats: Mapping[str, Any], names: Sequence[Sequence[str]], ranked: Ranked,
+             sources: Sequence[int], row_start: int, rows: int) -> tuple[np.ndarray, ...]:
+    """thr, cut and take arrays [len(names), 2] for the selection targets names[i] (up to 2
+    each) ranking source sources[i]'s values, for the chunk of `rows` rows from `row_start`."""
     thrs = sel.thresholds(stats)
-    ties = stats[sel.tie_key]
+    ties = sel.ties(stats)
     thr = np.full((max(1, len(names)), 2), _NEVER, np.int64)
     cut = np.full_like(thr, -1)
     take = np.zeros_like(thr)
     for i, group in enumerate(names):
         for m, name in enumerate(group):
-            thr[i, m], cut[i, m], take[i, m] = _encode(thrs[name], ties[name])
+            th = thrs[name]
+            counts = partial(_row_ties, ranked, sources[i] if i < len(sources) else 0, th.bits, rows)
+            thr[i, m], cut[i, m], take[i, m] = _encode(th, ties[name], row_start, rows, counts)
     return thr, cut, take
+
+
+def _row_ties(ranked: Ranked, source: int, bits: int, rows: int) -> np.ndarray:
+    return tie_counts(ranked, [source], [bits], rows)[0]
 
 
 def _random_bound(p: float) -> tuple[int, bool]:
@@ -284,7 +319,8 @@ def generalized_apply(fam: Any, chunk: Chunk, stats: Mapping[str, Any], p: Tenso
         for i in sparse:
             kind[i] = 1 if fam.sparsify == "magnitude" else 2
             names[i] = [f"{i}:top"] if fam.sparsify == "magnitude" else [f"{i}:hi", f"{i}:lo"]
-        thr, cut, take = _targets(sel, stats, names)
+        thr, cut, take = _targets(sel, stats, names, Ranked(src=src, n_inputs=chunk.n_inputs, variance=False),
+                                  list(range(n)), chunk.row_start, chunk.row_stop - chunk.row_start)
     else:
         thr = np.full((max(1, n), 2), _NEVER, np.int64)
         cut, take = np.full_like(thr, -1), np.zeros_like(thr)
@@ -339,7 +375,8 @@ def sce_masked(chunk: Chunk, stats: Mapping[str, Any], sel: Selection | None,
         return None
     k = _kernels()
     if sel is not None:
-        thr, cut, take = _targets(sel, stats, [["var"]])
+        thr, cut, take = _targets(sel, stats, [["var"]], Ranked(src=src, n_inputs=chunk.n_inputs, variance=True),
+                                  [0], chunk.row_start, chunk.row_stop - chunk.row_start)
     else:
         thr = np.full((1, 2), _NEVER, np.int64)
         cut, take = np.full_like(thr, -1), np.zeros_like(thr)

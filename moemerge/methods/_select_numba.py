@@ -18,7 +18,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-__all__ = ["hist_k", "ties_k", "generalized_k", "delta_mask_k", "magprune_k", "sce_k", "sce_apply_k"]
+__all__ = ["hist_k", "window_k", "ties_k", "generalized_k", "delta_mask_k", "magprune_k", "sce_k", "sce_apply_k"]
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -79,6 +79,27 @@ def hist_k(src: Any, ss: int, n: int, trow: Any, tbin: Any, j0: int, j1: int, hi
                     v = bits[j]
                     if (v >> 16) == b:
                         hist[t, v & 0xFFFF] += 1
+
+
+@numba.njit(nogil=True, cache=True)
+def window_k(src: Any, ss: int, n: int, trow: Any, wlo: Any, nb: Any, j0: int, j1: int, hist: Any) -> None:
+    """hist[t, h - wlo[t], low 16 bits] += 1 for target t's values whose high 16 bits h lie in
+    [wlo[t], wlo[t] + nb[t]): the low-bits histograms of a window of high bins, in one sweep."""
+    nf = np.float32(n)
+    mean = np.empty(BLK, np.float32)
+    acc = np.empty(BLK, np.float32)
+    bits = np.empty(BLK, np.int32)
+    for b0 in range(j0, j1, BLK):
+        length = min(BLK, j1 - b0)
+        for t in range(trow.shape[0]):
+            _block_bits(src, ss, trow[t], b0, length, n, nf, mean, acc, bits)
+            lo = wlo[t]
+            cnt = nb[t]
+            for j in range(length):
+                v = bits[j]
+                h = (v >> 16) - lo
+                if h >= 0 and h < cnt:
+                    hist[t, h, v & 0xFFFF] += 1
 
 
 @numba.njit(nogil=True, cache=True)

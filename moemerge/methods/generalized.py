@@ -96,13 +96,13 @@ class _Family:
             dens = self.density(p, i)
             if self.sparsify == "magnitude":  # methods.md: k = max(1, floor(p n)); p <= 0 keeps none
                 k = 0 if dens <= 0 else max(1, math.floor(dens * n))
-                targets.append(Target(f"{i}:top", i, _fixed(k)))
+                targets.append(Target(f"{i}:top", i, _fixed(k), _share(k, n)))
             else:  # outliers: keep descending ranks [n - bottom - keep, n - bottom)
                 keep = max(0, math.floor(dens * n))
                 top = math.floor(float(p.per_input[i].get("gamma", 0.01)) * n)
                 bottom = max(0, n - keep - top)
-                targets.append(Target(f"{i}:hi", i, _fixed(n - bottom)))
-                targets.append(Target(f"{i}:lo", i, _fixed(n - bottom - keep)))
+                targets.append(Target(f"{i}:hi", i, _fixed(n - bottom), _share(n - bottom, n)))
+                targets.append(Target(f"{i}:lo", i, _fixed(n - bottom - keep), _share(n - bottom - keep, n)))
         return selection_passes("sel", self._abs_values, targets, n, work=lambda c: c.scratch(2),
                                 fused=_fused.abs_delta_values) if targets else None
 
@@ -250,6 +250,11 @@ class _Family:
 def _fixed(q: int) -> Callable[[Mapping[str, Any]], int]:
     """A selection count known at plan time (it does not depend on an earlier pass)."""
     return lambda stats: q
+
+
+def _share(q: int, n: int) -> Callable[[int, int], int]:
+    """A chunk of `values` holds about q / n of its own among the tensor's q largest."""
+    return lambda values, zeros: round(q * values / n)
 
 
 def _reduce_l1(parts: Sequence[dict[int, tuple[int, int]]]) -> dict[int, float]:

@@ -82,7 +82,10 @@ def _selection(p: TensorParams, shape: tuple[int, ...]) -> Selection | None:
     def values(chunk: Chunk, stats: Mapping[str, Any], source: int) -> torch.Tensor:
         return _chunk_variance(chunk)
 
-    return selection_passes("sce", values, [Target("var", 0, q)], n, work=lambda c: c.scratch(2),
+    def share(values: int, zeros: int) -> int:  # the chunk's own k of its non-zero variances
+        return math.floor(topk * (values - zeros))
+
+    return selection_passes("sce", values, [Target("var", 0, q, share)], n, work=lambda c: c.scratch(2),
                             count_zeros=True, fused=_fused.variance_values)
 
 

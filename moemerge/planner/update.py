@@ -36,7 +36,9 @@ __all__ = ["plan_update", "state_source"]
 
 #: Double buffering: one chunk is read (and one written) while the previous one computes.
 _IN_FLIGHT = 2
-#: Bytes Zarr holds per fp64 element while it decodes a state chunk read, or encodes one written.
+#: Bytes held per fp64 element while a state chunk read is decoded, or one written is encoded
+#: (zarr's copies, or pma.state_io's reused buffers: one per read quantity, one per written
+#: quantity and output buffer, as both output buffers' chunks may be written at once).
 _ZARR_COPY = 8
 _NO_PARAMS = TensorParams(per_input=(), glob={})
 
@@ -113,7 +115,7 @@ def plan_update(
     # quantizer's float32 temporaries come on top (as a merge's, planner.build)
     out_elem = max((itemsize(dt) + (8 * k_out if g is not None else 0) + (QUANT_EXTRA_PER_ELEM if q else 0)
                     for _, dt, _, g, q in rows_of), default=1)
-    per_elem = _IN_FLIGHT * in_elem + _IN_FLIGHT * out_elem + _ZARR_COPY * (k_in + k_out)
+    per_elem = _IN_FLIGHT * in_elem + _IN_FLIGHT * out_elem + _ZARR_COPY * (k_in + _IN_FLIGHT * k_out)
     fixed = SCRATCH * BLOCK_ELEMS * 8  # the stage's fp64 scratch blocks
     chunk_cap = max(1, (memory_budget - fixed) // per_elem) if memory_budget > fixed else 1
     # as a merge's elementwise chunks: a few per work unit of input
@@ -160,7 +162,7 @@ def plan_update(
     quant_temps = max((QUANT_EXTRA_PER_ELEM * min(t.rows_per_chunk * t.row_len, BAND_ELEMS)
                        for t in tensors if t.quant), default=0)
     peak = (_IN_FLIGHT * chunk_in + _IN_FLIGHT * chunk_out + SCRATCH * chunk_elems * 8
-            + _ZARR_COPY * (k_in + k_out) * state_elems + quant_temps)
+            + _ZARR_COPY * (k_in + _IN_FLIGHT * k_out) * state_elems + quant_temps)
     return Plan(
         method=step.method, sources=sources, tensors=tuple(tensors), shards=tuple(shards),
         units=tuple(make_units(tensors, unit_bytes)), memory_budget=memory_budget, working_copies=SCRATCH,

@@ -23,7 +23,7 @@ import numpy as np
 
 from moemerge.errors import CheckpointError, OutputError
 from moemerge.io.zarr_store import DAMAGED_STORE_HINT, array_path, chunk_checksum
-from moemerge.pma.state_codec import CODEC_NAME, decode, encode_parts
+from moemerge.pma.state_codec import CODEC_NAME, decode, encode_into, encode_parts, encoded_bound
 
 __all__ = ["FastStateReader", "FastStateWriter"]
 
@@ -45,8 +45,8 @@ def _split_codec(codecs: Any) -> bool:
 class FastStateReader:
     """Whole-chunk reads of one local ZarrCheckpoint of state sums (its `read_rows`, faster)."""
 
-    def __init__(self, sums: Any) -> None:
-        self.sums = sums
+    def __init__(self, sums: Any, *, compiled: bool = True) -> None:
+        self.sums, self.compiled = sums, compiled
         self.local = hasattr(sums, "root") and _is_local(sums)
         self._meta: dict[str, tuple[int, int] | None] = {}  # name -> (chunk rows, ndim); None: zarr
         self._lock = threading.Lock()
@@ -93,9 +93,9 @@ class FastStateReader:
                                           f"recorded when it was written (a damaged or replaced object): "
                                           f"{self._hint()}")
                 if n == rows_per * row_len:
-                    decode(data, out=dst[a:a + n])
+                    decode(data, out=dst[a:a + n], compiled=self.compiled)
                 else:  # the last chunk is stored padded to the chunk shape: keep the rows there are
-                    dst[a:a + n] = decode(data)[:n]
+                    dst[a:a + n] = decode(data, compiled=self.compiled)[:n]
             finally:
                 self._give(data.obj)  # type: ignore[arg-type]
         return True
@@ -146,12 +146,15 @@ class FastStateWriter:
     """A state version's writer (`ZarrModelWriter`) whose whole chunks of a local format-2
     version are written here; the rest by the writer itself."""
 
-    def __init__(self, writer: Any) -> None:
-        self.writer = writer
+    def __init__(self, writer: Any, *, compiled: bool = True) -> None:
+        self.writer, self.compiled = writer, compiled
         self.arrays = writer.arrays
         self.fast = _is_local(writer) and _uses_split(writer)
         self._dirs: set[str] = set()
         self._lock = threading.Lock()
+        #: encode buffers free for reuse: as many as chunks were written at once (two per
+        #: quantity: the engine's two output buffers), each as big as the largest chunk's bound
+        self._free: list[np.ndarray] = []
 
     def write_rows(self, name: str, row_start: int, data: memoryview) -> None:
         spec = self.arrays[name]
@@ -168,7 +171,28 @@ class FastStateWriter:
             padded = np.zeros(per * row_len, dtype="<f8")
             padded[:values.size] = values
             values = padded
-        parts = encode_parts(values, self.writer.compressors[0].fallback)
+        fallback = self.writer.compressors[0].fallback
+        buf = self._take(encoded_bound(values.size))
+        try:
+            used = encode_into(values, buf, fallback, self.compiled)  # one compiled pass into a reused buffer
+            parts: list[bytes | memoryview] = ([buf[:used].data] if used is not None
+                                               else encode_parts(values, fallback, self.compiled))
+            self._write(name, row_start, spec, per, parts)
+        finally:
+            self._give(buf)
+
+    def _take(self, size: int) -> np.ndarray:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None or buf.size < size:  # grown, then reused: its pages stay mapped
+            buf = np.empty(max(size, 1 << 20), dtype=np.uint8)
+        return buf
+
+    def _give(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+    def _write(self, name: str, row_start: int, spec: Any, per: int, parts: list[bytes | memoryview]) -> None:
         key = _chunk_key(array_path(name), row_start // per, len(spec.shape))
         path = os.path.join(self.writer.root, *key.split("/"))
         folder = os.path.dirname(path)

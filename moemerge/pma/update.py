@@ -426,7 +426,8 @@ class _Job:
         by_source: dict[str, tuple[Any, str]] = {url: (ck, "bytes_read") for url, ck in self.opened.items()}
         if self.cur is not None and step.reads_sums:
             for q in step.quantities:
-                by_source[state_source(self.cur.url, q)] = (_StateArrays(self.cur.sums, q), "state_read")
+                by_source[state_source(self.cur.url, q)] = (_StateArrays(self.cur.sums, q, compiled=_compiled(plan)),
+                                                            "state_read")
         return [_Counted(reader, functools.partial(self._count, counter))
                 for reader, counter in (by_source[src] for src in plan.sources)]
 
@@ -438,8 +439,10 @@ class _Job:
 
         from moemerge.pma.state_io import FastStateWriter
 
-        aux = FastStateWriter(state_w) if state_w is not None else None  # local chunks past zarr's copies
-        res = run_jobs(plan, self._inputs(plan, step), out_w, kernel=RunningKernel(step=step, array=array_name),
+        compiled = _compiled(plan)
+        aux = FastStateWriter(state_w, compiled=compiled) if state_w is not None else None  # past zarr's copies
+        res = run_jobs(plan, self._inputs(plan, step), out_w,
+                       kernel=RunningKernel(step=step, array=array_name, compiled=compiled),
                        aux_writer=aux, progress=self.prog, title=f"pma update ({self.d.action})")
         if state_w is not None:
             self.state_written += sum(8 * t.numel for t in plan.tensors if t.method != "copy") * len(step.quantities)
@@ -518,6 +521,17 @@ class _Job:
         )
 
 
+#: Float elements from which an update runs its sums and state codec compiled (methods._running_fast,
+#: pma._codec_numba): loading numba and its cached loops costs ~0.75 s of CPU, the loops save
+#: ~7 ns per element (fold 6 -> 1, codec 5 -> 2), so below ~100M elements they cost more.
+COMPILED_FROM = 1 << 27
+
+
+def _compiled(plan: Plan) -> bool:
+    """Whether this update's chunks are large enough work for the compiled loops."""
+    return sum(t.numel for t in plan.tensors if t.method != "copy") >= COMPILED_FROM
+
+
 def _flat(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The state array's shape: the row-chunking view (rows, row_len); 1-D and scalars as is."""
     if len(shape) <= 2:
@@ -528,13 +542,13 @@ def _flat(shape: tuple[int, ...]) -> tuple[int, ...]:
 class _StateArrays:
     """One running quantity of the previous state read by tensor name (`S` of `w`: `S:w`)."""
 
-    def __init__(self, sums: Checkpoint, quantity: str) -> None:
+    def __init__(self, sums: Checkpoint, quantity: str, *, compiled: bool = True) -> None:
         from moemerge.pma.state_io import FastStateReader
 
         self.sums, self.quantity = sums, quantity
         self.tensors = {name.split(":", 1)[1]: t for name, t in sums.tensors.items()
                         if name.startswith(quantity + ":")}
-        self.fast = FastStateReader(sums)  # whole local chunks past zarr's copies (pma.state_io)
+        self.fast = FastStateReader(sums, compiled=compiled)  # whole local chunks past zarr's copies (pma.state_io)
 
     def read_rows(self, name: str, r0: int, r1: int, out: memoryview) -> None:
         if not self.fast.read_rows(array_name(self.quantity, name), r0, r1, out):

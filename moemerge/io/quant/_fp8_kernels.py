@@ -65,7 +65,7 @@ def dequantize(codes: Any, scales: Any, row_group: Any, col_block: int, out: Any
     codes uint8 [n, cols], scales/out float32, row_group int64)."""
     k = _kernels()
     assert k is not None
-    k["dequantize"](codes, lut(), scales, row_group, col_block, out)
+    k["dequantize"](codes, scales, row_group, col_block, out)
 
 
 def group_amax(values: Any, row_group: Any, m: int, col_block: int) -> Any:

@@ -6,6 +6,8 @@ sizes and negative weights, NaN/Inf left to torch, and the device twin still on 
 from __future__ import annotations
 
 import math
+import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -165,4 +167,52 @@ def test_engine_output_bytes_match_the_torch_path(tmp_path: Path, monkeypatch: p
         for other in (plain, twin):
             assert fast[k].dtype == other[k].dtype
             assert fast[k].view(torch.uint8).numpy().tobytes() == other[k].view(torch.uint8).numpy().tobytes(), \
+                f"seed {seed}: tensor {k}"
+
+
+def test_big_merges_load_the_loop_in_the_background(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weighted sum reading at least LINEAR_COMPILED_FROM bytes starts loading the loop on a
+    thread of its own; while it loads every chunk takes the torch path, after it the loop: the
+    output is the same bytes either way. Small merges, other methods and MOEMERGE_LINEAR_NUMBA=0
+    start nothing."""
+    assert not _fused.preload_weighted("ties", 1 << 40)
+    assert not _fused.preload_weighted("linear", _fused.LINEAR_COMPILED_FROM - 1) or \
+        os.environ.get("MOEMERGE_LINEAR_NUMBA") == "1"
+    monkeypatch.setenv("MOEMERGE_LINEAR_NUMBA", "0")
+    assert not _fused.preload_weighted("linear", 1 << 40)
+    monkeypatch.delenv("MOEMERGE_LINEAR_NUMBA")
+    # while loading, the loop is not taken, even with numba in the process
+    _fused._LOADING.set()
+    try:
+        assert not _fused._linear_wanted()
+    finally:
+        _fused._LOADING.clear()
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    gen = torch.Generator().manual_seed(seed)
+    _, paths = _make_inputs(tmp_path, torch.bfloat16, 3, False, gen)
+    doc = {"merge_method": "linear", "parameters": {"normalize": False},
+           "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths, [0.3, 0.9, -0.2])]}
+    monkeypatch.setenv("MOEMERGE_NO_NUMBA", "1")
+    plain = _run(doc, tmp_path / "plain", chunk_rows=2)
+    monkeypatch.delenv("MOEMERGE_NO_NUMBA")
+    # a "big" merge: the loop (not yet loaded) is loaded in the background during the run
+    monkeypatch.setattr(_fused, "LINEAR_COMPILED_FROM", 0)
+    monkeypatch.delitem(_fused._COMPILED, "_linear_numba", raising=False)
+    started: list[bool] = []
+    real = _fused.preload_weighted
+    monkeypatch.setattr(_fused, "preload_weighted", lambda name, n: started.append(real(name, n)) or started[-1])
+    calls = _spy(monkeypatch)
+    mixed = _run(doc, tmp_path / "mixed", chunk_rows=2)
+    assert started and started[0], f"seed {seed}: no background load was started: {started}"
+    for _ in range(600):  # the load finishes on its own
+        if not _fused._LOADING.is_set():
+            break
+        time.sleep(0.05)
+    assert _fused._COMPILED.get("_linear_numba") is not None
+    after = _run(doc, tmp_path / "after", chunk_rows=2)
+    assert True in calls, f"seed {seed}: the loop was never taken once loaded: {calls}"
+    for k in plain:
+        for other in (mixed, after):
+            assert plain[k].view(torch.uint8).numpy().tobytes() == other[k].view(torch.uint8).numpy().tobytes(), \
                 f"seed {seed}: tensor {k}"

@@ -460,6 +460,11 @@ class _Pipeline:
         threads_before = torch.get_num_threads()
         if self.method.elementwise or self.kernel is not None:
             torch.set_num_threads(1)
+        if self.method.elementwise and self.kernel is None and not self.place.staged:
+            # a big weighted sum loads its compiled loop meanwhile (methods/_fused.py)
+            from moemerge.methods._fused import preload_weighted
+
+            preload_weighted(self.method.name, plan.bytes_read)
         reader = threading.Thread(target=self._prefetch, name="moemerge-prefetch", daemon=True)
         writer = threading.Thread(target=self._write_loop, name="moemerge-write", daemon=True)
         self.progress.start(plan.bytes_read, self.title or f"{plan.method} -> {len(plan.shards)} shard(s)")

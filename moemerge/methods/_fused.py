@@ -16,6 +16,7 @@ import importlib
 import math
 import os
 import sys
+import threading
 from functools import partial
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["available", "Ranked", "abs_delta_values", "variance_values", "histograms", "window_histograms",
            "tie_counts",
-           "generalized_apply", "l1_partials", "sce_masked", "sce_apply", "WEIGHTED_SUMS", "weighted_into"]
+           "generalized_apply", "l1_partials", "sce_masked", "sce_apply", "WEIGHTED_SUMS", "weighted_into",
+           "preload_weighted"]
 
 #: Compiled kernel modules by name, once imported; None: could not be (no numba, no cache dir).
 _COMPILED: dict[str, Any] = {}
@@ -427,6 +429,49 @@ def _linear_kernels() -> Any:
     return _compiled("_linear_numba")
 
 
+#: Bytes read from which a weighted-sum merge loads the compiled loop. Measured (scripts/bench.py,
+#: bf16): the loop saves ~0.2 s of CPU per GB read, but loading numba and its cached code costs
+#: ~0.8 s and ~120 MB of RSS (a 3 x 500 MB linear run was 1.86x the floor with it, 1.43x
+#: without). From here on it pays for itself, and it loads on a thread of its own meanwhile.
+LINEAR_COMPILED_FROM = 4 << 30
+#: Set while `preload_weighted` loads the loop in the background, and cleared when it is done.
+_LOADING = threading.Event()
+
+
+def _linear_wanted() -> bool:
+    """Whether `weighted_into` may use the compiled loop now: never while it loads in the
+    background (the torch path meanwhile: same bits); where numba is loaded anyway (a
+    statistics method, FP8 inputs), once `preload_weighted` loaded it, or always with
+    MOEMERGE_LINEAR_NUMBA=1; never with MOEMERGE_LINEAR_NUMBA=0 unless numba is loaded."""
+    if _LOADING.is_set():
+        return False
+    if _COMPILED.get("_linear_numba") is not None or "numba" in sys.modules:
+        return True
+    return os.environ.get("MOEMERGE_LINEAR_NUMBA", "") not in ("", "0")
+
+
+def preload_weighted(name: str, bytes_read: int) -> bool:
+    """Start loading the compiled weighted sum on a background thread when method `name` is one
+    (`WEIGHTED_SUMS`) and the merge reads at least `LINEAR_COMPILED_FROM` bytes (or with
+    MOEMERGE_LINEAR_NUMBA=1); chunks computed before it is ready take the torch path, with the
+    same bits. True when a load was started."""
+    env = os.environ.get("MOEMERGE_LINEAR_NUMBA", "")
+    if (name not in WEIGHTED_SUMS or "_linear_numba" in _COMPILED or _LOADING.is_set() or env == "0"
+            or os.environ.get("MOEMERGE_NO_NUMBA", "") not in ("", "0")
+            or (bytes_read < LINEAR_COMPILED_FROM and env in ("", "0"))):
+        return False
+    _LOADING.set()
+
+    def load() -> None:
+        try:
+            _linear_kernels()
+        finally:
+            _LOADING.clear()
+
+    threading.Thread(target=load, name="moemerge-numba-load", daemon=True).start()
+    return True
+
+
 def _evenly_spaced(raws: Sequence[torch.Tensor]) -> Stored | None:
     """`raws` (one dtype, bf16 or float32, equal lengths, host memory) as one flat numpy view
     when they lie evenly spaced in one buffer (the engine's read buffer), else None."""
@@ -460,11 +505,7 @@ def weighted_into(name: str, params: TensorParams, raws: Sequence[torch.Tensor],
     not in `WEIGHTED_SUMS`) or a result is NaN: then nothing is promised about `out`, and the
     caller runs the torch path, which keeps torch's NaN bit patterns."""
     weights_of = WEIGHTED_SUMS.get(name)
-    # Measured (scripts/bench.py, 3 x 500 MB bf16): the loop saves ~0.2 s of CPU per GB read,
-    # but loading numba and its cached code costs ~0.8 s and ~120 MB of RSS, so a plain linear
-    # or sma run was 1.86x the floor with it against 1.43x without. It runs only where numba is
-    # loaded anyway (a statistics method, FP8 inputs) or MOEMERGE_LINEAR_NUMBA=1 asks for it.
-    if "numba" not in sys.modules and os.environ.get("MOEMERGE_LINEAR_NUMBA", "") in ("", "0"):
+    if not _linear_wanted():
         return False
     if (weights_of is None or compute != torch.float32 or str(out.dtype) not in _OUT_DTYPES
             or not on_host(out) or not out.is_contiguous()

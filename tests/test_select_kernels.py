@@ -214,7 +214,9 @@ def test_fused_large_chunks_split_across_threads(name: str, monkeypatch: pytest.
             want, want_stats = _merge(method, params, shape, sources, rpc, fused=False)
             monkeypatch.delenv("MOEMERGE_NO_NUMBA")
             got, got_stats = _merge(method, params, shape, sources, rpc, fused=True)
-            assert _same(_resolved(want_stats, _selection_of(method, params, shape)), _resolved(got_stats, _selection_of(method, params, shape))), f"{name} rows/chunk={rpc}: statistics differ"
+            sel = _selection_of(method, params, shape)
+            assert _same(_resolved(want_stats, sel), _resolved(got_stats, sel)), \
+                f"{name} rows/chunk={rpc}: statistics differ"
             assert want == got, f"{name} rows/chunk={rpc}: output bits differ"
     finally:
         torch.set_num_threads(threads)
@@ -238,4 +240,6 @@ def test_fused_matches_torch_when_densities_keep_everything_or_nothing(
         want, want_stats = _merge(method, params, shape, sources, rpc, fused=False)
         monkeypatch.delenv("MOEMERGE_NO_NUMBA")
         got, got_stats = _merge(method, params, shape, sources, rpc, fused=True)
-        assert _same(_resolved(want_stats, _selection_of(method, params, shape)), _resolved(got_stats, _selection_of(method, params, shape))) and want == got, f"{name} densities={densities} rows/chunk={rpc}"
+        sel = _selection_of(method, params, shape)
+        assert _same(_resolved(want_stats, sel), _resolved(got_stats, sel)) and want == got, \
+            f"{name} densities={densities} rows/chunk={rpc}"

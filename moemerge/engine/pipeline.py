@@ -30,6 +30,7 @@ from moemerge.engine.cadence import Cadence, Tally
 from moemerge.engine.device import placement, to_host
 from moemerge.engine.compute import ALIGN, ChunkView, apply_into, copy_equal, scratch_2d, segments, typed_views
 from moemerge.engine.finite import check_finite, first_read
+from moemerge.engine.fused_fp8 import FusedFP8, chunk_fits, dequantize_sources, fused_for, fused_into
 from moemerge.engine.jobs import Job, Piece, Ready, Segment, Stage, Written, plan_jobs, whole_pieces
 from moemerge.engine.requant import requantize
 from moemerge.engine.progress import NullProgress, Progress
@@ -216,6 +217,18 @@ class _Pipeline:
         self.reduced = threading.Condition()  # (tensor, pass) reduced so far, for `_skip_pass`
         self.reduced_keys: set[tuple[int, int]] = set()
         self.skips: dict[tuple[int, int], bool] = {}
+        # weighted sums of block-FP8 inputs read as stored and summed from their codes
+        # (engine/fused_fp8.py), by tensor index; decided once, from either thread (same answer)
+        self.fused: dict[int, FusedFP8 | None] = {}
+
+    def _fused(self, job: Job) -> FusedFP8 | None:
+        """The fused plan of this job's tensor when the job's chunk takes that path, else None."""
+        if self.kernel is not None or self.place.staged or job.kind == "pass":
+            return None
+        f = self.fused.get(job.ti, False)
+        if f is False:
+            f = self.fused[job.ti] = fused_for(self.method, self.plan.tensors[job.ti], self.checkpoints, self.cast)
+        return f if f is not None and chunk_fits(f, job.r0, job.r1) else None
 
     def _take(self, name: str, count: int, nbytes: int, kind: str) -> BufferPool:
         if self.pools is not None:
@@ -227,8 +240,10 @@ class _Pipeline:
     def _read(self, job: Job, buf: torch.Tensor) -> None:
         t = self.plan.tensors[job.ti]
         mv = buf.numpy().data
+        stored = self._fused(job) is not None  # codes and scales, summed as they are decoded
         futs = [
-            self.readers.submit(self.checkpoints[src].read_rows, t.read_name(i), job.r0, job.r1, mv[off:off + n])
+            self.readers.submit(getattr(self.checkpoints[src], "read_stored" if stored else "read_rows"),
+                                t.read_name(i), job.r0, job.r1, mv[off:off + n])
             for i, (src, (off, n)) in enumerate(zip(t.sources_used, segments(t, job.r0, job.r1)))
         ]
         for f in futs:
@@ -360,6 +375,10 @@ class _Pipeline:
                                first=job.r0 == 0, last=job.last)
             else:  # requantized by the writer thread, beside the next chunk's merge
                 item = _Requant(t=t, r0=job.r0, r1=job.r1, nbytes=filled, buf=out, first=job.r0 == 0, last=job.last)
+                if self.writes.qsize():
+                    # the writer is behind (a light merge: a weighted sum): requantizing here
+                    # uses the time this thread would wait for a free output buffer
+                    item = item.written()
         except BaseException:
             self.out_pool.release(out)
             raise
@@ -381,6 +400,16 @@ class _Pipeline:
         if buf is None:  # a pass its earlier passes made unnecessary: nothing was read
             sp = method.passes(t.params, t.shape)[job.k]
             self.stats.setdefault(job.ti, {})[sp.name] = sp.when_skipped
+            if job.last:  # a later pass may ask whether it is needed once this one is settled
+                with self.reduced:
+                    self.reduced_keys.add((job.ti, job.k))
+                    self.reduced.notify_all()
+            return
+        fused = self._fused(job)
+        if fused is not None:  # read as stored (`_read`): summed from the codes
+            self._emit(job, lambda out: self._fill_fused(fused, job, buf, out))
+            if job.last:
+                self.stats.pop(job.ti, None)
             return
         raws = typed_views(t, buf, job.r0, job.r1)
         if t.method == "copy":
@@ -420,6 +449,18 @@ class _Pipeline:
                                                                 self.cast, st, out)))
         if job.last:
             self.stats.pop(job.ti, None)
+
+    def _fill_fused(self, f: FusedFP8, job: Job, buf: torch.Tensor, out: torch.Tensor) -> int:
+        """A weighted sum's chunk from its inputs' codes into `out`; where a result is NaN, the
+        inputs are dequantized in place and the method's own path computes it (torch's NaNs)."""
+        t = self.plan.tensors[job.ti]
+        nbytes = (job.r1 - job.r0) * t.row_len * to_torch(t.out_dtype).itemsize
+        if fused_into(f, t, buf, job.r0, job.r1, out[:nbytes].view(to_torch(t.out_dtype))):
+            return nbytes
+        dequantize_sources(f, t, buf, job.r0, job.r1)
+        raws = typed_views(t, buf, job.r0, job.r1)
+        return apply_into(self.method, t, job.r0, job.r1, raws, self.slabs, to_torch(t.compute_dtype), self.cast,
+                          self.stats.setdefault(job.ti, {}), out)
 
     def _to_device(self, t: TensorPlan, buf: torch.Tensor, r0: int, r1: int) -> list[torch.Tensor]:
         """A chunk's typed views in the device's read buffer, copied from the host's `buf`.

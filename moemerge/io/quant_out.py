@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from moemerge.io.dtypes import itemsize
-from moemerge.io.quant.base import QuantSpec
+from moemerge.io.quant.base import QUANTIZE_BAND, QuantSpec
 
 if TYPE_CHECKING:
     import torch
@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = ["PartPlace", "OutQuant", "Segment", "parts_bytes", "quantize_into", "BAND_ELEMS"]
 
-#: Rows are quantized a band of about this many elements at a time (whole scale blocks), so
-#: the quantizer's temporaries (a few float32 copies) stay a few MB whatever the chunk size.
-BAND_ELEMS = 1 << 20
+#: Rows are quantized a band of about this many elements at a time (whole scale blocks) by a
+#: quantizer whose temporaries are a few float32 copies of the band (`Codec.quantize_band`).
+BAND_ELEMS = QUANTIZE_BAND
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,11 +96,11 @@ def quantize_into(q: OutQuant, values: torch.Tensor, r0: int, r1: int, out: torc
     """Quantize logical rows [r0, r1) (`values`, float32 [r1 - r0, row_len]) into the byte
     buffer `out` from offset `at`, part after part; return each part's segment.
 
-    Works a band of whole scale blocks at a time (BAND_ELEMS), so the quantizer's
-    temporaries stay small; the bands' rows of a part are consecutive rows of that part.
+    Works a band of whole scale blocks at a time (`Codec.quantize_band`: BAND_ELEMS for a
+    quantizer with band-sized temporaries, the whole range for one without), each band's
+    part rows encoded straight into their place; the bands' rows of a part are consecutive
+    rows of that part.
     """
-    import torch
-
     spec, codec = q.spec, q.codec
     segs: list[Segment] = []
     bases: list[int] = []
@@ -111,18 +111,19 @@ def quantize_into(q: OutQuant, values: torch.Tensor, r0: int, r1: int, out: torc
         bases.append(pos)
         pos += (p1 - p0) * place.row_bytes
     align = max(1, spec.row_align)
-    band = max(align, BAND_ELEMS // max(1, spec.row_len) // align * align)
+    band = max(align, min(r1 - r0, codec.quantize_band(spec) // max(1, spec.row_len)) // align * align)
     filled = [0] * len(bases)
     for a in range(r0, r1, band):
         b = min(r1, a + band)
-        stored = codec.quantize_rows(spec, values[a - r0:b - r0], a, b, amax=amax)
-        for i, part in enumerate(spec.parts):
-            raw = stored[part.role].contiguous().reshape(-1).view(torch.uint8)
-            n = raw.numel()
+        dst = {}
+        for i, (part, place) in enumerate(zip(spec.parts, q.places)):
+            q0, q1 = codec.part_rows(spec, part, a, b)
+            n = (q1 - q0) * place.row_bytes
             if filled[i] + n > segs[i][3]:
                 raise AssertionError(f"`{part.name}`: quantized rows overflow their segment")
-            out[bases[i] + filled[i]:bases[i] + filled[i] + n].copy_(raw)
+            dst[part.role] = out[bases[i] + filled[i]:bases[i] + filled[i] + n]
             filled[i] += n
+        codec.quantize_rows_into(spec, values[a - r0:b - r0], a, b, dst, amax=amax)
     for i, seg in enumerate(segs):
         if filled[i] != seg[3]:
             raise AssertionError(f"`{seg[0]}`: quantized {filled[i]} bytes for a {seg[3]}-byte segment")

@@ -208,7 +208,8 @@ def _targets(sel: Selection, stats: Mapping[str, Any], names: Sequence[Sequence[
 
 
 def _row_ties(ranked: Ranked, source: int, bits: int, rows: int) -> np.ndarray:
-    return tie_counts(ranked, [source], [bits], rows)[0]
+    counts: np.ndarray = tie_counts(ranked, [source], [bits], rows)[0]
+    return counts
 
 
 def _random_bound(p: float) -> tuple[int, bool]:

@@ -308,12 +308,14 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
                     return None
                 pos = (b - r.lo) * (1 << 16) + low
                 i = int(np.searchsorted(r.idx, pos))
-                counts.append(int(r.counts[i]) if i < r.idx.size and int(r.idx[i]) == pos else 0)  # type: ignore[index]
+                assert r.counts is not None
+                counts.append(int(r.counts[i]) if i < r.idx.size and int(r.idx[i]) == pos else 0)
             rows.append(r.r1)
         if sum(counts) != thr.equal:
             raise RuntimeError(f"selection {prefix}: per-chunk tie counts of {name} add up to {sum(counts)}, "
                                f"the histograms to {thr.equal} (bug)")
-        return ChunkTies(rows=np.array(rows, np.int64), before=np.concatenate(([0], np.cumsum(counts))).astype(np.int64))
+        before = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        return ChunkTies(rows=np.array(rows, np.int64), before=before)
 
     ties_memo: list[Any] = [None, None]
 
@@ -387,7 +389,8 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
 def _row_counts(eq: torch.Tensor) -> np.ndarray:
     """Per-row counts of a [rows, ...] bool (or 1.0/0.0) tensor's true values, as int64 numpy."""
     if on_host(eq):  # numpy's per-row count is ~15x faster than torch.count_nonzero(dim=1) here
-        return np.count_nonzero(eq.numpy().reshape(eq.shape[0], -1), axis=1).astype(np.int64)
+        counts: np.ndarray = np.count_nonzero(eq.numpy().reshape(eq.shape[0], -1), axis=1).astype(np.int64)
+        return counts
     rowc = torch.count_nonzero(eq.reshape(eq.shape[0], -1), dim=1)  # on a device: the small counts come back
     return host_copy(rowc).numpy().astype(np.int64)
 

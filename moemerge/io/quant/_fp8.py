@@ -110,8 +110,11 @@ def _inexact(values: torch.Tensor, scale_e: torch.Tensor, fp8: torch.dtype, row_
 
 def quantize(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block: int, fp8: torch.dtype,
              *, amax: torch.Tensor | None = None, scale_dtype: torch.dtype | None = None,
-             search: bool = True, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [n, cols] fp8, scales [m, tc] scale_dtype) with fresh scales amax / fmax.
+             search: bool = True, pow2: bool = False,
+             codes_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [n, cols] fp8, scales [m, tc] scale_dtype) with fresh scales amax / fmax; the
+    codes' bytes are written into `codes_out` (uint8 [n, cols], contiguous) when given, and
+    the codes returned are a view of it.
 
     The scale is `amax / fmax` rounded once to the scale dtype (DeepSeek-V3's weight_quant,
     compressed-tensors, fbgemm), 1.0 for an all-zero group (transformers' Fp8Quantize keeps
@@ -159,7 +162,7 @@ def quantize(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block: i
     if fp8 == torch.float8_e4m3fn and _compiled(values):
         # one pass: the search stops at a group's first value off a candidate's grid (at once
         # for a real merge), then the chosen scales encode the band
-        raw = torch.empty(n, cols, dtype=torch.uint8)
+        raw = codes_out if codes_out is not None else torch.empty(n, cols, dtype=torch.uint8)
         chosen = _fp8_kernels.quantize_codes(
             values.contiguous().numpy(), torch.stack(cands).contiguous().numpy(), torch.stack(ok).numpy(),
             row_group.to(torch.int64).contiguous().numpy(), col_block, fmax, raw.numpy())
@@ -181,4 +184,6 @@ def quantize(values: torch.Tensor, row_group: torch.Tensor, m: int, col_block: i
     scale = c0.to(scale_dtype)
     codes = _encode(values, _expand(scale, row_group, cols, col_block), fp8)
     assert scale.shape == (m, tc)
+    if codes_out is not None:
+        codes = codes_out.copy_(codes.view(torch.uint8)).view(fp8)
     return codes, scale

@@ -121,6 +121,11 @@ class QuantSpec(RowShaped):
         return sum(p.nbytes for p in self.parts + self.extras)
 
 
+#: Values per quantizer call of a codec whose quantizer makes band-sized temporaries (a few
+#: float32 copies): a few MB each, whatever the chunk.
+QUANTIZE_BAND = 1 << 20
+
+
 class Codec(ABC):
     """One quantized layout. Stateless: everything per tensor is in its `QuantSpec`."""
 
@@ -161,6 +166,22 @@ class Codec(ABC):
                       amax: float | None = None) -> dict[str, torch.Tensor]:
         """Stored rows of every part (by role) for logical rows [r0, r1) = `values`, with
         fresh scales. `values` is float32 `[r1 - r0, spec.row_len]`."""
+
+    def quantize_rows_into(self, spec: QuantSpec, values: torch.Tensor, r0: int, r1: int,
+                           dst: Mapping[str, torch.Tensor], *, amax: float | None = None) -> None:
+        """`quantize_rows`, each part's rows written into `dst[role]` (a uint8 tensor of exactly
+        their bytes) rather than returned: a codec that can encodes straight into it."""
+        stored = self.quantize_rows(spec, values, r0, r1, amax=amax)
+        for part in spec.parts:
+            raw = stored[part.role].contiguous().reshape(-1).view(dst[part.role].dtype)
+            if raw.numel() != dst[part.role].numel():
+                raise AssertionError(f"`{part.name}`: quantized {raw.numel()} bytes for {dst[part.role].numel()}")
+            dst[part.role].copy_(raw)
+
+    def quantize_band(self, spec: QuantSpec) -> int:
+        """How many logical values to quantize per `quantize_rows_into` call at most (whole
+        scale blocks are kept together), so that the quantizer's temporaries stay small."""
+        return QUANTIZE_BAND
 
     def needs_amax(self, spec: QuantSpec) -> bool:
         """True when a scale spans the whole tensor: quantize_rows then needs `amax=`."""

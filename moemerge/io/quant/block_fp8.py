@@ -15,12 +15,14 @@ from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help n
 from moemerge.errors import CheckpointError
 from moemerge.io.checkpoint import TensorInfo, shared_table, sharing
 from moemerge.io.dtypes import to_torch
-from moemerge.io.quant import _fp8
+from moemerge.io.quant import _fp8, _fp8_kernels
 from moemerge.io.quant.base import Codec, Part, QuantScheme, QuantSpec
 
 __all__ = ["BlockFP8"]
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+#: `quantize_band` of a quantizer with no band-sized temporaries: any range at once.
+WHOLE = 1 << 62
 
 
 def scale_suffix(scheme: QuantScheme) -> str:
@@ -125,6 +127,12 @@ class BlockFP8(Codec):
             return r0, r1
         return self._tile_rows(spec, r0, r1)
 
+    def row_groups(self, spec: QuantSpec, r0: int, r1: int) -> torch.Tensor:
+        """The scale row of each logical row r0..r1, counted from the first one they need
+        (int64 [r1 - r0]): row i's scales are `scale[row_groups[i], j // block[1]]` of the
+        scale rows `part_rows(spec, scale part, r0, r1)`."""
+        return self._tile_row(spec, torch.arange(r0, r1)) - self._tile_rows(spec, r0, r1)[0]
+
     def dequantize_rows(self, spec: QuantSpec, parts: Mapping[str, torch.Tensor], r0: int, r1: int, *,
                         out: torch.Tensor | None = None) -> torch.Tensor:
         first = self._tile_rows(spec, r0, r1)[0]
@@ -136,6 +144,30 @@ class BlockFP8(Codec):
 
     def quantize_rows(self, spec: QuantSpec, values: torch.Tensor, r0: int, r1: int, *,
                       amax: float | None = None) -> dict[str, torch.Tensor]:
+        return self._quantize(spec, values, r0, r1)
+
+    def quantize_rows_into(self, spec: QuantSpec, values: torch.Tensor, r0: int, r1: int,
+                           dst: Mapping[str, torch.Tensor], *, amax: float | None = None) -> None:
+        # the codes go straight into their place (no band-sized temporary, no copy); the
+        # scales (a few hundred bytes) are copied
+        codes = dst["weight"]
+        if codes.numel() != (r1 - r0) * spec.row_len:
+            raise AssertionError(f"`{spec.name}`: {codes.numel()} bytes for {(r1 - r0) * spec.row_len} codes")
+        stored = self._quantize(spec, values, r0, r1, codes_out=codes.view(r1 - r0, spec.row_len))
+        scale = stored["scale"].contiguous().reshape(-1).view(torch.uint8)
+        if scale.numel() != dst["scale"].numel():
+            raise AssertionError(f"`{spec.name}`: {scale.numel()} scale bytes for {dst['scale'].numel()}")
+        dst["scale"].copy_(scale)
+
+    def quantize_band(self, spec: QuantSpec) -> int:
+        # the compiled E4M3 quantizer makes no temporary of the band's size (amax and scales
+        # are per block, the codes go into place): a chunk at once, with no per-band overhead
+        if spec.scheme.fp8 == "F8_E4M3" and _fp8_kernels.available():
+            return WHOLE
+        return super().quantize_band(spec)
+
+    def _quantize(self, spec: QuantSpec, values: torch.Tensor, r0: int, r1: int, *,
+                  codes_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         self.check_aligned(spec, r0, r1)
         first, last = self._tile_rows(spec, r0, r1)
         group = self._tile_row(spec, torch.arange(r0, r1)) - first
@@ -144,7 +176,7 @@ class BlockFP8(Codec):
         codes, scale = _fp8.quantize(values.float(), group, last - first, spec.scheme.block[1],
                                      to_torch(spec.scheme.fp8),
                                      scale_dtype=torch.float32 if exponents else to_torch(scale_part.dtype),
-                                     pow2=spec.scheme.ue8m0)
+                                     pow2=spec.scheme.ue8m0, codes_out=codes_out)
         if exponents:
             scale = (torch.frexp(scale)[1] - 1 + 127).to(torch.uint8)  # 2^k -> k + 127 (k in -127..127)
         return {"weight": codes, "scale": scale}

@@ -129,6 +129,18 @@ class QuantizedView(Checkpoint):
                 raise CheckpointError(f"{self.url}: {e}") from e
             a = b
 
+    def read_stored(self, name: str, r0: int, r1: int, out: memoryview) -> None:
+        """Rows [r0, r1) of quantized tensor `name` as stored: each part's rows into `out` at
+        its place in `io.quant.stored.stored_layout` (one exact range read per part), for a
+        consumer that dequantizes as it computes. Nothing is checked or dequantized here."""
+        from moemerge.io.quant.stored import stored_layout, stored_nbytes
+
+        spec = self.specs[name]
+        if len(out) < stored_nbytes(spec, r0, r1):
+            raise ValueError(f"buffer of {len(out)} bytes is too small for {stored_nbytes(spec, r0, r1)}")
+        for part, off, p0, p1 in stored_layout(spec, r0, r1):
+            self.inner.read_rows(part.name, p0, p1, out[off:off + (p1 - p0) * part.row_len * itemsize(part.dtype)])
+
     def check_ue8m0(self) -> None:
         """Read every block scale of a `scale_fmt: ue8m0` checkpoint and refuse the first one
         that is not a power of two (CheckpointError naming it), when they total at most

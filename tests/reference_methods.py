@@ -252,7 +252,14 @@ def sce(base, xs, per, glob, name=""):
     ds = torch.stack([x - base for x in xs])
     topk = glob.get("select_topk", 1.0)
     if topk < 1:
-        var = ds.var(dim=0, unbiased=False)
+        # the variance as methods.md / sce.variance_into define it: float32 task vectors widened,
+        # S1 and S2 summed in input order, max(n S2 - S1^2, 0) / n^2 rounded once to float32
+        n = len(xs)
+        d32 = [(x.float() - base.float()).double() for x in xs]
+        s1, s2 = d32[0].clone(), d32[0] * d32[0]
+        for d in d32[1:]:
+            s1, s2 = s1 + d, s2 + d * d
+        var = ((n * s2 - s1 * s1).clamp(min=0.0) / (n * n)).float()
         k = int(topk * int(torch.count_nonzero(var)))
         mask = _rank_window(var, 0, k) if k > 0 else torch.zeros_like(var, dtype=torch.bool)
         ds = ds * mask

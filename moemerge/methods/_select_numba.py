@@ -58,14 +58,13 @@ def _abs_bits(x: Any) -> Any:
 def hist_k(src: Any, ss: int, n: int, trow: Any, tbin: Any, j0: int, j1: int, hist: Any, zeros: Any) -> None:
     """Add to hist[t] the high 16 bits (tbin[t] < 0) of target t's values, or the low 16 bits
     of those whose high bits are tbin[t]; zeros[t] += count of zero values."""
-    nf = np.float32(n)
-    mean = np.empty(BLK, np.float32)
-    acc = np.empty(BLK, np.float32)
+    mean = np.empty(BLK, np.float64)  # sce's variance: the sums S1, S2 in float64
+    acc = np.empty(BLK, np.float64)
     bits = np.empty(BLK, np.int32)
     for b0 in range(j0, j1, BLK):
         length = min(BLK, j1 - b0)
         for t in range(trow.shape[0]):
-            _block_bits(src, ss, trow[t], b0, length, n, nf, mean, acc, bits)
+            _block_bits(src, ss, trow[t], b0, length, n, mean, acc, bits)
             b = tbin[t]
             z = 0
             for j in range(length):
@@ -85,14 +84,13 @@ def hist_k(src: Any, ss: int, n: int, trow: Any, tbin: Any, j0: int, j1: int, hi
 def window_k(src: Any, ss: int, n: int, trow: Any, wlo: Any, nb: Any, j0: int, j1: int, hist: Any) -> None:
     """hist[t, h - wlo[t], low 16 bits] += 1 for target t's values whose high 16 bits h lie in
     [wlo[t], wlo[t] + nb[t]): the low-bits histograms of a window of high bins, in one sweep."""
-    nf = np.float32(n)
-    mean = np.empty(BLK, np.float32)
-    acc = np.empty(BLK, np.float32)
+    mean = np.empty(BLK, np.float64)  # sce's variance: the sums S1, S2 in float64
+    acc = np.empty(BLK, np.float64)
     bits = np.empty(BLK, np.int32)
     for b0 in range(j0, j1, BLK):
         length = min(BLK, j1 - b0)
         for t in range(trow.shape[0]):
-            _block_bits(src, ss, trow[t], b0, length, n, nf, mean, acc, bits)
+            _block_bits(src, ss, trow[t], b0, length, n, mean, acc, bits)
             lo = wlo[t]
             cnt = nb[t]
             for j in range(length):
@@ -105,9 +103,8 @@ def window_k(src: Any, ss: int, n: int, trow: Any, wlo: Any, nb: Any, j0: int, j
 @numba.njit(nogil=True, cache=True)
 def ties_k(src: Any, ss: int, n: int, trow: Any, thr: Any, r0: int, r1: int, row_len: int, counts: Any) -> None:
     """counts[t, r] = values equal to thr[t] in chunk row r (r0 <= r < r1) of target t."""
-    nf = np.float32(n)
-    mean = np.empty(BLK, np.float32)
-    acc = np.empty(BLK, np.float32)
+    mean = np.empty(BLK, np.float64)  # sce's variance: the sums S1, S2 in float64
+    acc = np.empty(BLK, np.float64)
     bits = np.empty(BLK, np.int32)
     for t in range(trow.shape[0]):
         th = thr[t]
@@ -115,7 +112,7 @@ def ties_k(src: Any, ss: int, n: int, trow: Any, thr: Any, r0: int, r1: int, row
             c = 0
             for b0 in range(r * row_len, (r + 1) * row_len, BLK):
                 length = min(BLK, (r + 1) * row_len - b0)
-                _block_bits(src, ss, trow[t], b0, length, n, nf, mean, acc, bits)
+                _block_bits(src, ss, trow[t], b0, length, n, mean, acc, bits)
                 for j in range(length):
                     c += bits[j] == th
             counts[t, r] = c
@@ -171,33 +168,34 @@ def _target_mask(dst: Any, bits: Any, length: int, grow: int, thr: Any, cut: Any
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _block_bits(src: Any, ss: int, row: int, b0: int, length: int, n: int, nf: Any, mean: Any, acc: Any,
+def _block_bits(src: Any, ss: int, row: int, b0: int, length: int, n: int, mean: Any, acc: Any,
                 bits: Any) -> None:
     """bits[j] = pattern of the ranked value at element b0 + j: |x_row - base| (row >= 1), or
-    (row 0) the population variance of the task vectors in `sce._variance`'s order: the mean
-    of the d_k, then the sum of (d_k - mean)^2 over k, divided by n."""
+    (row 0) sce's variance of the task vectors as `sce.variance_into` computes it: with the
+    float32 task vectors d_k widened to float64, S1 = sum d_k and S2 = sum d_k^2 in input order,
+    v = float32(max(n S2 - S1^2, 0) / n^2) (`mean` holds S1, `acc` S2, both float64)."""
     if row > 0:
         off = row * ss + b0
         for j in range(length):
             bits[j] = np.float32(abs(f32(src[off + j]) - f32(src[b0 + j]))).view(np.int32)
         return
     for j in range(length):
-        mean[j] = f32(src[ss + b0 + j]) - f32(src[b0 + j])
+        d = np.float64(f32(src[ss + b0 + j]) - f32(src[b0 + j]))
+        mean[j] = d
+        acc[j] = d * d
     for k in range(2, n + 1):
         off = k * ss + b0
         for j in range(length):
-            mean[j] = mean[j] + (f32(src[off + j]) - f32(src[b0 + j]))
+            d = np.float64(f32(src[off + j]) - f32(src[b0 + j]))
+            mean[j] = mean[j] + d
+            acc[j] = acc[j] + d * d
+    nd = np.float64(n)
+    nn = nd * nd
     for j in range(length):
-        mean[j] = mean[j] / nf
-        t = (f32(src[ss + b0 + j]) - f32(src[b0 + j])) - mean[j]
-        acc[j] = t * t
-    for k in range(2, n + 1):
-        off = k * ss + b0
-        for j in range(length):
-            t = (f32(src[off + j]) - f32(src[b0 + j])) - mean[j]
-            acc[j] = acc[j] + t * t
-    for j in range(length):
-        bits[j] = np.float32(acc[j] / nf).view(np.int32)
+        t = nd * acc[j] - mean[j] * mean[j]
+        if t < 0.0:  # rounding where the sums were not exact: a variance is never negative
+            t = 0.0
+        bits[j] = np.float32(t / nn).view(np.int32)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -351,10 +349,9 @@ def magprune_k(src: Any, ss: int, row: int, m: int, inner: int, g0: int, g1: int
 def sce_k(src: Any, ss: int, n: int, r0: int, r1: int, row_len: int, row_start: int, sel: bool,
           thr: Any, cut: Any, take: Any, deltas: Any) -> None:
     """sce's masked task vectors: d_i = x_i - base, times the variance selection's 1.0/0.0."""
-    nf = np.float32(n)
     seen = np.zeros(thr.shape, np.int64)
-    mean = np.empty(BLK, np.float32)
-    acc = np.empty(BLK, np.float32)
+    mean = np.empty(BLK, np.float64)  # sce's variance: the sums S1, S2 in float64
+    acc = np.empty(BLK, np.float64)
     bits = np.empty(BLK, np.int32)
     mk = np.empty(BLK, np.float32)
     for r in range(r0, r1):
@@ -362,7 +359,7 @@ def sce_k(src: Any, ss: int, n: int, r0: int, r1: int, row_len: int, row_start: 
         for b0 in range(r * row_len, (r + 1) * row_len, BLK):
             length = min(BLK, (r + 1) * row_len - b0)
             if sel:
-                _block_bits(src, ss, 0, b0, length, n, nf, mean, acc, bits)
+                _block_bits(src, ss, 0, b0, length, n, mean, acc, bits)
                 _target_mask(mk, bits, length, row_start + r, thr, cut, take, seen, 0, 0)
             for i in range(n):
                 di = deltas[i]

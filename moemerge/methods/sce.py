@@ -14,7 +14,6 @@ from typing import Any
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
 from moemerge.methods import _fused
-from moemerge.methods._host import div_scalar_
 from moemerge.methods._memo import ScratchMemo
 from moemerge.methods._selection import Selection, Target, selection_passes
 from moemerge.methods.base import Chunk, Method, ParamSpec, StatPass, TensorParams, check_range
@@ -41,29 +40,46 @@ def _deltas(chunk: Chunk) -> list[torch.Tensor]:
     return out
 
 
-def _variance(deltas: list[torch.Tensor], out: torch.Tensor, mean: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """Population variance over inputs, elementwise: mean((d_i - mean)^2) (into `out`)."""
+#: Elements per float64 block of `variance_into` (its temporaries: a few 512 KiB blocks).
+_VAR_BLOCK = 1 << 16
+
+
+def variance_into(deltas: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """sce's variance of the float32 task vectors `deltas`, elementwise, into float32 `out`:
+    with each d_k widened to float64, S1 = sum d_k and S2 = sum d_k^2 in input order, and
+    v = max(n S2 - S1^2, 0) / n^2 rounded once to float32 (the compiled kernel,
+    `_select_numba._block_bits`, does the same operations).
+
+    The sums are exact for bf16/f16 task vectors (and float32 ones of close magnitudes), so v
+    then depends only on the values, not on their order or a common shift: positions whose
+    variances are equal compare equal, and the top-k's tie rule (lowest flat index, methods.md)
+    decides between them. A float32 mean-then-squares formula rounded such equal variances
+    apart, which picked a different position at the threshold than the rule says.
+    """
     n = len(deltas)
-    mean.copy_(deltas[0])
-    for d in deltas[1:]:
-        mean.add_(d)
-    div_scalar_(mean, n)
-    torch.sub(deltas[0], mean, out=out)
-    out.mul_(out)  # the first square as is: 0 + x^2 == x^2 (squares are never -0)
-    for d in deltas[1:]:
-        torch.sub(d, mean, out=tmp)
-        tmp.mul_(tmp)
-        out.add_(tmp)
-    div_scalar_(out, n)
+    flat_out = out.reshape(-1)
+    flats = [d.reshape(-1) for d in deltas]
+    total = flat_out.numel()
+    for s in range(0, total, _VAR_BLOCK):
+        e = min(s + _VAR_BLOCK, total)
+        d = flats[0][s:e].double()
+        s1 = d.clone()
+        s2 = d.mul_(d)
+        for f in flats[1:]:
+            d = f[s:e].double()
+            s1.add_(d)
+            s2.add_(d.mul_(d))
+        t = s2.mul_(n).sub_(s1.mul_(s1)).clamp_(min=0.0)  # rounding where the sums were not exact
+        flat_out[s:e].copy_(t.div_(n * n))
     return out
 
 
 def _chunk_variance(chunk: Chunk) -> torch.Tensor:
-    """The variance of the chunk's task vectors in scratch 1 (scratch 0 and 2 are overwritten)."""
+    """The variance of the chunk's task vectors in scratch 1."""
     if _memo.has(chunk, "var"):
         return chunk.scratch(1)
     deltas = _deltas(chunk)
-    _variance(deltas, chunk.scratch(1), chunk.scratch(2), chunk.scratch(0))
+    variance_into(deltas, chunk.scratch(1))
     _memo.add(chunk, "var")
     return chunk.scratch(1)
 

@@ -115,3 +115,21 @@ def test_streamed_selection_reads_each_input_twice_with_the_same_bytes(
     assert max(ref_reads[k] for k in ref_reads if k[1] == BIG) >= 3 * nbytes  # the fallback's passes
     for name, other in (("whole", whole), ("1 thread", one), ("7 rows/chunk", odd), ("torch path", ref)):
         assert other == got, f"{method} {kind}: output differs from {name}"
+
+
+def test_pattern_records_are_bounded_and_the_tie_pass_takes_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chunk keeps its counts of the patterns in its window for the tie-break; over a
+    tensor of many chunks they would grow with its size, so past `_MAX_RECORDS` they are
+    dropped and the tie-count pass runs: one read more, the same bytes."""
+    from moemerge.methods import _selection
+
+    paths = _inputs(tmp_path, "tied", seed=zlib.crc32(b"records"))
+    config = _config("ties", paths)
+    got, reads = _merge(config, tmp_path / "kept", monkeypatch, chunk_rows=ROWS_PER_CHUNK)
+    monkeypatch.setattr(_selection, "_MAX_RECORDS", 0)
+    capped, capped_reads = _merge(config, tmp_path / "capped", monkeypatch, chunk_rows=ROWS_PER_CHUNK)
+    nbytes = math.prod(SHAPE) * 2
+    big = [k for k in reads if k[1] == BIG]
+    assert all(reads[k] == 2 * nbytes for k in big)
+    assert all(capped_reads[k] == 3 * nbytes for k in big), {k: capped_reads[k] / nbytes for k in big}
+    assert capped == got

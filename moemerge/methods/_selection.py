@@ -80,6 +80,10 @@ _WINDOW_BINS = 64
 #: Distinct tied-value patterns per chunk and target kept for the tie-break (their counts per
 #: chunk); a chunk with more (values hardly tie) drops them, and a tie-break then needs its pass.
 _TIE_PATTERNS = 1 << 14
+#: Pattern counts kept over all chunks of one target (16 bytes each: 4 MiB): a tensor of many
+#: chunks would otherwise hold memory growing with its size; past this the records are dropped
+#: and a tie-break at the threshold takes its pass (exact either way).
+_MAX_RECORDS = 1 << 18
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +125,8 @@ def _merge(a: _Window, b: _Window) -> _Window:
         if hi > lo:
             hist = a.hist[lo - a.lo:hi - a.lo] + b.hist[lo - b.lo:hi - b.lo]
     recs = a.recs + b.recs if a.recs is not None and b.recs is not None else None
+    if recs is not None and sum(r.idx.size for r in recs if r.idx is not None) > _MAX_RECORDS:
+        recs = None  # bounded memory: the tie-count pass runs instead, if a tie needs breaking
     return _Window(lo=lo, hist=hist, recs=recs)
 
 

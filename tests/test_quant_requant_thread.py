@@ -52,7 +52,25 @@ def test_a_failed_requantization_stops_the_run_uncommitted(tmp_path: Path, input
         raise RuntimeError("requantize broke")
 
     monkeypatch.setattr(pipeline, "requantize", broken)
+    monkeypatch.setattr(pipeline, "fused_for", lambda *a, **k: None)  # requantized after the merge, not in it
     with pytest.raises(RuntimeError, match="requantize broke"):
+        moemerge.run(_cfg(*inputs), str(tmp_path / "out"), memory_budget="1MB", quantize="like-input")
+    assert calls
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert not list((tmp_path / "out").glob("moemerge-manifest.json"))
+
+
+def test_a_failed_fused_requantization_stops_the_run_uncommitted(tmp_path: Path, inputs: tuple[Path, Path],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weighted sum of block-FP8 inputs requantizes each band as it sums it (engine/fused_fp8.py)."""
+    calls = []
+
+    def broken(*a: object, **k: object) -> list:
+        calls.append(1)
+        raise RuntimeError("fused requantize broke")
+
+    monkeypatch.setattr(pipeline, "quantize_bands", broken)
+    with pytest.raises(RuntimeError, match="fused requantize broke"):
         moemerge.run(_cfg(*inputs), str(tmp_path / "out"), memory_budget="1MB", quantize="like-input")
     assert calls
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()

@@ -18,9 +18,9 @@ __all__ = ["fp8_wsum_k"]
 
 @numba.njit(nogil=True, cache=True)
 def fp8_wsum_k(flat: Any, offs: Any, cols: int, scales: Any, row_group: Any, col_block: int, w: Any,
-               out: Any) -> int:
-    """out[i, j] = sum_k w[k] * (value(code_k[i, j]) * scale_k[row_group[i], j // col_block]),
-    input k's codes (E4M3, uint8) row i at flat[offs[k] + i * cols]: each dequantized value
+               row0: int, out: Any) -> int:
+    """out[i, j] = sum_k w[k] * (value(code_k[r, j]) * scale_k[row_group[r], j // col_block])
+    for r = row0 + i, input k's codes (E4M3, uint8) row r at flat[offs[k] + r * cols]: each dequantized value
     rounded to float32 once (as `_fp8_numba.dequantize_k`), then acc = x_0 * w_0 and
     acc = acc + x_k * w_k in input order (a multiply, then an add: never fused), rounded once
     to `out`'s type (as `wsum_k`). Returns how many results are NaN (their out elements are
@@ -30,9 +30,9 @@ def fp8_wsum_k(flat: Any, offs: Any, cols: int, scales: Any, row_group: Any, col
     acc = np.empty(cols, np.float32)
     nans = 0
     for i in range(rows):
-        g = row_group[i]
+        g = row_group[row0 + i]
         for k in range(n):
-            base = offs[k] + i * cols
+            base = offs[k] + (row0 + i) * cols
             wk = w[k]
             for j0 in range(0, cols, col_block):
                 s = scales[k, g, j0 // col_block]

@@ -30,7 +30,8 @@ from moemerge.engine.cadence import Cadence, Tally
 from moemerge.engine.device import placement, to_host
 from moemerge.engine.compute import ALIGN, ChunkView, apply_into, copy_equal, scratch_2d, segments, typed_views
 from moemerge.engine.finite import check_finite, first_read
-from moemerge.engine.fused_fp8 import FusedFP8, chunk_fits, dequantize_sources, fused_for, fused_into
+from moemerge.engine.fused_fp8 import FUSED_BAND, FusedChunk, FusedFP8, chunk_fits, dequantize_sources, fused_for
+from moemerge.io.quant_out import quantize_bands
 from moemerge.engine.jobs import Job, Piece, Ready, Segment, Stage, Written, plan_jobs, whole_pieces
 from moemerge.engine.requant import requantize
 from moemerge.engine.progress import NullProgress, Progress
@@ -71,6 +72,10 @@ class ChunkKernel(Protocol):
              out: torch.Tensor) -> list[Segment]:
         """Compute rows [r0, r1) of `t` into the byte buffer `out`; return what to write."""
         ...
+
+
+class _NaNSum(Exception):
+    """A fused band's sum has a NaN: the chunk takes the method's own path (`_fill_fused`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -205,6 +210,7 @@ class _Pipeline:
         self.stop = threading.Event()
         self.ready: queue.Queue[Ready | None] = queue.Queue(maxsize=2)  # None: no more
         self.writes: queue.Queue[Written | _Requant | None] = queue.Queue(maxsize=2)
+        self.writing = threading.Event()  # set while the writer thread handles a buffer
         self.errors: list[BaseException] = []
         self.readers = ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(plan.sources))),
                                           thread_name_prefix="moemerge-read")
@@ -225,8 +231,9 @@ class _Pipeline:
         """The fused plan of this job's tensor when the job's chunk takes that path, else None."""
         if self.kernel is not None or self.place.staged or job.kind == "pass":
             return None
-        f = self.fused.get(job.ti, False)
-        if f is False:
+        if job.ti in self.fused:
+            f = self.fused[job.ti]
+        else:
             f = self.fused[job.ti] = fused_for(self.method, self.plan.tensors[job.ti], self.checkpoints, self.cast)
         return f if f is not None and chunk_fits(f, job.r0, job.r1) else None
 
@@ -320,6 +327,7 @@ class _Pipeline:
                 return
             aux: list[Future[None]] = []
             buf = item.buf
+            self.writing.set()
             try:
                 if isinstance(item, _Requant):
                     if self.stop.is_set():
@@ -357,6 +365,7 @@ class _Pipeline:
             finally:
                 for f in aux:  # they read the buffer: it is free only once they are done
                     f.exception()
+                self.writing.clear()
                 self.out_pool.release(buf)
 
     def _emit(self, job: Job, fill: Callable[[torch.Tensor], int | list[Segment]]) -> None:
@@ -375,9 +384,10 @@ class _Pipeline:
                                first=job.r0 == 0, last=job.last)
             else:  # requantized by the writer thread, beside the next chunk's merge
                 item = _Requant(t=t, r0=job.r0, r1=job.r1, nbytes=filled, buf=out, first=job.r0 == 0, last=job.last)
-                if self.writes.qsize():
-                    # the writer is behind (a light merge: a weighted sum): requantizing here
-                    # uses the time this thread would wait for a free output buffer
+                if self.writing.is_set():
+                    # the writer still writes the other buffer (a light merge, such as a
+                    # weighted sum, outruns it): requantizing here uses the time this thread
+                    # would wait for it
                     item = item.written()
         except BaseException:
             self.out_pool.release(out)
@@ -450,16 +460,34 @@ class _Pipeline:
         if job.last:
             self.stats.pop(job.ti, None)
 
-    def _fill_fused(self, f: FusedFP8, job: Job, buf: torch.Tensor, out: torch.Tensor) -> int:
-        """A weighted sum's chunk from its inputs' codes into `out`; where a result is NaN, the
-        inputs are dequantized in place and the method's own path computes it (torch's NaNs)."""
+    def _fill_fused(self, f: FusedFP8, job: Job, buf: torch.Tensor, out: torch.Tensor) -> int | list[Segment]:
+        """A weighted sum's chunk from its inputs' codes into `out`; a quantized output's bands
+        are requantized as soon as they are summed (into a cache-sized scratch at the start of
+        `out`), so its float32 values never go to memory. Where a result is NaN, the inputs
+        are dequantized in place and the method's own path computes the chunk (torch's NaNs)."""
         t = self.plan.tensors[job.ti]
-        nbytes = (job.r1 - job.r0) * t.row_len * to_torch(t.out_dtype).itemsize
-        if fused_into(f, t, buf, job.r0, job.r1, out[:nbytes].view(to_torch(t.out_dtype))):
-            return nbytes
-        dequantize_sources(f, t, buf, job.r0, job.r1)
-        raws = typed_views(t, buf, job.r0, job.r1)
-        return apply_into(self.method, t, job.r0, job.r1, raws, self.slabs, to_torch(t.compute_dtype), self.cast,
+        r0, r1 = job.r0, job.r1
+        nbytes = (r1 - r0) * t.row_len * to_torch(t.out_dtype).itemsize
+        chunk = FusedChunk(f, t, buf, r0, r1)
+        if t.quant is None:
+            if chunk.sum_into(r0, r1, out[:nbytes].view(to_torch(t.out_dtype))):
+                return nbytes
+        else:
+            values = out[:nbytes].view(torch.float32)
+
+            def band(a: int, b: int) -> torch.Tensor:
+                if not chunk.sum_into(a, b, values):
+                    raise _NaNSum()
+                return values[:(b - a) * t.row_len].view(b - a, t.row_len)
+
+            try:
+                segs = quantize_bands(t.quant, band, r0, r1, out, nbytes, band_rows=FUSED_BAND // max(1, t.row_len))
+                return [Segment(name=n, row=r, offset=o, nbytes=b) for n, r, o, b in segs]
+            except _NaNSum:
+                pass
+        dequantize_sources(f, t, buf, r0, r1)
+        raws = typed_views(t, buf, r0, r1)
+        return apply_into(self.method, t, r0, r1, raws, self.slabs, to_torch(t.compute_dtype), self.cast,
                           self.stats.setdefault(job.ti, {}), out)
 
     def _to_device(self, t: TensorPlan, buf: torch.Tensor, r0: int, r1: int) -> list[torch.Tensor]:

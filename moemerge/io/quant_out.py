@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
     from moemerge.io.quant.base import Codec
 
-__all__ = ["PartPlace", "OutQuant", "Segment", "parts_bytes", "quantize_into", "BAND_ELEMS"]
+__all__ = ["PartPlace", "OutQuant", "Segment", "parts_bytes", "quantize_into", "quantize_bands", "BAND_ELEMS"]
 
 #: Rows are quantized a band of about this many elements at a time (whole scale blocks) by a
 #: quantizer whose temporaries are a few float32 copies of the band (`Codec.quantize_band`).
@@ -101,6 +102,17 @@ def quantize_into(q: OutQuant, values: torch.Tensor, r0: int, r1: int, out: torc
     part rows encoded straight into their place; the bands' rows of a part are consecutive
     rows of that part.
     """
+    band = q.codec.quantize_band(q.spec) // max(1, q.spec.row_len)
+    return quantize_bands(q, lambda a, b: values[a - r0:b - r0], r0, r1, out, at, band_rows=band, amax=amax)
+
+
+def quantize_bands(q: OutQuant, values_of: Callable[[int, int], torch.Tensor], r0: int, r1: int,
+                   out: torch.Tensor, at: int, *, band_rows: int, amax: float | None = None) -> list[Segment]:
+    """`quantize_into` for values made band by band: `values_of(a, b)` gives rows [a, b)
+    (float32 [b - a, row_len]) when that band is quantized, so a caller can make each band
+    just before (into a cache-sized scratch, quantized while it is still in cache). Bands are
+    `band_rows` rows (at least one scale block row; whole ones, and at most the codec's
+    `quantize_band`)."""
     spec, codec = q.spec, q.codec
     segs: list[Segment] = []
     bases: list[int] = []
@@ -111,7 +123,8 @@ def quantize_into(q: OutQuant, values: torch.Tensor, r0: int, r1: int, out: torc
         bases.append(pos)
         pos += (p1 - p0) * place.row_bytes
     align = max(1, spec.row_align)
-    band = max(align, min(r1 - r0, codec.quantize_band(spec) // max(1, spec.row_len)) // align * align)
+    most = codec.quantize_band(spec) // max(1, spec.row_len)
+    band = max(align, min(r1 - r0, band_rows, most) // align * align)
     filled = [0] * len(bases)
     for a in range(r0, r1, band):
         b = min(r1, a + band)
@@ -123,7 +136,7 @@ def quantize_into(q: OutQuant, values: torch.Tensor, r0: int, r1: int, out: torc
                 raise AssertionError(f"`{part.name}`: quantized rows overflow their segment")
             dst[part.role] = out[bases[i] + filled[i]:bases[i] + filled[i] + n]
             filled[i] += n
-        codec.quantize_rows_into(spec, values[a - r0:b - r0], a, b, dst, amax=amax)
+        codec.quantize_rows_into(spec, values_of(a, b), a, b, dst, amax=amax)
     for i, seg in enumerate(segs):
         if filled[i] != seg[3]:
             raise AssertionError(f"`{seg[0]}`: quantized {filled[i]} bytes for a {seg[3]}-byte segment")

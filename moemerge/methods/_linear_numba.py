@@ -17,7 +17,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from moemerge.methods._select_numba import BLK, f32
+from moemerge.methods._numba_elems import BLK, bf16_rne, f32
 
 __all__ = ["wsum_k"]
 
@@ -35,9 +35,7 @@ def _to_out_impl(v: Any, out: Any) -> Any:
         return same
     if isinstance(out.dtype, types.Integer):  # bf16 bits: round to nearest, ties to even (NaN: unused)
         def narrow(v: Any, out: Any) -> Any:
-            b = np.float32(v).view(np.uint32)
-            b = b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))
-            return np.uint16(b >> np.uint32(16))
+            return bf16_rne(v)
         return narrow
     return None
 

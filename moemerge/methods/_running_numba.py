@@ -19,6 +19,8 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
+from moemerge.methods._numba_elems import bf16_rne, f32
+
 __all__ = ["copy_k", "include_k", "slide_k", "ema_k", "avg_k"]
 
 
@@ -33,9 +35,9 @@ def _widen_impl(v: Any) -> Any:
         def same(v: Any) -> Any:
             return np.float64(v)
         return same
-    if isinstance(v, types.Integer):  # bf16: its bits are the high half of a float32's
+    if isinstance(v, types.Integer):  # bf16 bits
         def bits(v: Any) -> Any:
-            return np.float64(np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32))
+            return np.float64(f32(v))
         return bits
     return None
 
@@ -58,9 +60,7 @@ def _narrow_impl(v: Any, out: Any) -> Any:
         return to64
     if isinstance(out.dtype, types.Integer):  # bf16 via float32, ties to even (NaN: not used)
         def to16(v: Any, out: Any) -> Any:
-            b = np.float32(v).view(np.uint32)
-            b = b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))
-            return np.uint16(b >> np.uint32(16))
+            return bf16_rne(np.float32(v))
         return to16
     return None
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numba
 import numpy as np
-from numba import types
-from numba.extending import overload
+
+from moemerge.methods._numba_elems import BLK, f32
 
 __all__ = ["hist_k", "window_k", "ties_k", "generalized_k", "delta_mask_k", "magprune_k", "sce_k", "sce_apply_k"]
 
@@ -26,27 +26,6 @@ _TWO = np.float32(2.0)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-#: Elements per block of the blocked loops: a few [BLK] float32 buffers per input stay in L1/L2,
-#: and each step is a simple loop over the block (LLVM vectorizes it).
-BLK = 2048
-
-
-def f32(v: Any) -> Any:
-    """The float32 value of a stored element (bf16 bits as uint16, or a float32)."""
-    raise NotImplementedError  # compiled only (the overload below)
-
-
-@overload(f32, inline="always")
-def _f32_impl(v: Any) -> Any:
-    if isinstance(v, types.Float):
-        def same(v: Any) -> Any:
-            return np.float32(v)
-        return same
-    if isinstance(v, types.Integer):  # bf16: its bits are the high half of the float32's
-        def widen(v: Any) -> Any:
-            return np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
-        return widen
-    return None
 
 
 @numba.njit(nogil=True, cache=True, inline="always")

@@ -7,8 +7,12 @@ streaming engine is compared with.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from moemerge.methods.running import RunningStep
 
 #: Elements whose sign election is a tie within float32 rounding (|sum D_i| <= 2^-20 sum |D_i|):
 #: there float32 and float64 may elect different signs, both correct. Set by the consensus
@@ -401,3 +405,24 @@ def ramplus_tl(base, xs, per, glob, name=""):
 
 
 REFERENCES.update(arcee_fusion=arcee_fusion, ram=ram, ramplus_tl=ramplus_tl)
+
+
+def running_fold(step: RunningStep, snaps: list[torch.Tensor], sums_in: dict[str, torch.Tensor],
+                 block: int = 4096, out_dtype: torch.dtype = torch.float64
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`pma update`'s torch running-sum step over whole vectors, `block` elements at a time as
+    engine/running.py runs it: the sums it writes (sums not written keep the fill 7.0) and the
+    average in `out_dtype`."""
+    from moemerge.methods.running import SCRATCH
+
+    numel = snaps[0].numel() if snaps else next(iter(sums_in.values())).numel()
+    out = {q: torch.full((numel,), 7.0, dtype=torch.float64) for q in step.quantities} if step.writes_sums else {}
+    avg = torch.empty(numel, dtype=out_dtype)
+    scratch = [torch.empty(block, dtype=torch.float64) for _ in range(SCRATCH)]
+    for s in range(0, numel, block):
+        e = min(numel, s + block)
+        sc = [x[:e - s] for x in scratch]
+        sums = step.fold([x[s:e] for x in snaps], {q: v[s:e] for q, v in sums_in.items()},
+                         {q: v[s:e] for q, v in out.items()}, sc)
+        avg[s:e].copy_(step.average(sums, sc[0]))
+    return out, avg

@@ -43,34 +43,21 @@ def test_requantized_output_is_the_same_for_any_chunking(tmp_path: Path, inputs:
     assert small.checksums == big.checksums
 
 
+@pytest.mark.parametrize("where", ["requantize", "quantize_bands"])
 def test_a_failed_requantization_stops_the_run_uncommitted(tmp_path: Path, inputs: tuple[Path, Path],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Both ways to requantize: after the merge on the writer thread (`requantize`), and band by
+    band inside the fused weighted sum of block-FP8 inputs (`quantize_bands`, engine/fused_fp8.py)."""
     calls = []
 
     def broken(*a: object, **k: object) -> list:
         calls.append(1)
-        raise RuntimeError("requantize broke")
+        raise RuntimeError(f"{where} broke")
 
-    monkeypatch.setattr(pipeline, "requantize", broken)
-    monkeypatch.setattr(pipeline, "fused_for", lambda *a, **k: None)  # requantized after the merge, not in it
-    with pytest.raises(RuntimeError, match="requantize broke"):
-        moemerge.run(_cfg(*inputs), str(tmp_path / "out"), memory_budget="1MB", quantize="like-input")
-    assert calls
-    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
-    assert not list((tmp_path / "out").glob("moemerge-manifest.json"))
-
-
-def test_a_failed_fused_requantization_stops_the_run_uncommitted(tmp_path: Path, inputs: tuple[Path, Path],
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """A weighted sum of block-FP8 inputs requantizes each band as it sums it (engine/fused_fp8.py)."""
-    calls = []
-
-    def broken(*a: object, **k: object) -> list:
-        calls.append(1)
-        raise RuntimeError("fused requantize broke")
-
-    monkeypatch.setattr(pipeline, "quantize_bands", broken)
-    with pytest.raises(RuntimeError, match="fused requantize broke"):
+    monkeypatch.setattr(pipeline, where, broken)
+    if where == "requantize":
+        monkeypatch.setattr(pipeline, "fused_for", lambda *a, **k: None)  # requantized after the merge, not in it
+    with pytest.raises(RuntimeError, match=f"{where} broke"):
         moemerge.run(_cfg(*inputs), str(tmp_path / "out"), memory_budget="1MB", quantize="like-input")
     assert calls
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moemerge.methods import _running_fast as fast
-from moemerge.methods.running import SCRATCH, RunningStep
+from moemerge.methods.running import RunningStep
+from tests.reference_methods import running_fold
 
 pytestmark = pytest.mark.skipif(not fast.available(), reason="numba not available")
 
@@ -23,21 +24,6 @@ def _values(g: torch.Generator, numel: int, dtype: torch.dtype) -> torch.Tensor:
     x[5::13] = -0.0
     x[3::17] = 1e-40
     return x.to(dtype)
-
-
-def _torch(step: RunningStep, snaps: list[torch.Tensor], sums_in: dict[str, torch.Tensor], out_dtype: torch.dtype,
-           block: int = 4096) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    numel = snaps[0].numel() if snaps else next(iter(sums_in.values())).numel()
-    out = {q: torch.full((numel,), 7.0, dtype=torch.float64) for q in step.quantities} if step.writes_sums else {}
-    avg = torch.empty(numel, dtype=out_dtype)
-    scratch = [torch.empty(block, dtype=torch.float64) for _ in range(SCRATCH)]
-    for s in range(0, numel, block):
-        e = min(numel, s + block)
-        sc = [x[:e - s] for x in scratch]
-        sums = step.fold([x[s:e] for x in snaps], {q: v[s:e] for q, v in sums_in.items()},
-                         {q: v[s:e] for q, v in out.items()}, sc)
-        avg[s:e].copy_(step.average(sums, sc[0]))
-    return out, avg
 
 
 def _fast(step: RunningStep, snaps: list[torch.Tensor], sums_in: dict[str, torch.Tensor],
@@ -59,7 +45,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _built(method: str, snaps: list[torch.Tensor], alpha: float | None) -> dict[str, torch.Tensor]:
     step = RunningStep(method=method, mode="build", snapshots=len(snaps), window=len(snaps), alpha=alpha)  # type: ignore[arg-type]
-    return _torch(step, snaps, {}, torch.float64)[0]
+    return running_fold(step, snaps, {})[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -91,7 +77,7 @@ def test_every_mode_gives_the_torch_bits(method: str, dtype: torch.dtype, out_dt
             (RunningStep(method=method, mode="slide", snapshots=1, window=n + 1, growing=1), [snaps[n]], built),  # type: ignore[arg-type]
         ]
     for step, xs, ins in steps:
-        want_sums, want_avg = _torch(step, xs, ins, out_dtype)
+        want_sums, want_avg = running_fold(step, xs, ins, out_dtype=out_dtype)
         got_sums, got_avg, done = _fast(step, xs, ins, out_dtype)
         assert done, step
         assert all(_same(got_sums[q], want_sums[q]) for q in want_sums), step
@@ -106,7 +92,7 @@ def test_rounding_twice_and_ties_as_torch() -> None:
     s = (1.0 + (2 * k + 1) * 2.0 ** -8 + g.choice([-1.0, 1.0], k.size) * 2.0 ** -40) * 4
     step = RunningStep(method="sma", mode="output", snapshots=0, window=4)
     sums = {"S": torch.from_numpy(s)}
-    _, want = _torch(step, [], sums, torch.bfloat16)
+    _, want = running_fold(step, [], sums, out_dtype=torch.bfloat16)
     _, got, done = _fast(step, [], sums, torch.bfloat16)
     assert done and _same(got, want)
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from moemerge.io.checkpoint import TensorInfo
-from moemerge.methods.running import SCRATCH, RunningStep
+from moemerge.methods.running import RunningStep
 from moemerge.planner.update import plan_update, state_source
+from tests.reference_methods import running_fold
 
 
 def _snaps(n: int, numel: int, seed: int = 0) -> list[torch.Tensor]:
@@ -17,28 +18,12 @@ def _snaps(n: int, numel: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(numel, generator=g).to(torch.bfloat16) for _ in range(n)]
 
 
-def _fold(step: RunningStep, snaps: list[torch.Tensor], sums_in: dict[str, torch.Tensor],
-          block: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Run `step` over the whole vector `block` elements at a time, as engine/running.py does."""
-    numel = snaps[0].numel() if snaps else next(iter(sums_in.values())).numel()
-    out = {q: torch.empty(numel, dtype=torch.float64) for q in step.quantities}
-    avg = torch.empty(numel, dtype=torch.float64)
-    scratch = [torch.empty(block, dtype=torch.float64) for _ in range(SCRATCH)]
-    for s in range(0, numel, block):
-        e = min(numel, s + block)
-        sc = [x[:e - s] for x in scratch]
-        sums = step.fold([x[s:e] for x in snaps], {q: v[s:e] for q, v in sums_in.items()},
-                         {q: v[s:e] for q, v in out.items()}, sc)
-        avg[s:e] = step.average(sums, sc[0])
-    return out, avg
-
-
 @pytest.mark.parametrize("method", ["sma", "wma", "ema"])
 def test_build_then_slide_matches_plain_fp64_sums_for_any_block(method: str) -> None:
     snaps = _snaps(6, 1000)
     m = [x.double() for x in snaps]
     alpha = 0.3 if method == "ema" else None
-    built, avg = _fold(RunningStep(method=method, mode="build", snapshots=4, window=4, alpha=alpha), snaps[:4], {}, 97)
+    built, avg = running_fold(RunningStep(method=method, mode="build", snapshots=4, window=4, alpha=alpha), snaps[:4], {}, 97)
     if method == "ema":
         e = m[0].clone()
         for x in m[1:4]:
@@ -51,13 +36,13 @@ def test_build_then_slide_matches_plain_fp64_sums_for_any_block(method: str) -> 
     # one more snapshot: slide (SMA/WMA: step 5 enters, step 1 leaves), in blocks of any size
     ins = [snaps[4]] if method == "ema" else [snaps[4], snaps[0]]
     step = RunningStep(method=method, mode="slide", snapshots=len(ins), window=4 if method != "ema" else 5, alpha=alpha)
-    a, avg_a = _fold(step, ins, built, 1000)
-    b, avg_b = _fold(step, ins, built, 13)
+    a, avg_a = running_fold(step, ins, built, 1000)
+    b, avg_b = running_fold(step, ins, built, 13)
     assert all(torch.equal(a[q], b[q]) for q in a) and torch.equal(avg_a, avg_b)
     if method == "sma":
         assert torch.equal(avg_a, (((m[0] + m[1] + m[2] + m[3]) + m[4]) - m[0]) / 4)
     # output only: the average of the sums as they are, nothing written
-    out, avg_o = _fold(RunningStep(method=method, mode="output", snapshots=0, window=step.window, alpha=alpha),
+    out, avg_o = running_fold(RunningStep(method=method, mode="output", snapshots=0, window=step.window, alpha=alpha),
                        [], a, 100)
     assert torch.equal(avg_o, avg_a)
 

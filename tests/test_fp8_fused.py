@@ -50,8 +50,8 @@ def _model(path: Path, gen: torch.Generator, *, nan: bool = False) -> Path:
             q, s = torch.stack([a for a, _ in qs]), torch.stack([b for _, b in qs])
         else:
             q, s = fp8_block_quantize(w, (128, 128))
-        if nan and name.endswith("up_proj.weight"):  # a NaN code: its sum is NaN
-            q.view(torch.uint8)[7, 11] = 0x7F
+        if nan and name.endswith("up_proj.weight"):  # a NaN code in the second scale-block row
+            q.view(torch.uint8)[150, 11] = 0x7F
         tensors[name], tensors[name + "_scale_inv"] = q, s
     tensors["model.norm.weight"] = (torch.randn(256, generator=gen) * 0.1).to(torch.bfloat16)
     cfg = {"model_type": "deepseek_v3", "num_hidden_layers": 1, "torch_dtype": "bfloat16",
@@ -101,15 +101,31 @@ def test_fused_sums_give_the_bytes_of_dequantize_then_sum(tmp_path: Path, gen: t
     assert small.checksums == big.checksums == ref.checksums
 
 
+@pytest.mark.parametrize("quantize", ["none", "like-input"])
 def test_a_nan_sum_takes_the_dequantized_path_with_its_bytes(tmp_path: Path, gen: torch.Generator,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                                            monkeypatch: pytest.MonkeyPatch, quantize: str) -> None:
+    """Also with a quantized output whose chunks are summed and requantized in several bands
+    (a band of one scale-block row): a NaN in a later band drops the bands already quantized."""
     paths = [_model(tmp_path / "a", gen, nan=True), _model(tmp_path / "b", gen)]
     cfg = _cfg(paths, gen)
     calls = _counted(monkeypatch)
-    got = moemerge.run(cfg, str(tmp_path / "got"), memory_budget="1MB", quantize="none")
+    bands: list[tuple[bool, int, int, int]] = []
+    real = fused_fp8.FusedChunk.sum_into
+
+    def recording(self: fused_fp8.FusedChunk, a: int, b: int, out: torch.Tensor) -> bool:
+        ok = real(self, a, b, out)
+        bands.append((ok, a - self.r0, b - a, self.r1 - self.r0))
+        return ok
+
+    monkeypatch.setattr(fused_fp8.FusedChunk, "sum_into", recording)
+    monkeypatch.setattr(pipeline, "FUSED_BAND", 1)  # one scale-block row a band
+    got = moemerge.run(cfg, str(tmp_path / "got"), memory_budget="1GB", quantize=quantize)
     assert 0 in calls and 1 in calls  # the NaN chunks fell back, the others did not
+    if quantize == "like-input":
+        assert any(rows < chunk_rows for _, _, rows, chunk_rows in bands)  # chunks summed in several bands
+        assert any(not ok and at > 0 for ok, at, _, _ in bands)  # a NaN after a band was quantized
     monkeypatch.setattr(pipeline, "fused_for", lambda *a, **k: None)
-    ref = moemerge.run(cfg, str(tmp_path / "ref"), memory_budget="1MB", quantize="none")
+    ref = moemerge.run(cfg, str(tmp_path / "ref"), memory_budget="1MB", quantize=quantize)
     assert _digest(tmp_path / "got") == _digest(tmp_path / "ref")
     assert got.checksums == ref.checksums
 

@@ -298,7 +298,9 @@ def _mergekit_fusion_float32(b: torch.Tensor, x: torch.Tensor) -> tuple[torch.Te
 @pytest.mark.parametrize("case", [c for c in GOLDEN_CASES if c.startswith("arcee_fusion")])
 def test_arcee_fusion_matches_mergekit_but_for_its_float32_kl(tmp_path: Path, case: str) -> None:
     """MergeKit computes kl in float32, where it cancels (p ~ q) to ~1% relative error; we take
-    float64. So: (1) MergeKit's output is its float32 formula exactly (the golden is understood);
+    float64. So: (1) MergeKit's output is, element by element, the base or the other model, chosen by
+    its float32 formula replayed here but within that formula's own error of the threshold (the golden
+    is understood; the replay's last bits depend on the CPU's summation order);
     (2) ours is the float64 reference to 1e-5; (3) the two differ only at the few elements whose
     importance lies within MergeKit's own float32 error of the threshold, and there ours is the
     other model's value and MergeKit's the base's, or the reverse."""
@@ -307,18 +309,22 @@ def test_arcee_fusion_matches_mergekit_but_for_its_float32_kl(tmp_path: Path, ca
     for name, r in ref.items():
         b, x = base[name], other[name]
         imp32, thr32 = _mergekit_fusion_float32(b, x)
-        mk_mask = imp32 >= thr32
-        assert torch.equal(r, b + (x - b) * mk_mask.float()), f"{name}: MergeKit's output is not its own formula"
+        assert bool(((r == b) | (r == x)).all()), f"{name}: MergeKit's output is not one input or the other"
+        mk_mask = (r != b) & (x != b)
+        # its float32 formula replayed here picks the same elements, but for those whose importance is
+        # within float32 kl error (~1%, and summation-order dependent: CPUs' SIMD sum in other orders) of it
+        imp64, thr64 = _mergekit_fusion_float32(b.double(), x.double())
+        near = (imp64 - thr64).abs() <= 0.02 * abs(float(thr64))
+        assert not ((mk_mask != (imp32 >= thr32)) & (x != b) & ~near).any(), \
+            f"{name}: MergeKit's output is not its own formula"
         AMBIGUOUS.clear()
         exact = REFERENCES["arcee_fusion"](b.double(), [x.double()], [{}], {})
         assert not (_off(ours[name], exact) & ~AMBIGUOUS["last"]).any(), f"{name}: ours is not the float64 reference"
         ours_mask = ours[name] != b
-        imp64, thr64 = _mergekit_fusion_float32(b.double(), x.double())
         flips = _off(ours[name], r)
         assert torch.equal(flips, (ours_mask != mk_mask) & (x != b)), f"{name}: differences beyond the mask"
-        # float32 kl error at each flipped element (and the threshold's) covers its distance to the threshold
-        err = (imp32.double() - imp64).abs() + abs(float(thr32) - float(thr64))
-        assert bool(((imp64 - thr64).abs() <= err)[flips].all()), f"{name}: a flip not explained by float32 rounding"
+        # each flip lies within MergeKit's float32 kl error (~1%) of the threshold (its exact error
+        # depends on the CPU that summed it, so a bound rather than this machine's replay)
         assert bool(((imp64 - thr64).abs() <= 0.02 * abs(float(thr64)))[flips].all()), f"{name}: a flip far from the threshold"
         flips_total += int(flips.sum())
         assert int(flips.sum()) <= max(2, r.numel() // 200), f"{name}: {int(flips.sum())} flips"

@@ -10,6 +10,8 @@ chunk when it first reads it and stops with a `MergeRuntimeError` instead.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,12 +40,38 @@ def first_read(method: Method, t: TensorPlan, kind: str, k: int) -> bool:
 _EXPONENT = {"torch.bfloat16": 0x7F80, "torch.float16": 0x7C00}  # by name: no torch at import
 
 
+#: The same test on the unsigned view of each float type the compiled loop takes.
+_BITS = {"torch.bfloat16": ("int16", np.uint16, 0x7F80), "torch.float16": ("int16", np.uint16, 0x7C00),
+         "torch.float32": ("int32", np.uint32, 0x7F800000), "torch.float64": ("int64", np.uint64, 0x7FF0000000000000)}
+
+
+def _compiled_bad(flat: torch.Tensor) -> bool | None:
+    """`_bad` by the compiled loop (`_finite_numba`, ~0.14 ns per bf16 element, numpy's bit test
+    ~0.46) where numba is loaded already (a statistics method's kernels: the check never loads
+    it) and on; None where it cannot run."""
+    if "numba" not in sys.modules or os.environ.get("MOEMERGE_NO_NUMBA", "") not in ("", "0"):
+        return None
+    spec = _BITS.get(str(flat.dtype))
+    if spec is None or not flat.is_contiguous():
+        return None
+    try:
+        from moemerge.engine._finite_numba import nonfinite_k
+    except (ImportError, RuntimeError, OSError):  # no numba, or no writable cache directory
+        return None
+    view, unsigned, mask = spec
+    return bool(nonfinite_k(flat.view(getattr(torch, view)).numpy().view(unsigned), unsigned(mask)))
+
+
 def _bad(x: torch.Tensor) -> bool:
     """Whether `x` holds a NaN or an Inf. numpy on the CPU: torch's CPU isfinite measured
-    0.1-0.2 GiB/s here, numpy's 7 GiB/s (and the bit test on 16-bit floats about as fast)."""
+    0.1-0.2 GiB/s here, numpy's 7 GiB/s (and the bit test on 16-bit floats about as fast);
+    the compiled loop where numba is loaded, 3x faster again."""
     flat = x.reshape(-1)
     if flat.device.type != "cpu":
         return not bool(torch.isfinite(flat).all())
+    compiled = _compiled_bad(flat)
+    if compiled is not None:
+        return compiled
     mask = _EXPONENT.get(str(flat.dtype))
     for s in range(0, flat.numel(), _STEP):
         block = flat[s:s + _STEP]

@@ -33,16 +33,25 @@ def _abs_bits(x: Any) -> Any:
     return np.int64(np.float32(abs(x)).view(np.int32))
 
 
+#: Counts a histogram's sub-copies take before they are added into it (int32 copies: < 2^31)
+_FLUSH = 1 << 30
+
+
 @numba.njit(nogil=True, cache=True)
 def hist_k(src: Any, ss: int, n: int, trow: Any, tbin: Any, j0: int, j1: int, hist: Any, zeros: Any) -> None:
     """Add to hist[t] the high 16 bits (tbin[t] < 0) of target t's values, or the low 16 bits
-    of those whose high bits are tbin[t]; zeros[t] += count of zero values."""
+    of those whose high bits are tbin[t]; zeros[t] += count of zero values. The high-bits
+    counts go to four interleaved copies first (consecutive values mostly share a bin: one
+    copy would wait on its own last store), added into hist at the end."""
     mean = np.empty(BLK, np.float64)  # sce's variance: the sums S1, S2 in float64
     acc = np.empty(BLK, np.float64)
     bits = np.empty(BLK, np.int32)
+    nt = trow.shape[0]
+    sub = np.zeros((nt, 4, hist.shape[1]), np.int32)
+    pending = 0
     for b0 in range(j0, j1, BLK):
         length = min(BLK, j1 - b0)
-        for t in range(trow.shape[0]):
+        for t in range(nt):
             _block_bits(src, ss, trow[t], b0, length, n, mean, acc, bits)
             b = tbin[t]
             z = 0
@@ -50,19 +59,36 @@ def hist_k(src: Any, ss: int, n: int, trow: Any, tbin: Any, j0: int, j1: int, hi
                 z += bits[j] == 0
             zeros[t] += z
             if b < 0:
-                for j in range(length):
-                    hist[t, bits[j] >> 16] += 1
+                h0, h1, h2, h3 = sub[t, 0], sub[t, 1], sub[t, 2], sub[t, 3]
+                q = length - length % 4
+                for j in range(0, q, 4):
+                    h0[bits[j] >> 16] += 1
+                    h1[bits[j + 1] >> 16] += 1
+                    h2[bits[j + 2] >> 16] += 1
+                    h3[bits[j + 3] >> 16] += 1
+                for j in range(q, length):
+                    h0[bits[j] >> 16] += 1
             else:
                 for j in range(length):
                     v = bits[j]
                     if (v >> 16) == b:
                         hist[t, v & 0xFFFF] += 1
+        pending += length
+        if pending >= _FLUSH or b0 + BLK >= j1:
+            for t in range(nt):
+                if tbin[t] < 0:
+                    for c in range(4):
+                        for i in range(hist.shape[1]):
+                            hist[t, i] += sub[t, c, i]
+            sub[:] = 0
+            pending = 0
 
 
 @numba.njit(nogil=True, cache=True)
 def window_k(src: Any, ss: int, n: int, trow: Any, wlo: Any, nb: Any, j0: int, j1: int, hist: Any) -> None:
     """hist[t, h - wlo[t], low 16 bits] += 1 for target t's values whose high 16 bits h lie in
-    [wlo[t], wlo[t] + nb[t]): the low-bits histograms of a window of high bins, in one sweep."""
+    [wlo[t], wlo[t] + nb[t]): the low-bits histograms of a window of high bins, in one sweep
+    (a block none of whose values is in the window is passed over after one vectorized test)."""
     mean = np.empty(BLK, np.float64)  # sce's variance: the sums S1, S2 in float64
     acc = np.empty(BLK, np.float64)
     bits = np.empty(BLK, np.int32)
@@ -70,12 +96,17 @@ def window_k(src: Any, ss: int, n: int, trow: Any, wlo: Any, nb: Any, j0: int, j
         length = min(BLK, j1 - b0)
         for t in range(trow.shape[0]):
             _block_bits(src, ss, trow[t], b0, length, n, mean, acc, bits)
-            lo = wlo[t]
-            cnt = nb[t]
+            lo = np.int32(wlo[t])
+            cnt = np.uint32(nb[t])
+            hit = np.int32(0)
+            for j in range(length):  # unsigned: below lo wraps to above cnt
+                hit |= np.int32(np.uint32((bits[j] >> 16) - lo) < cnt)
+            if hit == 0:
+                continue
             for j in range(length):
                 v = bits[j]
-                h = (v >> 16) - lo
-                if h >= 0 and h < cnt:
+                h = np.uint32((v >> 16) - lo)
+                if h < cnt:
                     hist[t, h, v & 0xFFFF] += 1
 
 
@@ -153,19 +184,21 @@ def _block_bits(src: Any, ss: int, row: int, b0: int, length: int, n: int, mean:
     (row 0) sce's variance of the task vectors as `sce.variance_into` computes it: with the
     float32 task vectors d_k widened to float64, S1 = sum d_k and S2 = sum d_k^2 in input order,
     v = float32(max(n S2 - S1^2, 0) / n^2) (`mean` holds S1, `acc` S2, both float64)."""
+    base = src[b0:b0 + length]
     if row > 0:
-        off = row * ss + b0
+        x = src[row * ss + b0:row * ss + b0 + length]
         for j in range(length):
-            bits[j] = np.float32(abs(f32(src[off + j]) - f32(src[b0 + j]))).view(np.int32)
+            bits[j] = np.float32(abs(f32(x[j]) - f32(base[j]))).view(np.int32)
         return
+    x = src[ss + b0:ss + b0 + length]
     for j in range(length):
-        d = np.float64(f32(src[ss + b0 + j]) - f32(src[b0 + j]))
+        d = np.float64(f32(x[j]) - f32(base[j]))
         mean[j] = d
         acc[j] = d * d
     for k in range(2, n + 1):
-        off = k * ss + b0
+        x = src[k * ss + b0:k * ss + b0 + length]
         for j in range(length):
-            d = np.float64(f32(src[off + j]) - f32(src[b0 + j]))
+            d = np.float64(f32(x[j]) - f32(base[j]))
             mean[j] = mean[j] + d
             acc[j] = acc[j] + d * d
     nd = np.float64(n)
@@ -201,11 +234,12 @@ def generalized_k(src: Any, ss: int, r0: int, r1: int, row_len: int, row_start: 
         seen[:] = 0
         for b0 in range(r * row_len, (r + 1) * row_len, BLK):
             length = min(BLK, (r + 1) * row_len - b0)
+            base = src[b0:b0 + length]
             for i in range(n):
                 di = d[i]
-                off = (i + 1) * ss + b0
+                x = src[(i + 1) * ss + b0:(i + 1) * ss + b0 + length]
                 for j in range(length):
-                    di[j] = f32(src[off + j]) - f32(src[b0 + j])
+                    di[j] = f32(x[j]) - f32(base[j])
                 kd = kind[i]
                 if kd == 1 or kd == 2:
                     for j in range(length):
@@ -223,8 +257,9 @@ def generalized_k(src: Any, ss: int, r0: int, r1: int, row_len: int, row_start: 
                     for j in range(length):
                         di[j] = di[j] * (_ONE if _splitmix(ki, start + j) < bi else _ZERO)
                 elif kd == 4:
+                    mi = mask[i, b0:b0 + length]
                     for j in range(length):
-                        di[j] = di[j] * (_ONE if mask[i, b0 + j] else _ZERO)
+                        di[j] = di[j] * (_ONE if mi[j] else _ZERO)
                 if use_fac[i]:
                     f = fac[i]
                     for j in range(length):
@@ -261,8 +296,9 @@ def generalized_k(src: Any, ss: int, r0: int, r1: int, row_len: int, row_start: 
             if use_lam:
                 for j in range(length):
                     mixed[j] = mixed[j] * lam
+            o = out[b0:b0 + length]
             for j in range(length):
-                out[b0 + j] = mixed[j] + f32(src[b0 + j])
+                o[j] = mixed[j] + f32(base[j])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -270,14 +306,19 @@ def delta_mask_k(src: Any, ss: int, row: int, j0: int, j1: int, start: int, key:
                  d: Any, mask: Any) -> None:
     """d[j] = x - base of source `row`; mask[j]: mode 1 splitmix64(key, start + j) < bound,
     2 all, 3 none, 0 left as it is (flat elements [j0, j1))."""
-    for j in range(j0, j1):
-        d[j] = f32(src[row * ss + j]) - f32(src[j])
-        if mode == 1:
-            mask[j] = _splitmix(key, start + j) < bound
-        elif mode == 2:
-            mask[j] = True
-        elif mode == 3:
-            mask[j] = False
+    x = src[row * ss + j0:row * ss + j1]
+    base = src[j0:j1]
+    dd = d[j0:j1]
+    mm = mask[j0:j1]
+    for j in range(j1 - j0):
+        dd[j] = f32(x[j]) - f32(base[j])
+    if mode == 1:
+        for j in range(j1 - j0):
+            mm[j] = _splitmix(key, start + j0 + j) < bound
+    elif mode == 2:
+        mm[:] = True
+    elif mode == 3:
+        mm[:] = False
 
 
 @numba.njit(nogil=True, cache=True)
@@ -340,15 +381,16 @@ def sce_k(src: Any, ss: int, n: int, r0: int, r1: int, row_len: int, row_start: 
             if sel:
                 _block_bits(src, ss, 0, b0, length, n, mean, acc, bits)
                 _target_mask(mk, bits, length, row_start + r, thr, cut, take, seen, 0, 0)
+            base = src[b0:b0 + length]
             for i in range(n):
-                di = deltas[i]
-                off = (i + 1) * ss + b0
+                di = deltas[i][b0:b0 + length]
+                x = src[(i + 1) * ss + b0:(i + 1) * ss + b0 + length]
                 if sel:
                     for j in range(length):
-                        di[b0 + j] = (f32(src[off + j]) - f32(src[b0 + j])) * mk[j]
+                        di[j] = (f32(x[j]) - f32(base[j])) * mk[j]
                 else:
                     for j in range(length):
-                        di[b0 + j] = f32(src[off + j]) - f32(src[b0 + j])
+                        di[j] = f32(x[j]) - f32(base[j])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -356,17 +398,31 @@ def sce_apply_k(src: Any, ss: int, deltas: Any, eta: Any, j0: int, j1: int, out:
     """sce's sign consensus and energy-weighted mix of the masked task vectors, plus the base."""
     n = eta.shape[0]
     floor = np.float32(1e-6)
-    for j in range(j0, j1):
-        mixed = deltas[0][j]  # torch: d0 + d1, then + d2 ...: the same additions in order
+    mixed = np.empty(BLK, np.float32)
+    sgn = np.empty(BLK, np.float32)
+    dv = np.empty(BLK, np.float32)
+    for b0 in range(j0, j1, BLK):
+        length = min(BLK, j1 - b0)
+        d0 = deltas[0][b0:b0 + length]
+        for j in range(length):
+            mixed[j] = d0[j]  # torch: d0 + d1, then + d2 ...: the same additions in order
         for i in range(1, n):
-            mixed = mixed + deltas[i][j]
-        sgn = (_ONE if mixed >= _ZERO else _ZERO) * _TWO - _ONE
-        mixed = _ZERO
-        dv = _ZERO
+            di = deltas[i][b0:b0 + length]
+            for j in range(length):
+                mixed[j] = mixed[j] + di[j]
+        for j in range(length):
+            sgn[j] = (_ONE if mixed[j] >= _ZERO else _ZERO) * _TWO - _ONE
+            mixed[j] = _ZERO
+            dv[j] = _ZERO
         for i in range(n):
-            d = deltas[i][j]
-            wt = (_ONE if d * sgn > _ZERO else _ZERO) * eta[i]
-            dv = dv + wt
-            mixed = mixed + d * wt
-        dv = floor if dv < floor else dv
-        out[j] = mixed / dv + f32(src[j])
+            di = deltas[i][b0:b0 + length]
+            e = eta[i]
+            for j in range(length):
+                wt = (_ONE if di[j] * sgn[j] > _ZERO else _ZERO) * e
+                dv[j] = dv[j] + wt
+                mixed[j] = mixed[j] + di[j] * wt
+        base = src[b0:b0 + length]
+        o = out[b0:b0 + length]
+        for j in range(length):
+            v = floor if dv[j] < floor else dv[j]
+            o[j] = mixed[j] / v + f32(base[j])

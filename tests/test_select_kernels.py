@@ -29,7 +29,7 @@ class _Chunk:
     read buffer holds them), converted on demand like engine/compute.py's ChunkView."""
 
     def __init__(self, name: str, shape: tuple[int, ...], sources: list[torch.Tensor], r0: int, r1: int,
-                 row_len: int, copies: int, fused: bool) -> None:
+                 row_len: int, copies: int, fused: bool, out_dtype: torch.dtype | None = None) -> None:
         self.name, self.shape, self.row_start, self.row_stop, self.row_len = name, shape, r0, r1, row_len
         self.n_inputs = len(sources) - 1
         self.has_base = True
@@ -45,6 +45,11 @@ class _Chunk:
             self._raws.append(view)
         self._scratch = [torch.full((rows, row_len), float("nan")) for _ in range(copies)]
         self._fused = fused
+        # the engine's output rows (ChunkView.output): stale bytes, as a reused write buffer holds
+        self._out = None if out_dtype is None else torch.full((rows, row_len), -7.5, dtype=out_dtype)
+
+    def output(self) -> torch.Tensor | None:
+        return self._out
 
     def input(self, i: int, out: torch.Tensor | None = None) -> torch.Tensor:
         return self._conv(self._raws[i + 1], out)
@@ -65,9 +70,11 @@ class _Chunk:
 
 
 def _merge(method: Method, params: TensorParams, shape: tuple[int, ...], sources: list[torch.Tensor],
-           rows_per_chunk: int | None, fused: bool) -> tuple[bytes, dict[str, Any]]:
+           rows_per_chunk: int | None, fused: bool, out_dtype: torch.dtype | None = None) -> tuple[bytes, dict[str, Any]]:
     """The engine's sequence of jobs on one tensor: every pass over every chunk (or all passes
-    and the apply on one read), then the apply; the output's float32 bytes and the stats."""
+    and the apply on one read), then the apply; the output's float32 bytes and the stats.
+    `out_dtype`: the chunks offer output rows of that type (ChunkView.output) and the bytes are
+    the output's, each apply's result rounded into it as engine/compute.apply_into does."""
     rows = shape[0] if shape else 1
     row_len = math.prod(shape[1:]) if len(shape) > 1 else 1
     copies = method.working_copies(len(sources) - 1)
@@ -75,10 +82,10 @@ def _merge(method: Method, params: TensorParams, shape: tuple[int, ...], sources
     stats: dict[str, Any] = {}
     outs = []
     if rows_per_chunk is None or rows_per_chunk >= rows:
-        chunk = _Chunk("t", shape, sources, 0, rows, row_len, copies, fused)
+        chunk = _Chunk("t", shape, sources, 0, rows, row_len, copies, fused, out_dtype)
         for sp in passes:
             stats[sp.name] = sp.reduce([sp.map(chunk, stats, params)])
-        outs.append(method.apply(chunk, stats, params).clone())
+        outs.append(_rounded(chunk, method.apply(chunk, stats, params)))
     else:
         ranges = [(r, min(rows, r + rows_per_chunk)) for r in range(0, rows, rows_per_chunk)]
         for sp in passes:
@@ -88,8 +95,18 @@ def _merge(method: Method, params: TensorParams, shape: tuple[int, ...], sources
             stats[sp.name] = sp.reduce([sp.map(_Chunk("t", shape, sources, a, b, row_len, copies, fused), stats,
                                                params) for a, b in ranges])
         for a, b in ranges:
-            outs.append(method.apply(_Chunk("t", shape, sources, a, b, row_len, copies, fused), stats, params).clone())
-    return torch.cat([o.reshape(-1) for o in outs]).numpy().tobytes(), stats
+            chunk = _Chunk("t", shape, sources, a, b, row_len, copies, fused, out_dtype)
+            outs.append(_rounded(chunk, method.apply(chunk, stats, params)))
+    return torch.cat([o.reshape(-1) for o in outs]).view(torch.uint8).numpy().tobytes(), stats
+
+
+def _rounded(chunk: _Chunk, result: torch.Tensor) -> torch.Tensor:
+    out = chunk.output()
+    if out is None:
+        return result.clone()
+    if result is not out:  # as apply_into: the kernel did not write the output rows itself
+        out.copy_(result.reshape(out.shape))
+    return out.clone()
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -179,6 +196,49 @@ def test_fused_matches_torch_bit_for_bit(name: str, dtype: torch.dtype, monkeypa
                 sel = _selection_of(method, params, shape)
                 assert _same(_resolved(want_stats, sel), _resolved(got_stats, sel)), f"{where}: statistics differ"
                 assert want == got, f"{where}: output bits differ"
+
+
+@pytest.mark.parametrize("name", SELECTION)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=["bf16-out", "f32-out"])
+def test_kernels_that_round_into_the_output_give_torchs_bits(name: str, out_dtype: torch.dtype,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the engine offers the output rows (ChunkView.output), the generalized family's
+    kernel rounds into them itself: the bytes of the torch path's float32 result rounded by torch."""
+    method = get_method(name)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, (1,))))
+    for kind in ("random", "zeros", "quantized"):
+        for shape in SHAPES:
+            n = 1 + int(torch.randint(0, 3, (1,), generator=g))
+            sources = _data(kind, shape, n, torch.bfloat16, g)
+            params = _params(name, n, g)
+            monkeypatch.setenv("MOEMERGE_NO_NUMBA", "1")
+            want, _ = _merge(method, params, shape, sources, None, fused=False, out_dtype=out_dtype)
+            monkeypatch.delenv("MOEMERGE_NO_NUMBA")
+            got, _ = _merge(method, params, shape, sources, None, fused=True, out_dtype=out_dtype)
+            assert want == got, f"{name} {kind} {shape} -> {out_dtype}: output bits differ"
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear", "della"])
+def test_a_nan_result_is_redone_with_torchs_nan_bits(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finite bf16 inputs whose difference overflows float32 (+-3.3e38 apart) give an infinite
+    task vector; dropped by a random mask it becomes inf * 0 = NaN (x86's default NaN is
+    negative, torch's bf16 NaN positive): the kernel counts it and the chunk is redone."""
+    method = get_method(name)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, (1,))))
+    shape = (16, 64)
+    sources = _data("random", shape, 2, torch.bfloat16, g)
+    big = torch.tensor(3.3e38).to(torch.bfloat16)
+    sources[0].view(-1)[::3] = -big
+    sources[1].view(-1)[::3] = big  # x - base = +inf in float32 at every third element
+    p = _params(name, 2, g)  # without rescale: its L1 sums refuse an infinite task vector
+    params = TensorParams(per_input=p.per_input, glob={**p.glob, "rescale": False}, seed=p.seed)
+    monkeypatch.setenv("MOEMERGE_NO_NUMBA", "1")
+    want, _ = _merge(method, params, shape, sources, None, fused=False, out_dtype=torch.bfloat16)
+    monkeypatch.delenv("MOEMERGE_NO_NUMBA")
+    got, _ = _merge(method, params, shape, sources, None, fused=True, out_dtype=torch.bfloat16)
+    nan = torch.frombuffer(bytearray(want), dtype=torch.bfloat16).isnan()
+    assert bool(nan.any()), "the case must produce NaN results"
+    assert want == got, f"{name}: NaN results are not torch's bits"
 
 
 def test_fused_runs_where_it_should(monkeypatch: pytest.MonkeyPatch) -> None:

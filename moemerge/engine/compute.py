@@ -37,6 +37,7 @@ class ChunkView:
     def __init__(
         self, t: TensorPlan, raws: Sequence[torch.Tensor], scratch: Sequence[torch.Tensor],
         r0: int, r1: int, compute: torch.dtype, in_cast: torch.dtype | None,
+        out: torch.Tensor | None = None,
     ) -> None:
         self.name = t.name
         self.shape = t.shape
@@ -49,6 +50,7 @@ class ChunkView:
         self._raws = raws
         self._scratch = scratch
         self._in_cast = in_cast
+        self._out = out
 
     def _convert(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         if self._in_cast is not None and x.dtype != self._in_cast:
@@ -77,6 +79,12 @@ class ChunkView:
         if cast is not None and cast not in (torch.float32, torch.float64) and any(r.dtype != cast for r in self._raws):
             return None
         return tuple(self._raws)
+
+    def output(self) -> torch.Tensor | None:
+        """The output rows ([rows, row_len], the output's dtype) for kernels that round as they
+        compute (methods/_fused.py): a method that fills it returns it from `apply`, and the
+        engine then copies nothing. None where the engine gives none (elementwise blocks)."""
+        return self._out
 
 
 def typed_views(t: TensorPlan, buf: torch.Tensor, r0: int, r1: int) -> list[torch.Tensor]:
@@ -132,7 +140,10 @@ def apply_into(method: Method, t: TensorPlan, r0: int, r1: int, raws: list[torch
                               r0, r1, comp, cast)
             typed_out[s:e].copy_(method.apply(chunk, stats, t.params).reshape(-1))
     elif n:
+        direct = typed_out.view(rows, t.row_len)
         chunk = ChunkView(t, [r.view(rows, t.row_len) for r in raws], scratch_2d(slabs, comp, r0, r1, t),
-                          r0, r1, comp, cast)
-        typed_out.copy_(method.apply(chunk, stats, t.params).reshape(-1))
+                          r0, r1, comp, cast, out=direct)
+        result = method.apply(chunk, stats, t.params)
+        if result is not direct:  # a kernel may have written the output rows itself
+            typed_out.copy_(result.reshape(-1))
     return nbytes

@@ -354,16 +354,37 @@ def generalized_apply(fam: Any, chunk: Chunk, stats: Mapping[str, Any], p: Tenso
     div = np.float32(1.0 if abs(total) < 1e-8 else total)
     lam = float(p.glob.get("lambda", 1.0))
     normalize = bool(p.glob.get("normalize", fam.normalize))
-    out_t = chunk.scratch(1)
-    out = out_t.reshape(-1).numpy()
     rows, row_len = chunk.row_stop - chunk.row_start, chunk.row_len
 
-    def body(r0: int, r1: int) -> None:
-        k.generalized_k(src.flat, src.ss, r0, r1, row_len, chunk.row_start, kind, thr, cut, take, key, bound, masks, fac,
-                        use_fac, w32, fam.consensus, normalize, div, np.float32(lam), lam != 1.0, out)
+    def run(out: np.ndarray) -> bool:
+        nans: list[int] = []
 
-    _for_row_ranges(rows, row_len, body)
+        def body(r0: int, r1: int) -> None:
+            nans.append(k.generalized_k(src.flat, src.ss, r0, r1, row_len, chunk.row_start, kind, thr, cut, take,
+                                        key, bound, masks, fac, use_fac, w32, fam.consensus, normalize, div,
+                                        np.float32(lam), lam != 1.0, out))
+
+        _for_row_ranges(rows, row_len, body)
+        return not any(nans)
+
+    direct = _direct_output(chunk)
+    if direct is not None and run(direct[1]):
+        return direct[0]
+    out_t = chunk.scratch(1)  # float32: a NaN result keeps its bits, and the engine rounds it as torch does
+    run(out_t.reshape(-1).numpy())
     return out_t
+
+
+def _direct_output(chunk: Chunk) -> tuple[torch.Tensor, np.ndarray] | None:
+    """The chunk's output rows (`ChunkView.output`) and a flat numpy view of them (bf16 as its
+    uint16 bits) where a kernel can round into them as torch does (bf16 or float32 on the
+    host); None otherwise."""
+    get = getattr(chunk, "output", None)
+    out: torch.Tensor | None = get() if get is not None else None
+    if out is None or str(out.dtype) not in _OUT_DTYPES or not on_host(out) or not out.is_contiguous():
+        return None
+    flat = out.reshape(-1)
+    return out, (flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy())
 
 
 def sce_masked(chunk: Chunk, stats: Mapping[str, Any], sel: Selection | None,

@@ -1,6 +1,12 @@
 """Element conversions shared by the numba kernels (`_select_numba`, `_linear_numba`,
 `_running_numba`): how a stored element becomes a float and how a float becomes a stored
-element. bf16 travels as its uint16 bits (numba has no bfloat16). Compiled only."""
+element. bf16 travels as its uint16 bits (numba has no bfloat16). Compiled only.
+
+Two rules every kernel keeps, or LLVM leaves its loops scalar (measured 2-8x slower):
+index arrays through slices (`a = src[b0:b0 + n]`, then `a[j]`), not `src[b0 + j]` (numba then
+cannot drop its negative-index wraparound); and a kernel that divides takes
+`error_model="numpy"` (IEEE division; python's model tests every divisor for zero, which no
+kernel here can meet: divisors are counts, weights' sums or scales, never 0)."""
 
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ def include_k(x: Any, s: Any, w: Any, position: int, wma: bool) -> None:
             s[j] = s[j] + widen(x[j])
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def slide_k(new: Any, old: Any, s_src: Any, w_src: Any, s_dst: Any, w_dst: Any, n: int, wma: bool,
             div: int, avg: Any, do_avg: bool) -> int:
     """One window slide from (s_src, w_src) into (s_dst, w_dst) (may be the same arrays):
@@ -119,7 +119,7 @@ def slide_k(new: Any, old: Any, s_src: Any, w_src: Any, s_dst: Any, w_dst: Any, 
     return nans
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def ema_k(x: Any, e_src: Any, e_dst: Any, alpha: float, beta: float, avg: Any, do_avg: bool) -> int:
     """E' = E * beta + x * alpha (beta = 1 - alpha as the caller computed it), from e_src into
     e_dst (may be the same); with `do_avg` E' into `avg`. Returns how many are NaN."""
@@ -133,7 +133,7 @@ def ema_k(x: Any, e_src: Any, e_dst: Any, alpha: float, beta: float, avg: Any, d
     return nans
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def avg_k(src: Any, div: int, avg: Any) -> int:
     """avg = src / div (div 1: src as it is), rounded to avg's type; returns the NaN count."""
     d = np.float64(div)

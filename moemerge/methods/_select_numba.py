@@ -16,6 +16,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from moemerge.methods._linear_numba import to_out
 from moemerge.methods._numba_elems import BLK, f32
 
 __all__ = ["hist_k", "window_k", "ties_k", "generalized_k", "delta_mask_k", "magprune_k", "sce_k", "sce_apply_k"]
@@ -37,7 +38,7 @@ def _abs_bits(x: Any) -> Any:
 _FLUSH = 1 << 30
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def hist_k(src: Any, ss: int, n: int, trow: Any, tbin: Any, j0: int, j1: int, hist: Any, zeros: Any) -> None:
     """Add to hist[t] the high 16 bits (tbin[t] < 0) of target t's values, or the low 16 bits
     of those whose high bits are tbin[t]; zeros[t] += count of zero values. The high-bits
@@ -84,7 +85,7 @@ def hist_k(src: Any, ss: int, n: int, trow: Any, tbin: Any, j0: int, j1: int, hi
             pending = 0
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def window_k(src: Any, ss: int, n: int, trow: Any, wlo: Any, nb: Any, j0: int, j1: int, hist: Any) -> None:
     """hist[t, h - wlo[t], low 16 bits] += 1 for target t's values whose high 16 bits h lie in
     [wlo[t], wlo[t] + nb[t]): the low-bits histograms of a window of high bins, in one sweep
@@ -110,7 +111,7 @@ def window_k(src: Any, ss: int, n: int, trow: Any, wlo: Any, nb: Any, j0: int, j
                     hist[t, h, v & 0xFFFF] += 1
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def ties_k(src: Any, ss: int, n: int, trow: Any, thr: Any, r0: int, r1: int, row_len: int, counts: Any) -> None:
     """counts[t, r] = values equal to thr[t] in chunk row r (r0 <= r < r1) of target t."""
     mean = np.empty(BLK, np.float64)  # sce's variance: the sums S1, S2 in float64
@@ -210,18 +211,23 @@ def _block_bits(src: Any, ss: int, row: int, b0: int, length: int, n: int, mean:
         bits[j] = np.float32(t / nn).view(np.int32)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def generalized_k(src: Any, ss: int, r0: int, r1: int, row_len: int, row_start: int, kind: Any,
                   thr: Any, cut: Any, take: Any, key: Any, bound: Any, mask: Any, fac: Any, use_fac: Any,
-                  w: Any, consensus: bool, normalize: bool, div: Any, lam: Any, use_lam: bool, out: Any) -> None:
-    """`generalized._Family.apply` for chunk rows [r0, r1), into out (flat float32), in blocks
-    of BLK elements, each step a simple loop over the block (they vectorize).
+                  w: Any, consensus: bool, normalize: bool, div: Any, lam: Any, use_lam: bool, out: Any) -> int:
+    """`generalized._Family.apply` for chunk rows [r0, r1), into out (flat: float32, or bf16 as
+    its uint16 bits, rounded as torch rounds), in blocks of BLK elements, each step one loop
+    over the block doing every operation it can for an element (they vectorize; the loops are
+    memory-bound, so fewer of them is faster). Returns how many results are NaN (their out
+    elements are then not torch's: the caller redoes the chunk into float32).
 
     kind[i]: 0 keep all, 1 top-q target (i, 0), 2 outliers (target (i, 0) and not (i, 1)),
     3 random (splitmix64 < bound[i] of stream key[i]), 4 `mask[i]` (bool).
+    Multiplying by a mask's 1.0 or by a factor 1.0 gives the same bits (a NaN result is redone
+    anyway), so every input takes the same steps: ((d * keep) * factor) * weight.
     """
     n = w.shape[0]
-    d = np.empty((n, BLK), np.float32)
+    d = np.empty(n * BLK, np.float32)
     mk = np.empty(BLK, np.float32)
     m2 = np.empty(BLK, np.float32)
     bits = np.empty(BLK, np.int32)
@@ -229,6 +235,7 @@ def generalized_k(src: Any, ss: int, r0: int, r1: int, row_len: int, row_start: 
     sgn = np.empty(BLK, np.float32)
     dv = np.empty(BLK, np.float32)
     seen = np.zeros(thr.shape, np.int64)
+    nans = 0
     for r in range(r0, r1):
         grow = row_start + r
         seen[:] = 0
@@ -236,69 +243,81 @@ def generalized_k(src: Any, ss: int, r0: int, r1: int, row_len: int, row_start: 
             length = min(BLK, (r + 1) * row_len - b0)
             base = src[b0:b0 + length]
             for i in range(n):
-                di = d[i]
+                di = d[i * BLK:i * BLK + length]
                 x = src[(i + 1) * ss + b0:(i + 1) * ss + b0 + length]
-                for j in range(length):
-                    di[j] = f32(x[j]) - f32(base[j])
                 kd = kind[i]
+                f = fac[i] if use_fac[i] else _ONE
+                wi = w[i]
                 if kd == 1 or kd == 2:
                     for j in range(length):
-                        bits[j] = np.float32(abs(di[j])).view(np.int32)
+                        v = f32(x[j]) - f32(base[j])
+                        di[j] = v
+                        bits[j] = np.float32(abs(v)).view(np.int32)
                     _target_mask(mk, bits, length, grow, thr, cut, take, seen, i, 0)
                     if kd == 2:  # above the low cut: dropped (the gamma largest)
                         _target_mask(m2, bits, length, grow, thr, cut, take, seen, i, 1)
                         for j in range(length):
                             mk[j] = _ONE if mk[j] != _ZERO and m2[j] == _ZERO else _ZERO
                     for j in range(length):
-                        di[j] = di[j] * mk[j]
+                        di[j] = ((di[j] * mk[j]) * f) * wi
                 elif kd == 3:
                     ki, bi = key[i], bound[i]
                     start = row_start * row_len + b0
                     for j in range(length):
-                        di[j] = di[j] * (_ONE if _splitmix(ki, start + j) < bi else _ZERO)
+                        keep = _ONE if _splitmix(ki, start + j) < bi else _ZERO
+                        di[j] = (((f32(x[j]) - f32(base[j])) * keep) * f) * wi
                 elif kd == 4:
                     mi = mask[i, b0:b0 + length]
                     for j in range(length):
-                        di[j] = di[j] * (_ONE if mi[j] else _ZERO)
-                if use_fac[i]:
-                    f = fac[i]
+                        keep = _ONE if mi[j] else _ZERO
+                        di[j] = (((f32(x[j]) - f32(base[j])) * keep) * f) * wi
+                else:
                     for j in range(length):
-                        di[j] = di[j] * f
-                wi = w[i]
+                        di[j] = ((f32(x[j]) - f32(base[j])) * f) * wi
+            # torch: d0 + d1, then + d2 ...: the same additions in order
+            d0 = d[0:length]
+            if n == 1:
                 for j in range(length):
-                    di[j] = di[j] * wi
-            for j in range(length):
-                mixed[j] = d[0, j]
-            for i in range(1, n):  # torch: d0 + d1, then + d2 ...: the same additions in order
-                di = d[i]
+                    mixed[j] = d0[j]
+            else:
+                d1 = d[BLK:BLK + length]
+                for j in range(length):
+                    mixed[j] = d0[j] + d1[j]
+            for i in range(2, n):
+                di = d[i * BLK:i * BLK + length]
                 for j in range(length):
                     mixed[j] = mixed[j] + di[j]
             if consensus:
                 for j in range(length):
                     sgn[j] = (_ONE if mixed[j] >= _ZERO else _ZERO) * _TWO - _ONE
-                    mixed[j] = _ZERO
-                    dv[j] = _ZERO
                 for i in range(n):
-                    di = d[i]
+                    di = d[i * BLK:i * BLK + length]
                     wi = w[i]
-                    for j in range(length):
-                        agree = _ONE if di[j] * sgn[j] > _ZERO else _ZERO
-                        mixed[j] = mixed[j] + di[j] * agree
-                        dv[j] = dv[j] + agree * wi
-                for j in range(length):
-                    dv[j] = dv[j] + (_ONE if dv[j] == _ZERO else _ZERO)
-                if normalize:
-                    for j in range(length):
-                        mixed[j] = mixed[j] / dv[j]
-            elif normalize:
-                for j in range(length):
-                    mixed[j] = mixed[j] / div
-            if use_lam:
-                for j in range(length):
-                    mixed[j] = mixed[j] * lam
+                    if i == 0:
+                        for j in range(length):
+                            agree = _ONE if di[j] * sgn[j] > _ZERO else _ZERO
+                            mixed[j] = _ZERO + di[j] * agree
+                            dv[j] = _ZERO + agree * wi
+                    else:
+                        for j in range(length):
+                            agree = _ONE if di[j] * sgn[j] > _ZERO else _ZERO
+                            mixed[j] = mixed[j] + di[j] * agree
+                            dv[j] = dv[j] + agree * wi
             o = out[b0:b0 + length]
             for j in range(length):
-                o[j] = mixed[j] + f32(base[j])
+                v = mixed[j]
+                if consensus:
+                    q = dv[j] + (_ONE if dv[j] == _ZERO else _ZERO)
+                    if normalize:
+                        v = v / q
+                elif normalize:
+                    v = v / div
+                if use_lam:
+                    v = v * lam
+                v = v + f32(base[j])
+                nans += v != v
+                o[j] = to_out(v, out)
+    return nans
 
 
 @numba.njit(nogil=True, cache=True)
@@ -321,7 +340,7 @@ def delta_mask_k(src: Any, ss: int, row: int, j0: int, j1: int, start: int, key:
         mm[:] = False
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def magprune_k(src: Any, ss: int, row: int, m: int, inner: int, g0: int, g1: int, key: Any, start: int,
                pe: float, te: float, mask: Any) -> None:
     """DELLA's keep-mask of source `row` for groups [g0, g1) of the [groups, m, inner] layout:
@@ -365,7 +384,7 @@ def magprune_k(src: Any, ss: int, row: int, m: int, inner: int, g0: int, g1: int
                 mask[j] = u < r * te + pe
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def sce_k(src: Any, ss: int, n: int, r0: int, r1: int, row_len: int, row_start: int, sel: bool,
           thr: Any, cut: Any, take: Any, deltas: Any) -> None:
     """sce's masked task vectors: d_i = x_i - base, times the variance selection's 1.0/0.0."""
@@ -393,7 +412,7 @@ def sce_k(src: Any, ss: int, n: int, r0: int, r1: int, row_len: int, row_start: 
                         di[j] = f32(x[j]) - f32(base[j])
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def sce_apply_k(src: Any, ss: int, deltas: Any, eta: Any, j0: int, j1: int, out: Any) -> None:
     """sce's sign consensus and energy-weighted mix of the masked task vectors, plus the base."""
     n = eta.shape[0]

@@ -85,7 +85,7 @@ def encode(x: Any, fmax: Any) -> Any:
     r = np.uint32(0x7F) if a >= np.uint32(1087 << 20) else r
     return np.uint8((r | (sign >> np.uint32(24))) & np.uint32(0xFF))
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def search_k(values: Any, lut: Any, cands: Any, alive: Any, row_group: Any, col_block: int, fmax: Any) -> None:
     """alive[k, g, t] &= every value of group (g, t) is code * cands[k, g, t] exactly."""
     n, cols = values.shape
@@ -104,7 +104,7 @@ def search_k(values: Any, lut: Any, cands: Any, alive: Any, row_group: Any, col_
                         alive[k, g, t] = False
                         break
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def encode_k(values: Any, scales: Any, row_group: Any, col_block: int, fmax: Any, out: Any) -> None:
     """`encode` of values / scale for every element, its steps as loops over arrays (bits
     through array views): LLVM vectorizes each, ~5x the element-by-element `encode`."""

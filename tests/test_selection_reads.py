@@ -133,3 +133,37 @@ def test_pattern_records_are_bounded_and_the_tie_pass_takes_over(tmp_path: Path,
     assert all(reads[k] == 2 * nbytes for k in big)
     assert all(capped_reads[k] == 3 * nbytes for k in big), {k: capped_reads[k] / nbytes for k in big}
     assert capped == got
+
+
+@pytest.mark.parametrize("which", ["every", "some"])
+def test_chunks_with_many_patterns_keep_dense_counts_with_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+    """A chunk whose window holds more than `_TIE_PATTERNS` distinct patterns keeps its counts
+    as dense histograms instead of records (no per-chunk tie counts then): with every chunk,
+    or some, so, the low bits still come from pass 1 (the tie-break takes its pass) and the
+    bytes are those of the sparse records."""
+    from moemerge.methods import _selection
+
+    paths = _inputs(tmp_path, "tied", seed=zlib.crc32(f"dense-{which}".encode()))
+    config = _config("ties", paths)
+    seen: list[int] = []
+    flatnonzero = np.flatnonzero
+
+    def counting(a: Any) -> np.ndarray:  # each chunk's distinct patterns in its window
+        out = flatnonzero(a)
+        seen.append(out.size)
+        return out
+
+    monkeypatch.setattr(_selection.np, "flatnonzero", counting)
+    got, _ = _merge(config, tmp_path / "sparse", monkeypatch, chunk_rows=ROWS_PER_CHUNK)
+    patterns = 0 if which == "every" else int(np.median(seen))
+    monkeypatch.setattr(_selection, "_TIE_PATTERNS", patterns)
+    first = len(seen)
+    dense, reads = _merge(config, tmp_path / "dense", monkeypatch, chunk_rows=ROWS_PER_CHUNK)
+    counts = seen[first:]
+    went_dense = sum(c > patterns for c in counts)
+    assert 0 < went_dense and (which == "every" or went_dense < len(counts)), (patterns, counts)
+    nbytes = math.prod(SHAPE) * 2
+    for k in (k for k in reads if k[1] == BIG):
+        assert reads[k] == 3 * nbytes, f"dense chunks: low bits from pass 1, the tie pass after ({reads[k] / nbytes})"
+    assert dense == got

@@ -27,7 +27,7 @@ from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help n
 
 from moemerge.methods._host import on_host
 from moemerge.methods.base import Chunk, TensorParams
-from moemerge.methods.stats import Threshold, _for_row_ranges, stream_key
+from moemerge.methods.stats import Threshold, _for_row_ranges, row_ranges, stream_key
 from moemerge.methods._ties import tie_cut
 
 if TYPE_CHECKING:
@@ -140,25 +140,49 @@ def histograms(ranked: Ranked, sources: Sequence[int], bins: Sequence[int]) -> t
 
 
 def window_histograms(ranked: Ranked, sources: Sequence[int], wlo: Sequence[int], nb: Sequence[int]) -> np.ndarray:
-    """[targets, max(nb), 65,536] int64: per target t (source sources[t]) the low-bits
-    histograms of its values whose high bits lie in [wlo[t], wlo[t] + nb[t])."""
+    """[targets, max(nb), 65,536] int32: per target t (source sources[t]) the low-bits
+    histograms of its values whose high bits lie in [wlo[t], wlo[t] + nb[t]). A buffer of the
+    calling thread's (`_zeroed`): valid until its next call there."""
     k = _kernels()
     trow = np.array([ranked.row(s) for s in sources], np.int64)
     lo = np.array(list(wlo), np.int64)
     cnt = np.array(list(nb), np.int64)
     width = max(1, int(cnt.max(initial=1)))
-    parts: list[np.ndarray] = []
+    ranges = row_ranges(ranked.src.n, 1)
+    # one slot per range, all in this (calling) thread's buffer: the ranges run on pool threads
+    # int32: a chunk holds fewer than 2^31 values (a work unit's bytes at most)
+    parts = _zeroed("window", (len(ranges), len(trow), width, 1 << 16))
+    slot = {r: i for i, r in enumerate(ranges)}
 
     def body(j0: int, j1: int) -> None:
-        # int32 per range: a chunk holds fewer than 2^31 values (a work unit's bytes at most)
-        hist = np.zeros((len(trow), width, 1 << 16), np.int32)
-        k.window_k(ranked.src.flat, ranked.src.ss, ranked.n_inputs, trow, lo, cnt, j0, j1, hist)
-        parts.append(hist)
+        k.window_k(ranked.src.flat, ranked.src.ss, ranked.n_inputs, trow, lo, cnt, j0, j1, parts[slot[(j0, j1)]])
 
     _flat_ranges(ranked.src.n, body)
-    out = parts[0].astype(np.int64)
+    out = parts[0]
     for p in parts[1:]:
         out += p
+    return out
+
+
+#: Each thread's reusable histogram buffers by purpose (`_zeroed`).
+_THREAD_BUFS = threading.local()
+
+
+def _zeroed(purpose: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A zeroed int32 array of `shape`, this thread's buffer for `purpose`: reused from call to
+    call (a fresh one costs its page faults: ~10x its zeroing here), so valid only until this
+    thread asks for `purpose` again. At most the largest shape asked per thread is kept (the
+    selection windows: one histogram per range and window bin, 512 KiB each, up to 64 bins;
+    outside --memory-budget)."""
+    bufs: dict[str, np.ndarray] | None = getattr(_THREAD_BUFS, "bufs", None)
+    if bufs is None:
+        bufs = _THREAD_BUFS.bufs = {}
+    n = math.prod(shape)
+    buf = bufs.get(purpose)
+    if buf is None or buf.size < n:
+        buf = bufs[purpose] = np.empty(n, np.int32)
+    out = buf[:n].reshape(shape)
+    out.fill(0)
     return out
 
 

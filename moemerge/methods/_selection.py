@@ -101,33 +101,65 @@ class _Rec:
 
 @dataclass(frozen=True, slots=True)
 class _Window:
-    """Low-bits histograms of high bins [lo, lo + len(hist)) summed over the chunks seen (None:
-    no bin was in every chunk's window), and each chunk's pattern counts (None: some dropped)."""
+    """Low-bits counts of the high bins [lo, hi) that every chunk seen counted (each chunk's
+    own window; empty when they do not overlap): `dense` sums the chunks held as full
+    [bins, 65,536] histograms, `sparse` holds the others as their pattern counts (`_Rec`).
+    `recs`: every chunk's record when each one is sparse (the tie-break's per-chunk counts),
+    else None."""
 
     lo: int
-    hist: np.ndarray | None
-    recs: tuple[_Rec, ...] | None
+    hi: int
+    dense: np.ndarray | None
+    sparse: tuple[_Rec, ...]
+    all_sparse: bool
+
+    @property
+    def recs(self) -> tuple[_Rec, ...] | None:
+        return self.sparse if self.all_sparse else None
 
     def low(self, b: int) -> np.ndarray | None:
-        if self.hist is None or not self.lo <= b < self.lo + self.hist.shape[0]:
+        """The low-bits histogram (int64, 65,536 bins) of high bin b over every chunk seen, or
+        None when some chunk did not count it."""
+        if not self.lo <= b < self.hi:
             return None
-        row: np.ndarray = self.hist[b - self.lo]
+        row = self.dense[b - self.lo].copy() if self.dense is not None else np.zeros(1 << 16, np.int64)
+        for r in self.sparse:
+            assert r.idx is not None and r.counts is not None  # a whole-tensor record has hi <= lo
+            start = (b - r.lo) << 16
+            i0, i1 = np.searchsorted(r.idx, [start, start + (1 << 16)])
+            row[r.idx[i0:i1] - start] += r.counts[i0:i1]  # a record's patterns are distinct
         return row
+
+
+def _densify(w: _Window) -> np.ndarray:
+    """The window's counts over [lo, hi) as one dense int64 array (records added in)."""
+    out = np.zeros((w.hi - w.lo, 1 << 16), np.int64) if w.dense is None else w.dense.copy()
+    flat = out.reshape(-1)
+    for r in w.sparse:
+        assert r.idx is not None and r.counts is not None
+        pos = r.idx + ((r.lo - w.lo) << 16)  # into [lo, hi): drop what lies outside
+        keep = (pos >= 0) & (pos < flat.size)
+        flat[pos[keep]] += r.counts[keep]  # a record's patterns are distinct
+    return out
 
 
 def _merge(a: _Window, b: _Window) -> _Window:
     """Both windows' chunks: the bins both counted (each chunk's window must hold a bin for its
-    histogram to be complete), and both chunk lists. Exact and order-free."""
-    hist = None
-    lo = max(a.lo, b.lo)
-    if a.hist is not None and b.hist is not None:
-        hi = min(a.lo + a.hist.shape[0], b.lo + b.hist.shape[0])
-        if hi > lo:
-            hist = a.hist[lo - a.lo:hi - a.lo] + b.hist[lo - b.lo:hi - b.lo]
-    recs = a.recs + b.recs if a.recs is not None and b.recs is not None else None
-    if recs is not None and sum(r.idx.size for r in recs if r.idx is not None) > _MAX_RECORDS:
-        recs = None  # bounded memory: the tie-count pass runs instead, if a tie needs breaking
-    return _Window(lo=lo, hist=hist, recs=recs)
+    histogram to be complete), dense sums and records side by side. Exact and order-free."""
+    lo, hi = max(a.lo, b.lo), min(a.hi, b.hi)
+    if hi <= lo:  # no bin every chunk counted: the low pass runs; records serve no tie-break
+        return _Window(lo=lo, hi=lo, dense=None, sparse=(), all_sparse=False)
+    dense = None
+    for w in (a, b):
+        if w.dense is not None:
+            part = w.dense[lo - w.lo:hi - w.lo]
+            dense = part.copy() if dense is None else dense + part
+    sparse = a.sparse + b.sparse
+    merged = _Window(lo=lo, hi=hi, dense=dense, sparse=sparse, all_sparse=a.all_sparse and b.all_sparse)
+    if sum(r.idx.size for r in sparse if r.idx is not None) > _MAX_RECORDS:
+        # bounded memory: the records fold into the dense counts; a tie-break then takes its pass
+        return _Window(lo=lo, hi=hi, dense=_densify(merged), sparse=(), all_sparse=False)
+    return merged
 
 
 def _combine_high(a: dict[Any, Any], b: dict[Any, Any]) -> dict[Any, Any]:
@@ -170,8 +202,8 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
 
     def no_window(chunk: Chunk, whole: bool) -> dict[str, _Window]:
         # a chunk that is the whole tensor is its own tie count (the apply counts its rows)
-        rec = (_Rec(r0=chunk.row_start, r1=chunk.row_stop, lo=0, nb=0, idx=None, counts=None),) if whole else None
-        return {t.name: _Window(lo=0, hist=None, recs=rec) for t in targets}
+        rec = (_Rec(r0=chunk.row_start, r1=chunk.row_stop, lo=0, nb=0, idx=None, counts=None),) if whole else ()
+        return {t.name: _Window(lo=0, hi=0, dense=None, sparse=rec, all_sparse=whole) for t in targets}
 
     def map_high(chunk: Chunk, stats: Mapping[str, Any], params: TensorParams) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
@@ -210,13 +242,15 @@ def selection_passes(prefix: str, values: Values, targets: Sequence[Target], n: 
         wh = _fused.window_histograms(rk, [t.source for t in windowed], los, nbs)
         out = {}
         for k, t in enumerate(windowed):
-            h = wh[k, :nbs[k]]
+            h = wh[k, :nbs[k]]  # a reused buffer: kept only as a copy or as its pattern counts
             nz = np.flatnonzero(h)
-            rec = None
+            lo, hi = los[k], los[k] + nbs[k]
             if nz.size <= _TIE_PATTERNS:
-                rec = (_Rec(r0=chunk.row_start, r1=chunk.row_stop, lo=los[k], nb=nbs[k], idx=nz,
-                            counts=h.reshape(-1)[nz]),)
-            out[t.name] = _Window(lo=los[k], hist=h, recs=rec)
+                rec = _Rec(r0=chunk.row_start, r1=chunk.row_stop, lo=lo, nb=nbs[k], idx=nz,
+                           counts=h.reshape(-1)[nz].astype(np.int64))
+                out[t.name] = _Window(lo=lo, hi=hi, dense=None, sparse=(rec,), all_sparse=True)
+            else:
+                out[t.name] = _Window(lo=lo, hi=hi, dense=h.astype(np.int64), sparse=(), all_sparse=False)
         return out
 
     # memos hold the object they were computed from, so a recycled id() can never match

@@ -117,17 +117,25 @@ def _for_row_ranges(rows: int, row_len: int, body: Callable[[int, int], None]) -
     own slice of the row sums), so the split does not change any value. Small chunks run inline.
     """
     global _pool
-    workers = min(torch.get_num_threads(), 8, rows * row_len // (4 * BLOCK))
-    if workers <= 1:
+    ranges = row_ranges(rows, row_len)
+    if len(ranges) <= 1:
         body(0, rows)
         return
     with _pool_lock:
-        if _pool is None or _pool._max_workers < workers:  # noqa: SLF001 (grow once)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moemerge-stats")
+        if _pool is None or _pool._max_workers < len(ranges):  # noqa: SLF001 (grow once)
+            _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="moemerge-stats")
         pool = _pool
-    per = -(-rows // workers)
-    for f in [pool.submit(body, r, min(rows, r + per)) for r in range(0, rows, per)]:
+    for f in [pool.submit(body, r0, r1) for r0, r1 in ranges]:
         f.result()
+
+
+def row_ranges(rows: int, row_len: int) -> list[tuple[int, int]]:
+    """The row ranges `_for_row_ranges` splits [0, rows) into: one per thread it uses."""
+    workers = min(torch.get_num_threads(), 8, rows * row_len // (4 * BLOCK))
+    if workers <= 1:
+        return [(0, rows)]
+    per = -(-rows // workers)
+    return [(r, min(rows, r + per)) for r in range(0, rows, per)]
 
 
 def dot_rows(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:

@@ -158,7 +158,7 @@ def window_histograms(ranked: Ranked, sources: Sequence[int], wlo: Sequence[int]
         k.window_k(ranked.src.flat, ranked.src.ss, ranked.n_inputs, trow, lo, cnt, j0, j1, parts[slot[(j0, j1)]])
 
     _flat_ranges(ranked.src.n, body)
-    out = parts[0]
+    out: np.ndarray = parts[0]
     for p in parts[1:]:
         out += p
     return out

@@ -247,6 +247,18 @@ class Checkpoint:
             raise ValueError(f"buffer of {len(out)} bytes is too small for {need}")
         self._sources[t.file].read_into(t.start + r0 * rb, out[:need])
 
+    def prefetch_rows(self, name: str, r0: int, r1: int) -> int:
+        """Hint that rows [r0, r1) of tensor `name` are read soon: a local file starts reading
+        them into the page cache (other storage: nothing). Returns the bytes hinted."""
+        t = self.tensors.get(name)
+        src = self._sources.get(t.file) if t is not None else None
+        hint = getattr(src, "prefetch", None)
+        if t is None or hint is None or t.stored_nbytes is not None:  # quantized: other byte ranges
+            return 0
+        rb = t.row_bytes
+        hint(t.start + r0 * rb, (r1 - r0) * rb)
+        return (r1 - r0) * rb
+
     def iter_rows(self, name: str, buf: bytearray) -> Iterator[tuple[int, memoryview]]:
         """Read tensor `name` in order, as many rows at a time as fit `buf`.
 

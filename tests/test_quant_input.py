@@ -22,7 +22,7 @@ from tests.conftest import write_checkpoint
 
 @pytest.fixture
 def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = int(os.environ.get("MOEMERGE_TEST_SEED", "0")) or int.from_bytes(os.urandom(4), "little")
     print(f"seed {seed}")
     return torch.Generator().manual_seed(seed)
 
@@ -197,8 +197,12 @@ def test_ties_over_quantized_inputs_sees_real_values(layout: str, tmp_path: Path
     moemerge.run(cfg, str(tmp_path / "out"), memory_budget="1MB")
     merged = _load(tmp_path / "out")
     per = [{"weight": 0.5, "density": 1.0}] * 2
+    served = {n: v.float().double() for n, v in ref_base.items()}  # dequantized as the engine serves:
+    served_a = {n: v.float().double() for n, v in ref_a.items()}  # code x scale rounded to float32 once
     for name in ref_base:
-        want = REFERENCES["ties"](ref_base[name], [ref_a[name], ref_b[name]], per, {}, name)
+        # the sign vote is discontinuous at a zero task vector: where b (bf16) equals the
+        # float32 base exactly, the float64 base would still differ from it by a hair
+        want = REFERENCES["ties"](served[name], [served_a[name], ref_b[name]], per, {}, name)
         ok = ~AMBIGUOUS.get("last", torch.zeros_like(want, dtype=torch.bool))
         _close(merged[name][ok], want[ok], name)
 

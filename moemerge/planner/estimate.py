@@ -31,7 +31,7 @@ STARTUP_S = 2.0
 STARTUP_CPU_S = 2.0
 #: Loading numba's cached kernels adds this much (wall, CPU) when the run uses them: the fused
 #: selection kernels (selection, sce; methods/_fused.py) and FP8 dequantizing (io/quant).
-NUMBA_STARTUP_S = (0.8, 1.0)
+NUMBA_STARTUP_S = (0.4, 0.4)
 #: Share of each core past the first that a parallel method's compute gains: torch's and
 #: numba's threads reached 1.75 cores of 2 here (the read, write and hash threads take the rest).
 PARALLEL_EFFICIENCY = 0.75
@@ -58,8 +58,8 @@ class Costs:
 #: cost alike per element; `METHOD_COSTS` holds the members measured clearly apart.
 FAMILIES: dict[str, Costs] = {
     "elementwise": Costs(apply_ns=1.5),
-    "selection": Costs(apply_ns=6.0, pass_ns=1.0),  # the fused numba kernels (methods/_fused.py)
-    "sce": Costs(apply_ns=15.0, pass_ns=1.0),
+    "selection": Costs(apply_ns=5.5, pass_ns=0.3),  # the fused numba kernels (methods/_fused.py)
+    "sce": Costs(apply_ns=11.5, pass_ns=0.3),
     "geometric": Costs(apply_ns=4.5, pass_ns=1.0),
     "fusion": Costs(apply_ns=10.0, pass_ns=3.0, stream_ns=4.7),
 }
@@ -70,6 +70,9 @@ METHOD_COSTS: dict[str, Costs] = {
     # DELLA's per-row rank sampling draws and sorts: ~3x ties per element
     "della": Costs(apply_ns=25.0, pass_ns=1.0),
     "della_linear": Costs(apply_ns=25.0, pass_ns=1.0),
+    # two selections per input (the gamma largest dropped, the density kept): ~1.5x ties
+    "breadcrumbs": Costs(apply_ns=8.0, pass_ns=0.3),
+    "breadcrumbs_ties": Costs(apply_ns=8.0, pass_ns=0.3),
     "model_stock": Costs(apply_ns=3.5, pass_ns=1.0),
     "ram": Costs(apply_ns=5.5),  # elementwise: on one thread
     "ramplus_tl": Costs(apply_ns=8.0, pass_ns=1.0),

@@ -263,12 +263,13 @@ def run(
                          chunk_rows=chunk_rows, out_format=out_format, unit_size=unit_size, quantize=quantize,
                          allow_crimes=allow_crimes)
         check_device_memory(the_plan, device)  # too little device memory: refused before any output
+        from moemerge._startup import load_torch_quietly
+
         if client is None and not workers and not scheduler:  # the first reads start while torch loads
-            from moemerge._startup import load_torch_quietly
             from moemerge.engine.prefetch import prefetch_first_reads
 
             prefetch_first_reads(the_plan, ckpts)
-            load_torch_quietly()
+        load_torch_quietly()  # nothing when loaded already
         if client is None and (workers or scheduler):  # reach the cluster before any output exists
             from moemerge.engine.cluster import start_client
 

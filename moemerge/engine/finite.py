@@ -36,11 +36,8 @@ def first_read(method: Method, t: TensorPlan, kind: str, k: int) -> bool:
     return kind == "apply" and not method.passes(t.params, t.shape)
 
 
-#: 16-bit floats are non-finite exactly when every exponent bit is set (bf16: 8 bits, fp16: 5).
-_EXPONENT = {"torch.bfloat16": 0x7F80, "torch.float16": 0x7C00}  # by name: no torch at import
-
-
-#: The same test on the unsigned view of each float type the compiled loop takes.
+#: A float is non-finite exactly when every exponent bit is set: per float type (by name: no
+#: torch at import), its same-size integer type, the unsigned numpy view and the exponent bits.
 _BITS = {"torch.bfloat16": ("int16", np.uint16, 0x7F80), "torch.float16": ("int16", np.uint16, 0x7C00),
          "torch.float32": ("int32", np.uint32, 0x7F800000), "torch.float64": ("int64", np.uint64, 0x7FF0000000000000)}
 
@@ -72,7 +69,8 @@ def _bad(x: torch.Tensor) -> bool:
     compiled = _compiled_bad(flat)
     if compiled is not None:
         return compiled
-    mask = _EXPONENT.get(str(flat.dtype))
+    spec = _BITS.get(str(flat.dtype))
+    mask = spec[2] if spec is not None and spec[0] == "int16" else None  # 16-bit: the bit test
     for s in range(0, flat.numel(), _STEP):
         block = flat[s:s + _STEP]
         if mask is not None:

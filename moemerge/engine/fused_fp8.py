@@ -116,10 +116,10 @@ class FusedChunk:
         """The weighted sum of rows [a, b) (inside the chunk) into `out`'s first (b - a) *
         row_len elements (bf16 or float32, contiguous); False when a result is NaN (then
         `out` is not promised anything: `dequantize_sources`, then the method's own path)."""
-        import numpy as np
+        from moemerge.methods._host import kernel_view
 
         flat = out.reshape(-1)[:(b - a) * self.cols].view(b - a, self.cols)
-        dst = flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
+        dst = kernel_view(flat)
         nans = self.kernel(self.flat, self.offs, self.cols, self.scales, self.groups, self.col_block,
                            self.weights, a - self.r0, dst)
         return not nans

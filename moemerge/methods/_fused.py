@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
-from moemerge.methods._host import on_host
+from moemerge.methods._host import kernel_view, on_host
 from moemerge.methods.base import Chunk, TensorParams
-from moemerge.methods.stats import Threshold, _for_row_ranges, row_ranges, stream_key
+from moemerge.methods.stats import Threshold, _for_row_ranges, row_ranges, run_ranges, stream_key
 from moemerge.methods._ties import tie_cut
 
 if TYPE_CHECKING:
@@ -152,12 +152,12 @@ def window_histograms(ranked: Ranked, sources: Sequence[int], wlo: Sequence[int]
     # one slot per range, all in this (calling) thread's buffer: the ranges run on pool threads
     # int32: a chunk holds fewer than 2^31 values (a work unit's bytes at most)
     parts = _zeroed("window", (len(ranges), len(trow), width, 1 << 16))
-    slot = {r: i for i, r in enumerate(ranges)}
 
-    def body(j0: int, j1: int) -> None:
-        k.window_k(ranked.src.flat, ranked.src.ss, ranked.n_inputs, trow, lo, cnt, j0, j1, parts[slot[(j0, j1)]])
+    def body(i: int, _: int) -> None:  # slot i: range i
+        j0, j1 = ranges[i]
+        k.window_k(ranked.src.flat, ranked.src.ss, ranked.n_inputs, trow, lo, cnt, j0, j1, parts[i])
 
-    _flat_ranges(ranked.src.n, body)
+    run_ranges([(i, i + 1) for i in range(len(ranges))], body)
     out: np.ndarray = parts[0]
     for p in parts[1:]:
         out += p
@@ -408,7 +408,7 @@ def _direct_output(chunk: Chunk) -> tuple[torch.Tensor, np.ndarray] | None:
     if out is None or str(out.dtype) not in _OUT_DTYPES or not on_host(out) or not out.is_contiguous():
         return None
     flat = out.reshape(-1)
-    return out, (flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy())
+    return out, kernel_view(flat)
 
 
 def sce_masked(chunk: Chunk, stats: Mapping[str, Any], sel: Selection | None,
@@ -536,7 +536,7 @@ def _evenly_spaced(raws: Sequence[torch.Tensor]) -> Stored | None:
     if step < n * size or step % size or any(b - a != step for a, b in zip(ptrs, ptrs[1:])):
         return None
     first = raws[0].reshape(-1)
-    a0 = first.view(torch.int16).numpy().view(np.uint16) if dt == torch.bfloat16 else first.numpy()
+    a0 = kernel_view(first)
     ss = step // size
     flat = np.lib.stride_tricks.as_strided(a0, shape=((len(raws) - 1) * ss + n,), strides=(size,), writeable=False)
     return Stored(flat=flat, ss=ss, n=n)
@@ -567,7 +567,7 @@ def weighted_into(name: str, params: TensorParams, raws: Sequence[torch.Tensor],
     if len(w) != len(raws):
         return False
     flat = out.reshape(-1)
-    dst = flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
+    dst = kernel_view(flat)
     nans: list[int] = []
     _flat_ranges(src.n, lambda j0, j1: nans.append(k.wsum_k(src.flat, src.ss, len(w), w, j0, j1, dst)))
     return not any(nans)

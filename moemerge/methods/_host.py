@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
-__all__ = ["on_host", "host_copy", "same_device", "div_scalar_", "TWIN_FLAG"]
+__all__ = ["on_host", "kernel_view", "host_copy", "same_device", "div_scalar_", "TWIN_FLAG"]
 
 #: Class attribute that marks a tensor type as "device memory" although it lives on the CPU
 #: (the engine's CPU twin of the device path, used by tests to run that path here).
@@ -18,6 +19,19 @@ TWIN_FLAG = "moemerge_device_twin"
 def on_host(t: torch.Tensor) -> bool:
     """Whether numpy/numba may read `t` in place (a plain CPU tensor)."""
     return t.device.type == "cpu" and not getattr(t, TWIN_FLAG, False)
+
+
+def kernel_view(t: torch.Tensor) -> np.ndarray:
+    """The elements of host tensor `t` as the numba kernels take them, in place: bf16 as its
+    uint16 bits (numba has no bfloat16), any other dtype as numpy has it."""
+    import numpy
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        bits: np.ndarray = t.view(torch.int16).numpy().view(numpy.uint16)
+        return bits
+    values: np.ndarray = t.numpy()
+    return values
 
 
 def host_copy(t: torch.Tensor) -> torch.Tensor:

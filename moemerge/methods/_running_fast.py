@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from moemerge.methods._host import kernel_view
+
 if TYPE_CHECKING:
     import torch
 
@@ -48,10 +50,8 @@ def _np(t: torch.Tensor) -> np.ndarray | None:
 
     if t.device.type != "cpu" or not t.is_contiguous():
         return None
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    if t.dtype in (torch.float32, torch.float64):
-        return t.numpy()
+    if t.dtype in (torch.bfloat16, torch.float32, torch.float64):
+        return kernel_view(t)
     return None
 
 

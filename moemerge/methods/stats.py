@@ -116,10 +116,15 @@ def _for_row_ranges(rows: int, row_len: int, body: Callable[[int, int], None]) -
     numpy's float64 loops run on one core; each range is independent (its own buffers, its
     own slice of the row sums), so the split does not change any value. Small chunks run inline.
     """
+    run_ranges(row_ranges(rows, row_len), body)
+
+
+def run_ranges(ranges: Sequence[tuple[int, int]], body: Callable[[int, int], None]) -> None:
+    """body(r0, r1) for each range, on the pool's threads (inline when there is one range)."""
     global _pool
-    ranges = row_ranges(rows, row_len)
     if len(ranges) <= 1:
-        body(0, rows)
+        for r0, r1 in ranges:
+            body(r0, r1)
         return
     with _pool_lock:
         if _pool is None or _pool._max_workers < len(ranges):  # noqa: SLF001 (grow once)

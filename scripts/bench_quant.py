@@ -90,7 +90,13 @@ def run_quant(args: Any, work: Path, budget: int, child_env: dict[str, str]) -> 
         cmd = [*bench._MOEMERGE, "run", str(cfg), str(out), "--memory-budget", args.budget, "--no-progress",
                "--quantize", quant]
         cases.append((method, quant, cmd, out, p))
-    read = min((bench.floor_read(paths, par) for par in (False, True)), key=lambda r: r[0])[0]
+    reads = []
+    for par in (False, True):  # cold, as every case runs: one stream, then one per input
+        cold = bench.drop_caches()
+        reads.append(bench.floor_read(paths, par)[0])
+    read = min(reads)
+    print(f"floor read ({'cold' if cold else 'warm'}): {read:.2f}s (1 stream {reads[0]:.2f}s, "
+          f"{len(paths)} streams {reads[1]:.2f}s)", flush=True)
     floors = {}
     for quant in ("none", "like-input"):
         nbytes = next(c[4].bytes_written for c in cases if c[1] == quant)

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import posixpath
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from moemerge.errors import CheckpointError, ConfigError, MoemergeError
+from moemerge.io import direct
 from moemerge.io.storage_options import check_storage_options
 
 __all__ = [
@@ -290,10 +292,15 @@ class _LocalSource:
         except OSError as e:
             raise CheckpointError(f"{path}: cannot open ({e.strerror})") from e
         self.size = os.fstat(self._fd).st_size
+        self._dfd: int | None = None  # the O_DIRECT descriptor, opened by the first large read
+        self._direct = direct.enabled()
+        self._lock = threading.Lock()
 
     def read_into(self, offset: int, out: memoryview) -> None:
         done = 0
         want = len(out)
+        if want >= direct.DIRECT_MIN and self._direct:
+            done = self._read_large(offset, out)
         while done < want:
             n = os.preadv(self._fd, [out[done:]], offset + done)
             if n <= 0:
@@ -303,6 +310,28 @@ class _LocalSource:
                 )
             done += n
 
+    def _read_large(self, offset: int, out: memoryview) -> int:
+        """Direct reads (io.direct) unless the range is mostly cached; returns how many
+        leading bytes of `out` are filled (the caller reads the rest buffered)."""
+        if direct.mostly_cached(self._fd, offset, len(out)):
+            return 0
+        dfd = self._dfd
+        if dfd is None:
+            with self._lock:  # read threads share a source: one descriptor
+                if self._dfd is None:
+                    self._dfd = direct.open_direct(self.name, os.O_RDONLY)
+                dfd = self._dfd
+            if dfd is None:
+                self._direct = False
+                return 0
+        try:
+            return direct.read_direct(dfd, offset, out)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._direct = False  # the device wants another alignment: buffered from now on
+            return 0
+
     def prefetch(self, offset: int, nbytes: int) -> None:
         """Ask the kernel to start reading [offset, offset + nbytes) into the page cache now
         (a hint: returns at once; a later `read_into` finds the bytes there or on their way)."""
@@ -311,6 +340,9 @@ class _LocalSource:
 
     def close(self) -> None:
         os.close(self._fd)
+        if self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
 
 
 #: A remote range is fetched in pieces of at most this many bytes, each copied into the

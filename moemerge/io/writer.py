@@ -9,6 +9,7 @@ an `.moemerge-incomplete` marker and no index, so nothing loads it as a finished
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from moemerge.errors import OutputError
-from moemerge.io import storage
+from moemerge.io import direct, storage
 from moemerge.io.checkpoint import INDEX_NAME
 from moemerge.io.manifest import MANIFEST_NAME, MARKER_NAME, Manifest
 from moemerge.io.safetensors_format import ShardLayout
@@ -335,6 +336,8 @@ class LocalModelWriter:
         self.shards = shards
         self.placements = placements
         self._fds: dict[str, int] = {}
+        self._dfds: dict[str, int] = {}  # O_DIRECT descriptors for large writes (io.direct)
+        self._no_direct = not direct.enabled()
         self._lock = threading.Lock()
 
     @classmethod
@@ -351,6 +354,8 @@ class LocalModelWriter:
         self.shards = shards
         self.placements = placements
         self._fds = {}
+        self._dfds = {}
+        self._no_direct = not direct.enabled()
         self._lock = threading.Lock()
         return self
 
@@ -414,10 +419,36 @@ class LocalModelWriter:
                 raise OutputError(f"{self.url}/{name}: write failed at byte {offset + done} ({e.strerror}); is the disk full?") from e
             done += n
 
+    def _direct_fd(self, file: str) -> int | None:
+        """`file`'s O_DIRECT descriptor (io.direct), or None where direct writes are off."""
+        if self._no_direct:
+            return None
+        dfd = self._dfds.get(file)
+        if dfd is None:
+            with self._lock:
+                dfd = self._dfds.get(file)
+                if dfd is None:
+                    dfd = direct.open_direct(os.path.join(self.path, file), os.O_WRONLY)
+                    if dfd is None:
+                        self._no_direct = True
+                        return None
+                    self._dfds[file] = dfd
+        return dfd
+
     def write_rows(self, name: str, row_start: int, data: memoryview) -> None:
         p = self.placements[name]
         fd = self._fd(p.file)
         offset = p.offset + row_start * p.row_bytes
+        dfd = self._direct_fd(p.file) if len(data) >= direct.DIRECT_MIN else None
+        if dfd is not None:
+            try:
+                direct.write_direct(fd, dfd, data, offset)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise OutputError(f"{self.url}/{p.file}: write failed at bytes {offset}..{offset + len(data)} "
+                                      f"({e.strerror}); is the disk full?") from e
+                self._no_direct = True  # the device wants another alignment: buffered from now on
         self._pwrite(fd, data, offset, p.file)
         start_writeback(fd, offset, len(data))
 
@@ -453,4 +484,5 @@ class LocalModelWriter:
         return swap.describe(self.final, self.path, swapped=self.swapped, resumable=True)
 
     def close(self) -> None:
+        close_fds(self._dfds, self._lock)
         close_fds(self._fds, self._lock)

@@ -90,18 +90,13 @@ def run_quant(args: Any, work: Path, budget: int, child_env: dict[str, str]) -> 
         cmd = [*bench._MOEMERGE, "run", str(cfg), str(out), "--memory-budget", args.budget, "--no-progress",
                "--quantize", quant]
         cases.append((method, quant, cmd, out, p))
-    reads = []
-    for par in (False, True):  # cold, as every case runs: one stream, then one per input
-        cold = bench.drop_caches()
-        reads.append(bench.floor_read(paths, par)[0])
-    read = min(reads)
-    print(f"floor read ({'cold' if cold else 'warm'}): {read:.2f}s (1 stream {reads[0]:.2f}s, "
-          f"{len(paths)} streams {reads[1]:.2f}s)", flush=True)
     floors = {}
     for quant in ("none", "like-input"):
         nbytes = next(c[4].bytes_written for c in cases if c[1] == quant)
-        floors[quant] = read + bench.floor_write(work / "floor-write.bin", nbytes)
-        print(f"floor ({quant} out, {format_size(nbytes)} written): {floors[quant]:.2f}s (read {read:.2f}s)", flush=True)
+        read, write, how = bench.best_floor(paths, nbytes, work / "floor-write.bin")
+        floors[quant] = read + write
+        print(f"floor ({quant} out, {format_size(nbytes)} written): {floors[quant]:.2f}s "
+              f"(read {read:.2f}s + write {write:.2f}s; fastest: {how})", flush=True)
     rows = []
     for method, quant, cmd, out, p in cases:
         shutil.rmtree(out, ignore_errors=True)

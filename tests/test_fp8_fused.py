@@ -130,6 +130,40 @@ def test_a_nan_sum_takes_the_dequantized_path_with_its_bytes(tmp_path: Path, gen
     assert got.checksums == ref.checksums
 
 
+@pytest.mark.parametrize("quantize", ["none", "like-input"])
+@pytest.mark.parametrize("nan", [False, True])
+def test_chunks_split_between_two_threads_give_the_same_bytes(tmp_path: Path, gen: torch.Generator,
+                                                              monkeypatch: pytest.MonkeyPatch, quantize: str,
+                                                              nan: bool) -> None:
+    """A fused chunk of at least two bands is split at a scale-block row, its first half summed
+    (and requantized) on a helper thread: the bytes and the manifest's checksums (each tensor
+    hashed in row order across the halves) are those of one thread, a NaN in either half included."""
+    paths = [_model(tmp_path / "a", gen, nan=nan), _model(tmp_path / "b", gen), _model(tmp_path / "c", gen)]
+    cfg = _cfg(paths, gen)
+    monkeypatch.setattr(pipeline, "FUSED_BAND", 64)  # a band of one scale-block row: 256-row chunks split
+    splits: list[tuple[int, int, int, int]] = []
+    real = pipeline._Pipeline._split_row
+
+    def recording(self: pipeline._Pipeline, t: object, r0: int, r1: int, align: int, scratch: int | None) -> int | None:
+        self.cores = 2
+        m = real(self, t, r0, r1, align, scratch)  # type: ignore[arg-type]
+        if m is not None:
+            splits.append((r0, m, r1, align))
+        return m
+
+    monkeypatch.setattr(pipeline._Pipeline, "_split_row", recording)
+    got = moemerge.run(cfg, str(tmp_path / "got"), memory_budget="1GB", quantize=quantize)
+    # at a scale-block row (128), or between whole matrices of a stack of experts (136 rows each)
+    assert splits and all(r0 < m < r1 and align in (128, 136) and (m - r0) % align == 0
+                          for r0, m, r1, align in splits)
+    monkeypatch.setattr(pipeline._Pipeline, "_split_row", lambda *a: None)
+    one = moemerge.run(cfg, str(tmp_path / "one"), memory_budget="1GB", quantize=quantize)
+    monkeypatch.setattr(pipeline, "fused_for", lambda *a, **k: None)
+    ref = moemerge.run(cfg, str(tmp_path / "ref"), memory_budget="1MB", quantize=quantize)
+    assert _digest(tmp_path / "got") == _digest(tmp_path / "one") == _digest(tmp_path / "ref")
+    assert got.checksums == one.checksums == ref.checksums
+
+
 def test_mixed_and_ue8m0_inputs_are_not_fused(tmp_path: Path, gen: torch.Generator) -> None:
     from moemerge.methods import get_method
     from tests.quant_fixtures import block_fp8_model

@@ -105,6 +105,7 @@ class FusedChunk:
         spec = f.specs[skip]
         self.r0, self.r1, self.cols, self.weights = r0, r1, t.row_len, f.weights
         self.col_block = spec.scheme.block[1]
+        self.row_block = spec.scheme.block[0]
         self.scales = np.stack([stored_parts(s, buf[off:off + n], r0, r1)["scale"].numpy()
                                 for s, (off, n) in zip(f.specs[skip:], segs[skip:])])
         self.groups = get_codec("fp8-block").row_groups(spec, r0, r1).numpy()  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ place of the method: each chunk's average goes to the output, its new sums to th
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,7 +32,7 @@ from moemerge.engine.device import placement, to_host
 from moemerge.engine.compute import ALIGN, ChunkView, apply_into, copy_equal, scratch_2d, segments, typed_views
 from moemerge.engine.finite import check_finite, first_read
 from moemerge.engine.fused_fp8 import FUSED_BAND, FusedChunk, FusedFP8, chunk_fits, dequantize_sources, fused_for
-from moemerge.io.quant_out import quantize_bands
+from moemerge.io.quant_out import parts_bytes, quantize_bands
 from moemerge.engine.jobs import Job, Piece, Ready, Segment, Stage, Written, plan_jobs, whole_pieces
 from moemerge.engine.requant import requantize
 from moemerge.engine.progress import NullProgress, Progress
@@ -226,6 +227,8 @@ class _Pipeline:
         # weighted sums of block-FP8 inputs read as stored and summed from their codes
         # (engine/fused_fp8.py), by tensor index; decided once, from either thread (same answer)
         self.fused: dict[int, FusedFP8 | None] = {}
+        self.helper: ThreadPoolExecutor | None = None  # `_fill_fused`'s second thread
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
     def _fused(self, job: Job) -> FusedFP8 | None:
         """The fused plan of this job's tensor when the job's chunk takes that path, else None."""
@@ -338,13 +341,18 @@ class _Pipeline:
                     aux = [self.aux_pool.submit(self.aux_writer.write_rows, seg.name, seg.row,
                                                 data[seg.offset:seg.offset + seg.nbytes])
                            for seg in item.segments if seg.aux]
-                for seg in item.segments:
+                # a tensor may have several segments in one buffer, in row order (the halves of
+                # a split chunk, engine `_fill_fused`): its hash starts at the first, ends at the last
+                last_of = {seg.name: i for i, seg in enumerate(item.segments)}
+                started: set[str] = set()
+                for i, seg in enumerate(item.segments):
                     if self.stop.is_set():
                         break
                     if seg.aux:  # not part of the output: written elsewhere (above), not hashed
                         continue
                     mv = data[seg.offset:seg.offset + seg.nbytes]
-                    if item.first:
+                    if item.first and seg.name not in started:
+                        started.add(seg.name)
                         hashes[seg.name] = hashlib.sha256()
                     h = hashes.get(seg.name)
                     pending: Future[None] | None = self.hasher.submit(h.update, mv) if h is not None else None
@@ -353,7 +361,7 @@ class _Pipeline:
                     if pending is not None:
                         pending.result()
                     tally.add(seg.nbytes, tensors=0)
-                    if item.last and h is not None:
+                    if item.last and h is not None and last_of[seg.name] == i:
                         self.result.digests[seg.name] = finished[seg.name] = hashes.pop(seg.name).hexdigest()
                         if tally.add(0):  # one more finished tensor
                             report()
@@ -463,32 +471,80 @@ class _Pipeline:
     def _fill_fused(self, f: FusedFP8, job: Job, buf: torch.Tensor, out: torch.Tensor) -> int | list[Segment]:
         """A weighted sum's chunk from its inputs' codes into `out`; a quantized output's bands
         are requantized as soon as they are summed (into a cache-sized scratch at the start of
-        `out`), so its float32 values never go to memory. Where a result is NaN, the inputs
-        are dequantized in place and the method's own path computes the chunk (torch's NaNs)."""
+        `out`), so its float32 values never go to memory. A big chunk is split in two at a
+        scale-block row, the first half summed (and requantized) on a helper thread while this
+        one does the second: the loops are compiled and release the GIL, and the read and write
+        threads leave the second core mostly idle. Where a result is NaN, the inputs are
+        dequantized in place and the method's own path computes the chunk (torch's NaNs)."""
         t = self.plan.tensors[job.ti]
         r0, r1 = job.r0, job.r1
         nbytes = (r1 - r0) * t.row_len * to_torch(t.out_dtype).itemsize
         chunk = FusedChunk(f, t, buf, r0, r1)
         if t.quant is None:
-            if chunk.sum_into(r0, r1, out[:nbytes].view(to_torch(t.out_dtype))):
+            typed = out[:nbytes].view(to_torch(t.out_dtype))
+            m = self._split_row(t, r0, r1, chunk.row_block, None)
+            if m is None:
+                done = chunk.sum_into(r0, r1, typed)
+            else:
+                first = self._helper().submit(chunk.sum_into, r0, m, typed)
+                second = chunk.sum_into(m, r1, typed[(m - r0) * t.row_len:])
+                done = first.result() and second
+            if done:
                 return nbytes
         else:
-            values = out[:nbytes].view(torch.float32)
+            q = t.quant
+            band_rows = FUSED_BAND // max(1, t.row_len)
 
-            def band(a: int, b: int) -> torch.Tensor:
-                if not chunk.sum_into(a, b, values):
-                    raise _NaNSum()
-                return values[:(b - a) * t.row_len].view(b - a, t.row_len)
+            def bands(a: int, b: int, scratch: int, size: int, at: int) -> list[Segment]:
+                values = out[scratch:scratch + size // 4 * 4].view(torch.float32)
 
+                def band(x: int, y: int) -> torch.Tensor:
+                    if not chunk.sum_into(x, y, values):
+                        raise _NaNSum()
+                    return values[:(y - x) * t.row_len].view(y - x, t.row_len)
+
+                segs = quantize_bands(q, band, a, b, out, at, band_rows=band_rows)
+                return [Segment(name=n, row=r, offset=o, nbytes=nb) for n, r, o, nb in segs]
+
+            m = self._split_row(t, r0, r1, q.spec.row_align, nbytes)
             try:
-                segs = quantize_bands(t.quant, band, r0, r1, out, nbytes, band_rows=FUSED_BAND // max(1, t.row_len))
-                return [Segment(name=n, row=r, offset=o, nbytes=b) for n, r, o, b in segs]
+                if m is None:
+                    return bands(r0, r1, 0, nbytes, nbytes)
+                # two scratches in the values' room: the helper's first, then this thread's
+                half = nbytes // 2 // 64 * 64
+                first = self._helper().submit(bands, r0, m, 0, half, nbytes)
+                try:
+                    second = bands(m, r1, half, nbytes - half, nbytes + parts_bytes(q, r0, m))
+                finally:
+                    head = first.result() if first.exception() is None else None
+                if head is None:
+                    first.result()  # its _NaNSum (or failure)
+                return [*(head or []), *second]
             except _NaNSum:
                 pass
         dequantize_sources(f, t, buf, r0, r1)
         raws = typed_views(t, buf, r0, r1)
         return apply_into(self.method, t, r0, r1, raws, self.slabs, to_torch(t.compute_dtype), self.cast,
                           self.stats.setdefault(job.ti, {}), out)
+
+    def _split_row(self, t: TensorPlan, r0: int, r1: int, align: int, scratch: int | None) -> int | None:
+        """Where `_fill_fused` splits rows [r0, r1) between two threads (a multiple of `align`
+        rows after r0), or None: one core, or a chunk under two bands, or (`scratch`: the bytes
+        a quantized output has for its float32 bands) no room for two whole aligned bands."""
+        if self.cores < 2 or (r1 - r0) * t.row_len < 2 * FUSED_BAND:
+            return None
+        align = max(1, align)
+        band = max(align, FUSED_BAND // max(1, t.row_len) // align * align)
+        if scratch is not None and scratch < 2 * band * t.row_len * 4 + 128:
+            return None
+        m = r0 + -(-((r1 - r0) // 2) // align) * align
+        return m if r0 < m < r1 else None
+
+    def _helper(self) -> ThreadPoolExecutor:
+        """The thread that takes the first half of a split fused chunk (made on first use)."""
+        if self.helper is None:
+            self.helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moemerge-half")
+        return self.helper
 
     def _to_device(self, t: TensorPlan, buf: torch.Tensor, r0: int, r1: int) -> list[torch.Tensor]:
         """A chunk's typed views in the device's read buffer, copied from the host's `buf`.
@@ -592,6 +648,8 @@ class _Pipeline:
             writer.join(timeout=30)
             self.readers.shutdown(wait=True)
             self.hasher.shutdown(wait=True)
+            if self.helper is not None:
+                self.helper.shutdown(wait=True)
             if self.aux_pool is not None:
                 self.aux_pool.shutdown(wait=True)
             torch.set_num_threads(threads_before)

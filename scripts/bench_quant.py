@@ -4,8 +4,9 @@ Makes N fine-tunes of one synthetic DeepSeek base in bf16 (twice the asked size)
 each to 128 x 128 block FP8 with `moemerge run --quantize fp8-block` (so an input of SIZE is
 SIZE of FP8 codes and scales). Then runs linear and ties over them, writing bf16
 (`--quantize none`) and FP8 again (`--quantize like-input`: dequantize on read, requantize
-with fresh scales on write), each against its own floor: every input byte read once plus an
-output of that case's size written once (bf16 out is about twice the FP8 bytes).
+with fresh scales on write), each against its own floor: every input byte read once (cold)
+plus an output of that case's size written once (bf16 out is about twice the FP8 bytes), each
+the fastest of buffered and O_DIRECT transfers (`bench.best_floor`).
 
 Example:
     python scripts/bench.py --quant --inputs 3 --size-per-input 2GB --budget 2GB

@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -486,9 +486,12 @@ class _Pipeline:
             if m is None:
                 done = chunk.sum_into(r0, r1, typed)
             else:
-                first = self._helper().submit(chunk.sum_into, r0, m, typed)
-                second = chunk.sum_into(m, r1, typed[(m - r0) * t.row_len:])
-                done = first.result() and second
+                lo = self._helper().submit(chunk.sum_into, r0, m, typed)
+                try:
+                    hi = chunk.sum_into(m, r1, typed[(m - r0) * t.row_len:])
+                finally:
+                    wait([lo])  # it writes into `out`: never left running
+                done = lo.result() and hi
             if done:
                 return nbytes
         else:
@@ -512,14 +515,12 @@ class _Pipeline:
                     return bands(r0, r1, 0, nbytes, nbytes)
                 # two scratches in the values' room: the helper's first, then this thread's
                 half = nbytes // 2 // 64 * 64
-                first = self._helper().submit(bands, r0, m, 0, half, nbytes)
+                head = self._helper().submit(bands, r0, m, 0, half, nbytes)
                 try:
-                    second = bands(m, r1, half, nbytes - half, nbytes + parts_bytes(q, r0, m))
+                    tail = bands(m, r1, half, nbytes - half, nbytes + parts_bytes(q, r0, m))
                 finally:
-                    head = first.result() if first.exception() is None else None
-                if head is None:
-                    first.result()  # its _NaNSum (or failure)
-                return [*(head or []), *second]
+                    wait([head])  # it writes into `out`: never left running
+                return [*head.result(), *tail]  # (its _NaNSum, if any, raised here)
             except _NaNSum:
                 pass
         dequantize_sources(f, t, buf, r0, r1)

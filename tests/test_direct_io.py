@@ -272,3 +272,55 @@ def test_a_merge_writes_the_same_bytes_direct_or_buffered(tmp_path: Path, small_
     assert outs["1"] == outs["0"] and outs["1"]
     if direct.open_direct(str(paths[0] / "model.safetensors.index.json"), os.O_RDONLY) is not None:
         assert reads, "the merge's input reads should have gone direct"
+
+
+def test_pma_update_state_and_output_are_the_same_direct_or_buffered(tmp_path: Path, small_pieces: None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pma update` reads and writes its state's chunk files around the page cache too
+    (pma/state_io.py): three nights with direct I/O give the state files, their checksums and
+    the output of three nights without it."""
+    from moemerge.pma.update import update
+
+    g = torch.Generator().manual_seed(_rng().randrange(1 << 30))
+    snaps = {}
+    for step in range(1, 6):
+        snaps[step] = {f"model.layers.{k}.mlp.w.weight": (torch.randn(300 + k, 256, generator=g) * 0.1).bfloat16()
+                       for k in range(3)}
+    written: list[str] = []
+    real = direct.write_once
+
+    def tracking(fd: int, path: str, data: memoryview, offset: int) -> bool:
+        done = real(fd, path, data, offset)
+        if done:
+            written.append(path)
+        return done
+
+    monkeypatch.setattr(direct, "write_once", tracking)
+    results = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MOEMERGE_DIRECT_IO", mode)
+        root = tmp_path / f"mode{mode}"
+        for step in range(1, 4):
+            write_checkpoint(root / "ckpt" / f"step-{step:08d}", snaps[step])
+        kw = dict(method="wma", last=3, memory_budget="64MB")
+        update(str(root / "state"), str(root / "ckpt" / "step-*"), str(root / "out"), **kw)
+        for step in (4, 5):
+            write_checkpoint(root / "ckpt" / f"step-{step:08d}", snaps[step])
+            for f in (root / "state").rglob("*"):
+                if f.is_file():
+                    _cold(f)
+            res = update(str(root / "state"), str(root / "ckpt" / "step-*"), str(root / "out"), **kw)
+            assert res.action == "updated"
+        results[mode] = ({f.relative_to(root / "state").as_posix(): f.read_bytes()
+                          for f in sorted((root / "state").rglob("*")) if f.is_file() and "lock" not in f.name},
+                         {f.name: f.read_bytes() for f in sorted((root / "out").glob("*.safetensors"))})
+        if mode == "1" and direct.open_direct(str(next((root / "out").glob("*.safetensors"))), os.O_RDONLY) is not None:
+            assert any("state" in p for p in written), "state chunks should have been written direct"
+    state1, out1 = results["1"]
+    state0, out0 = results["0"]
+    assert out1 == out0 and out1
+
+    def chunks(state: dict[str, bytes]) -> dict[str, bytes]:  # by array and index (version names differ)
+        return {k.split("/", 1)[1]: v for k, v in state.items() if "/c/" in k}
+
+    assert chunks(state1) and chunks(state1) == chunks(state0)

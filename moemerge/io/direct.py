@@ -28,7 +28,8 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["ALIGN", "DIRECT_MIN", "PIECE", "enabled", "mostly_cached", "open_direct", "read_direct", "write_direct"]
+__all__ = ["ALIGN", "DIRECT_MIN", "PIECE", "enabled", "mostly_cached", "open_direct", "read_direct", "read_once", "write_direct",
+           "write_once"]
 
 #: Offsets and lengths of direct transfers are multiples of this (the page size; every
 #: device's logical block size we know divides it).
@@ -169,3 +170,42 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], offset + done)
+
+
+def read_once(fd: int, path: str, offset: int, out: memoryview) -> int:
+    """A one-off read of `path` (open as `fd`): how many leading bytes of `out` direct reads
+    filled; 0 where the range is short or mostly cached, or direct reads are off or refused.
+    The caller reads the rest buffered."""
+    if len(out) < DIRECT_MIN or not enabled() or mostly_cached(fd, offset, len(out)):
+        return 0
+    dfd = open_direct(path, os.O_RDONLY)
+    if dfd is None:
+        return 0
+    try:
+        return read_direct(dfd, offset, out)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return 0
+    finally:
+        os.close(dfd)
+
+
+def write_once(fd: int, path: str, data: memoryview, offset: int) -> bool:
+    """A one-off write of `data` at `offset` of `path` (open for writing as `fd`) around the
+    page cache (`write_direct`); False, nothing written, where the range is short or direct
+    writes are off or refused (the caller writes it buffered)."""
+    if len(data) < DIRECT_MIN or not enabled():
+        return False
+    dfd = open_direct(path, os.O_WRONLY)
+    if dfd is None:
+        return False
+    try:
+        write_direct(fd, dfd, data, offset)
+        return True
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return False
+    finally:
+        os.close(dfd)

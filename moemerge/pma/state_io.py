@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from moemerge.errors import CheckpointError, OutputError
+from moemerge.io import direct
 from moemerge.io.zarr_store import DAMAGED_STORE_HINT, array_path, chunk_checksum
 from moemerge.pma.state_codec import CODEC_NAME, decode, encode_into, encode_parts, encoded_bound
 
@@ -127,8 +128,8 @@ class FastStateReader:
             size = os.fstat(fd).st_size
             buf = self._take(size)
             view = memoryview(buf)[:size]
-            got = 0
             try:
+                got = direct.read_once(fd, path, 0, view)  # around the page cache (io/direct.py)
                 while got < size:
                     n = os.readv(fd, [view[got:]])
                     if n <= 0:
@@ -204,6 +205,10 @@ class FastStateWriter:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
+                if sum(len(p) for p in parts) >= direct.DIRECT_MIN:  # around the page cache (io/direct.py)
+                    whole = parts[0] if len(parts) == 1 else b"".join(parts)
+                    if direct.write_once(fd, path, memoryview(whole), 0):
+                        parts, crc = [], zlib.crc32(whole)
                 for s in range(0, len(parts), _IOV):
                     group = parts[s:s + _IOV]
                     want = sum(len(p) for p in group)

@@ -530,10 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     args = _parser().parse_args(argv)
-    # `run` and `pma` load torch once the plan is made and its first reads are asked for
-    # (engine/prefetch.py); `multi` and `pma update` now
-    update = args.command == "pma" and args.snapshots[:1] == ["update"]
-    if (args.command == "multi" or update) and not getattr(args, "dry_run", False):
+    # `run`, `pma` and `pma update` load torch once the plan is made and its first reads are
+    # asked for (engine/prefetch.py); `multi` now
+    if args.command == "multi" and not getattr(args, "dry_run", False):
         from moemerge._startup import load_torch_quietly
 
         load_torch_quietly()  # these compute: torch loads now, without the collector's rescans

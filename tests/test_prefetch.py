@@ -113,3 +113,29 @@ sys.exit(main(["run", {str(tmp_path / 'merge.yml')!r}, {str(tmp_path / 'out')!r}
     assert out.returncode == 0, out.stderr
     assert "torch loaded at hint: False" in out.stdout
     assert int(out.stdout.split("hinted ")[1].split()[0]) == 3 * 6 * 64 * 96 * 2
+
+
+def test_pma_update_hints_the_snapshots_first_reads_before_it_loads_torch(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, (1,))))
+    for step in (100, 200, 300):
+        write_checkpoint(tmp_path / "ckpt" / f"step-{step}",
+                         {f"model.layers.{k}.mlp.w.weight": torch.randn(64, 96, generator=g).bfloat16() for k in range(4)})
+    code = f"""
+import sys
+import moemerge.engine.prefetch as pf
+real = pf.prefetch_first_reads
+def spy(plan, ckpts, limit=pf.FIRST_READS):
+    print("torch loaded at hint:", "torch" in sys.modules)
+    n = real(plan, ckpts, limit)
+    print("hinted", n)
+    return n
+pf.prefetch_first_reads = spy
+from moemerge.cli import main
+sys.exit(main(["pma", "update", {str(tmp_path / 'state')!r}, {str(tmp_path / 'ckpt' / 'step-*')!r},
+               "-o", {str(tmp_path / 'out')!r}, "--method", "sma", "--last", "3", "--no-progress"]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert "torch loaded at hint: False" in out.stdout
+    assert int(out.stdout.split("hinted ")[1].split()[0]) == 3 * 4 * 64 * 96 * 2  # every snapshot's rows

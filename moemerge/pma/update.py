@@ -347,6 +347,14 @@ class _Job:
             floats = self._check_tensors(newest, reads)
             step = self._step()
             plan = self._plan(step, newest_snap, reads)  # a bad --quantize fails here, before any output
+            if not (self.dask.client is not None or self.dask.workers or self.dask.scheduler):
+                from moemerge.engine.prefetch import prefetch_first_reads
+
+                # the disk reads the first snapshot rows while torch loads (as `run` does)
+                prefetch_first_reads(plan, [self.opened.get(src) for src in plan.sources])
+            from moemerge._startup import load_torch_quietly
+
+            load_torch_quietly()  # nothing when loaded already
             self.leases.append(take_lease(self.out, self.so, kind="output", what="moemerge pma update"))
             check_output(self.out, overwrite=self.overwrite or ours, storage_options=self.so,
                          inputs=[s.url for s in d.window])

@@ -4,7 +4,9 @@ checkpoint, `pma_config` / `pma_job` / `pma_update` for averages over a training
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -132,7 +134,7 @@ def use_hub_cache(path: str | None) -> None:
 def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int,
           shard_size: str | int, seed: int, chunk_rows: int | None = None,
           out_format: str = "safetensors", unit_size: str | int | None = None,
-          quantize: str | None = None, allow_crimes: bool = False) -> Plan:
+          quantize: str | None = None, allow_crimes: bool = False, compiled: bool = False) -> Plan:
     from moemerge.planner.architecture import mixed_architectures
     from moemerge.planner.quant import plan_with_quant, resolve_output_quant
 
@@ -152,7 +154,8 @@ def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int
     hint = side.get("num_hidden_layers") if isinstance(side.get("num_hidden_layers"), int) else None
     p: Plan = plan_with_quant(build_plan(
         cfg, {c.url: c.tensors for c in ckpts}, memory_budget=budget, shard_size=shard,
-        seed=seed, n_layers_hint=hint, chunk_rows=chunk_rows, out_format=out_format, quant=oq.specs, keep=oq.keep, **units,
+        seed=seed, n_layers_hint=hint, chunk_rows=chunk_rows, out_format=out_format, quant=oq.specs, keep=oq.keep,
+        compiled=compiled, **units,
     ), oq)
     from moemerge.tokenizers_merge import plan_with_vocabulary
 
@@ -168,6 +171,26 @@ def _plan(cfg: MergeConfig, ckpts: list[Checkpoint], *, memory_budget: str | int
     return replace(p, notes=p.notes + tuple(said)) if said else p
 
 
+def _kernels_expected(device: str = "cpu", *, distributed: bool = False) -> bool:
+    """Whether the methods' compiled loops are expected to run (numba installed and not switched
+    off, a CPU device, this process): plans then size chunks for them (`Plan.compiled_sizing`).
+    Only looks for numba; `run` loads the loops before any work (`_plan_for_kernels`)."""
+    import importlib.util
+
+    return (not distributed and device == "cpu" and os.environ.get("MOEMERGE_NO_NUMBA", "") in ("", "0")
+            and importlib.util.find_spec("numba") is not None)
+
+
+def _plan_for_kernels(p: Plan, replan: Callable[[], Plan]) -> Plan:
+    """`p`, or where it counted on the compiled loops and they do not load here, `replan()`
+    (sized for the torch path): decided before any output exists."""
+    if not p.compiled_sizing:
+        return p
+    from moemerge.methods import _fused
+
+    return p if _fused.available() else replan()
+
+
 def plan(config: MergeConfig | dict[str, Any] | str, *, memory_budget: str | int = DEFAULT_BUDGET,
          shard_size: str | int = DEFAULT_SHARD_SIZE, seed: int = 0, chunk_rows: int | None = None,
          unit_size: str | int | None = None, out_format: str = "safetensors", quantize: str | None = None,
@@ -181,7 +204,7 @@ def plan(config: MergeConfig | dict[str, Any] | str, *, memory_budget: str | int
     try:
         return _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
                      chunk_rows=chunk_rows, unit_size=unit_size, out_format=out_format, quantize=quantize,
-                     allow_crimes=allow_crimes)
+                     allow_crimes=allow_crimes, compiled=_kernels_expected())
     finally:
         for c in ckpts:
             c.close()
@@ -259,9 +282,12 @@ def run(
                                   what="moemerge pma" if "pma" in (manifest_extra or {}) else "moemerge run")
     cluster = None
     try:
-        the_plan = _plan(cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
-                         chunk_rows=chunk_rows, out_format=out_format, unit_size=unit_size, quantize=quantize,
-                         allow_crimes=allow_crimes)
+        planned = functools.partial(_plan, cfg, ckpts, memory_budget=memory_budget, shard_size=shard_size, seed=seed,
+                                    chunk_rows=chunk_rows, out_format=out_format, unit_size=unit_size,
+                                    quantize=quantize, allow_crimes=allow_crimes)
+        distributed = client is not None or bool(workers) or bool(scheduler)
+        the_plan = _plan_for_kernels(planned(compiled=_kernels_expected(device, distributed=distributed)),
+                                     lambda: planned(compiled=False))
         check_device_memory(the_plan, device)  # too little device memory: refused before any output
         from moemerge._startup import load_torch_quietly
 

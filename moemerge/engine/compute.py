@@ -6,6 +6,7 @@ filled output buffer, whatever executor runs it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,9 @@ from moemerge.io.dtypes import itemsize, to_torch
 from moemerge.methods.base import Method
 from moemerge.engine.constants import ALIGN, BLOCK_ELEMS
 from moemerge.planner.plan import Plan, TensorPlan
+
+_log = logging.getLogger(__name__)
+_over_budget_said: list[str] = []  # the first tensor the warning named (said once a process)
 
 __all__ = ["ALIGN", "ChunkView", "segments", "typed_views", "scratch_2d", "copy_equal", "apply_into"]
 
@@ -49,6 +53,7 @@ class ChunkView:
         self._has_base = self.has_base = t.base is not None
         self._raws = raws
         self._scratch = scratch
+        self._extra: dict[int, torch.Tensor] = {}
         self._in_cast = in_cast
         self._out = out
 
@@ -69,7 +74,20 @@ class ChunkView:
         return self._convert(self._raws[0], out)
 
     def scratch(self, k: int) -> torch.Tensor:
-        return self._scratch[k]
+        if k < len(self._scratch):
+            return self._scratch[k]
+        # beyond the planned buffers: a plan sized for compiled loops (Plan.compiled_sizing)
+        # whose chunk took the torch path after all; correct first, so allocated, and said once
+        extra = self._extra.get(k)
+        if extra is None:
+            if not _over_budget_said:
+                _over_budget_said.append(self.name)
+                _log.warning("tensor `%s`: the torch path took more compute buffers than planned for the "
+                             "compiled loops; allocated beyond --memory-budget", self.name)
+            like = self._scratch[0] if self._scratch else None
+            extra = self._extra[k] = (torch.empty_like(like) if like is not None else
+                                      torch.empty(self.row_stop - self.row_start, self.row_len, dtype=self.compute_dtype))
+        return extra
 
     def stored(self) -> tuple[torch.Tensor, ...] | None:
         """Every source's rows as stored (base first), for kernels that convert as they

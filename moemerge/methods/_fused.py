@@ -326,7 +326,9 @@ def l1_partials(fam: Any, chunk: Chunk, stats: Mapping[str, Any], p: TensorParam
 
 def generalized_apply(fam: Any, chunk: Chunk, stats: Mapping[str, Any], p: TensorParams,
                       memo: ScratchMemo) -> torch.Tensor | None:
-    """`_Family.apply` in one pass over the stored inputs, into scratch 1 (None: torch path)."""
+    """`_Family.apply` in one pass over the stored inputs, into the chunk's output rows, or
+    where a result is NaN into scratch 0 (None: torch path). Scratch 0 is the only compute
+    buffer this needs outside DELLA (`Method.compiled_working_copies`)."""
     from moemerge.methods.generalized import _mask_slot
 
     src = _stored(chunk)
@@ -369,7 +371,7 @@ def generalized_apply(fam: Any, chunk: Chunk, stats: Mapping[str, Any], p: Tenso
                 todo.append(i)
         if todo:
             _keep_masks(fam, chunk, p, src, todo, [None] * len(todo), [masks[i] for i in todo])
-    memo.clear()  # scratch 1 is written below
+    memo.clear()  # scratch 0 may be written below
     factors = stats.get("l1", {})
     fac = np.array([factors.get(i, 1.0) for i in range(n)], np.float32)
     use_fac = np.array([factors.get(i, 1.0) != 1.0 for i in range(n)], np.bool_)
@@ -394,7 +396,7 @@ def generalized_apply(fam: Any, chunk: Chunk, stats: Mapping[str, Any], p: Tenso
     direct = _direct_output(chunk)
     if direct is not None and run(direct[1]):
         return direct[0]
-    out_t = chunk.scratch(1)  # float32: a NaN result keeps its bits, and the engine rounds it as torch does
+    out_t = chunk.scratch(0)  # float32: a NaN result keeps its bits, and the engine rounds it as torch does
     run(out_t.reshape(-1).numpy())
     return out_t
 

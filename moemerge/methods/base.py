@@ -156,6 +156,10 @@ class Method:
     1-D blocks (faster, and compute buffers stay small whatever the chunk)."""
     working_copies: Callable[[int], int] = lambda n: 2
     """Compute buffers (`Chunk.scratch`) the method uses for n inputs (allocated once)."""
+    compiled_working_copies: Callable[[int], int] | None = None
+    """The compute buffers it uses where its compiled loops (methods/_fused.py) take every
+    chunk, with no temporaries: the planner sizes chunks by these when they will run (a chunk
+    that still takes the torch path gets the rest allocated, engine.compute.ChunkView)."""
     temporaries: Callable[[int], int] = lambda n: 0
     """Further float32-sized temporaries per element it allocates while computing (masks,
     float64 products, random draws): budgeted by the planner, not preallocated."""

@@ -329,6 +329,9 @@ def make_generalized(
         # scratch: base, mixed, divisor, temp + one task vector per input (masks and bit
         # patterns live in them). Temporaries: 3 spare, plus DELLA's ranks and draws (+14)
         working_copies=lambda n: n + 4,
+        # compiled (methods/_fused.py): one, for a NaN result's float32 output; DELLA's
+        # keep-masks and rescaled task vectors still take scratch 2 and 4 + i
+        compiled_working_copies=None if sparsify == "magprune" else (lambda n: 1),
         temporaries=lambda n: 3 + _EXTRA[sparsify],
         row_granularity=_granularity if sparsify == "magprune" else (lambda s, p: 1),
     )

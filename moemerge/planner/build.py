@@ -122,6 +122,7 @@ def build_plan(
     out_format: str = "safetensors",
     quant: Mapping[str, QuantSpec] | None = None,
     keep: Mapping[str, TensorInfo] | None = None,
+    compiled: bool = False,
 ) -> Plan:
     """Plan a merge. `catalogs` maps each checkpoint location of `cfg` to its tensors.
 
@@ -132,7 +133,9 @@ def build_plan(
 
     In steps: which sources play which role, which tensors are made how (`_select`; every
     problem raised at once), buffer sizes from the budget (`_size`), then each tensor's
-    chunking and place in the output (`_tensor_plans`).
+    chunking and place in the output (`_tensor_plans`). `compiled`: the method's compiled
+    loops will run on the host (numba present, CPU device, one process), so buffers are sized
+    for them where every merged tensor takes them (`_compiled_sizing`).
     """
     method = get_method(cfg.merge_method)
     roles = _roles(cfg, method)
@@ -150,8 +153,9 @@ def build_plan(
         if len(problems) == 1:
             raise kind(problems[0])
         raise kind(f"cannot plan this merge ({len(problems)} problems):\n  {_listed(problems)}")
+    by_kernels = compiled and _compiled_sizing(method, sel.planned)
     sizing = _size(method, sel.planned, n_inputs=n_inputs, memory_budget=memory_budget,
-                   unit_bytes=unit_bytes)
+                   unit_bytes=unit_bytes, compiled=by_kernels)
     entries, glued = layout_entries(sel.planned)  # a quantized tensor's parts in its place
     shards, where = lay_out_shards(entries, shard_size, glued)
     tensors, totals, one_row = _tensor_plans(method, sel.planned, sizing, where, out_format=out_format,
@@ -180,7 +184,7 @@ def build_plan(
         chunk_out_bytes=totals.chunk_out, peak_bytes=peak, bytes_read=totals.bytes_read,
         bytes_written=totals.bytes_written, passes=totals.passes, warnings=sel.warnings,
         notes=tuple(notes), side_source=side, tokenizer_source=tok_source,
-        config_hash=cfg.config_hash(), out_format=out_format,
+        config_hash=cfg.config_hash(), out_format=out_format, compiled_sizing=by_kernels,
     )
 
 
@@ -290,8 +294,19 @@ def _select(cfg: MergeConfig, method: Method, roles: _Roles, catalogs: Mapping[s
                       missing=tuple(missing), mismatched=tuple(mismatched), param_problems=tuple(param_problems))
 
 
+def _compiled_sizing(method: Method, planned: Sequence[PlannedTensor]) -> bool:
+    """Whether every merged tensor's chunks take the method's compiled loops (methods/_fused.py
+    `_stored`): the method has them, and each tensor's sources share one stored dtype, bf16 or
+    float32, computed in float32."""
+    if method.compiled_working_copies is None or method.elementwise:
+        return False
+    merged = [p for p in planned if p.method != "copy"]
+    return bool(merged) and all(len({i.dtype for i in p.infos}) == 1 and p.infos[0].dtype in ("BF16", "F32")
+                                and not _wide(p) for p in merged)
+
+
 def _size(method: Method, planned: Sequence[PlannedTensor], *, n_inputs: int, memory_budget: int,
-          unit_bytes: int) -> _Sizing:
+          unit_bytes: int, compiled: bool = False) -> _Sizing:
     """One global chunk size in elements, from the budget: every buffer is sized for it."""
     in_elem = max((sum(itemsize(i.dtype) for i in p.infos) for p in planned), default=1)
     # a quantized tensor's output buffer holds its float32 values and then its stored parts, and
@@ -301,22 +316,58 @@ def _size(method: Method, planned: Sequence[PlannedTensor], *, n_inputs: int, me
     comp_elem = 8 if any(_wide(p) for p in planned) else 4
     working = max((method.working_copies(n_inputs) for p in planned if p.method != "copy"), default=0)
     temps = method.temporaries(n_inputs) if any(p.method != "copy" for p in planned) else 0
+    if compiled and method.compiled_working_copies is not None:
+        working, temps = method.compiled_working_copies(n_inputs), 0
     if method.elementwise:
         # compute buffers are fixed cache-sized blocks, not chunk-sized
         fixed = working * BLOCK_ELEMS * comp_elem
         per_elem = _IN_FLIGHT * in_elem + _IN_FLIGHT * out_elem
+        chunk_cap = max(1, (memory_budget - fixed) // per_elem) if memory_budget > fixed else 1
+        # a chunk is read whole by one task: no bigger than a work unit, so units stay bounded
+        # (and a unit's worth of input is already far past where bigger reads go faster)
+        chunk_cap = min(chunk_cap, max(1, unit_bytes // in_elem))
     else:
-        fixed = 0
-        per_elem = _IN_FLIGHT * in_elem + (working + temps) * comp_elem + _IN_FLIGHT * out_elem
-    chunk_cap = max(1, (memory_budget - fixed) // per_elem) if memory_budget > fixed else 1
-    # a chunk is read whole by one task: no bigger than a work unit, so units stay bounded
-    # (and a unit's worth of input is already far past where bigger reads go faster)
-    chunk_cap = min(chunk_cap, max(1, unit_bytes // in_elem))
+        chunk_cap = _budget_cap(planned, memory_budget, (working + temps) * comp_elem, unit_bytes)
     if method.elementwise:
         # chunking never costs an elementwise method a read: a few chunks per unit keep a
         # task's reads, math and writes overlapped (one-chunk tasks run them one after another)
         chunk_cap = min(chunk_cap, max(1, unit_bytes // in_elem // CHUNKS_PER_UNIT))
     return _Sizing(in_elem=in_elem, comp_elem=comp_elem, working=working, temps=temps, chunk_cap=chunk_cap)
+
+
+def _budget_cap(planned: Sequence[PlannedTensor], budget: int, slab_per_elem: int, unit_bytes: int) -> int:
+    """The largest chunk size C (elements) whose buffers fit `budget`, each tensor's chunks
+    holding min(its elements, C) (a row at least): the read and write buffers (_IN_FLIGHT of
+    each) the largest chunk's input and output bytes, the compute buffers (`slab_per_elem`
+    bytes an element) the largest merged chunk, and no chunk's input above a work unit
+    (`unit_bytes`: units stay bounded, and bigger reads go no faster). Sized by the tensors
+    themselves, not by the costliest element of any of them: a few small float32 tensors (the
+    norms) no longer shrink the chunks of the big bf16 ones (ties over 3 x 4 GB at 512MB:
+    whole tensors, so one read each instead of two)."""
+    kinds: set[tuple[int, int, int, int, bool]] = set()
+    for p in planned:
+        rows, row_len = row_geometry(p.infos[0].shape)
+        kinds.add((rows * row_len, max(1, row_len), sum(itemsize(i.dtype) for i in p.infos),
+                   itemsize(p.out_dtype) + (QUANT_EXTRA_PER_ELEM if p.quant else 0), p.method != "copy"))
+
+    def fits(c: int) -> bool:
+        rin = rout = slab = 0
+        for n, row_len, in_t, out_t, merged in kinds:
+            if min(n, c) * in_t > unit_bytes:
+                return False
+            e = min(n, max(c, row_len))
+            rin, rout = max(rin, e * in_t), max(rout, e * out_t)
+            if merged:
+                slab = max(slab, e)
+        return _IN_FLIGHT * (rin + rout) + slab * slab_per_elem <= budget
+
+    lo, hi = 1, max((k[0] for k in kinds), default=1)
+    if fits(hi):
+        return hi
+    while hi - lo > 1:  # fits(lo) or lo == 1; not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def _wide(p: PlannedTensor) -> bool:

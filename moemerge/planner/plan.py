@@ -150,6 +150,9 @@ class Plan:
     config_hash: str = ""
     out_format: str = "safetensors"
     """`safetensors` (sharded HF directory) or `zarr` (one array per tensor)."""
+    compiled_sizing: bool = False
+    """Chunks were sized for the method's compiled loops (`Method.compiled_working_copies`):
+    the run checks they load before any work, and plans again without them where they do not."""
     quantize: str | None = None
     """The output quantization chosen (`--quantize` or its default, `planner.quant`): `none`,
     `like-input`, `fp8-block`, `mxfp4`; None when not decided (a plan from `build_plan` alone)."""

@@ -41,6 +41,7 @@ LAYER_OF: dict[str, str] = {
     # torch on first use, and the collector paused while headers are parsed (start-up, issue 15)
     "moemerge._lazy": "leaf",
     "moemerge._gc": "leaf",
+    "moemerge._startup": "leaf",  # torch imported with the collector paused: run, pma, pma update
     "moemerge.render": "cli",  # inspect's table and JSON, printed as rich would
     "moemerge.synthetic_headers": "api",  # headers-only DeepSeek-V3 layouts (scripts/bench_plan.py)
 }

@@ -66,19 +66,38 @@ def test_compute_grows_with_statistics_passes(tmp_path: Path, ckpt_factory) -> N
     assert e_ties.total_s == pytest.approx(e_ties.startup_s + max(e_ties.io_s, e_ties.compute_s))
 
 
-def test_streamed_passes_reread_and_cost_io(tmp_path: Path, ckpt_factory) -> None:
-    """Under a budget too small for a tensor, every statistics pass reads it again: the I/O
-    estimate follows the plan's bytes read, which count those re-reads."""
+@pytest.mark.parametrize("compiled", [True, False])
+def test_streamed_passes_reread_and_cost_io(tmp_path: Path, ckpt_factory, monkeypatch: pytest.MonkeyPatch,
+                                            compiled: bool) -> None:
+    """Under a budget too small for a tensor, statistics passes read it again: every pass on
+    the torch path, twice in all with the compiled loops. The plan's bytes read are what a run
+    reads (counted), and the I/O estimate follows them."""
+    import moemerge
+    from moemerge.io import storage
     from moemerge.synthetic import make_single_tensor_checkpoint
 
+    if not compiled:
+        monkeypatch.setenv("MOEMERGE_NO_NUMBA", "1")
     paths = [make_single_tensor_checkpoint(tmp_path / f"s{i}", "w", (2048, 1024), "BF16", seed=i) for i in range(3)]
     cfg = _cfg(tmp_path, "ties", paths)
     whole = plan(str(cfg), memory_budget="1GB")
     streamed = plan(str(cfg), memory_budget="8MB")
     assert len(streamed.tensors[0].chunks) > 1 and len(whole.tensors[0].chunks) == 1
+    assert streamed.compiled_sizing == compiled
     in_bytes = 3 * 2048 * 1024 * 2
     assert whole.bytes_read == in_bytes
-    assert streamed.bytes_read == in_bytes * (1 + streamed.passes)
+    assert streamed.bytes_read == in_bytes * (2 if compiled else 1 + streamed.passes)
+    read: list[int] = []
+    real = storage._LocalSource.read_into
+
+    def counting(self: storage._LocalSource, offset: int, out: memoryview) -> None:
+        if self.name.endswith(".safetensors") and offset > 8:  # not the header (its length, then its JSON)
+            read.append(len(out))
+        real(self, offset, out)
+
+    monkeypatch.setattr(storage._LocalSource, "read_into", counting)
+    moemerge.run(str(cfg), str(tmp_path / "out"), memory_budget="8MB")
+    assert sum(read) == streamed.bytes_read
     a, b = whole.estimate(disk_speed=1e9), streamed.estimate(disk_speed=1e9)
     assert a.io_s == pytest.approx((in_bytes + whole.bytes_written) / 1e9)
     assert b.io_s == pytest.approx((streamed.bytes_read + streamed.bytes_written) / 1e9)

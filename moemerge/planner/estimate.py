@@ -24,11 +24,12 @@ __all__ = ["DEFAULT_DISK_SPEED", "Costs", "FAMILIES", "METHOD_COSTS", "Estimate"
 #: Bytes per second read and written when the user gives no `--disk-speed`: what sequential
 #: 64 MiB reads reached on a plain cloud disk here (scripts/bench.py's floor); a guide only.
 DEFAULT_DISK_SPEED = 1e9
-#: Seconds from `moemerge run` to the first read: interpreter, torch, numba's cached kernels,
-#: headers and the plan (measured on small inputs; a 92k-tensor plan adds a few seconds).
-STARTUP_S = 2.0
+#: Seconds from `moemerge run` to the first read: interpreter, torch, headers and the plan
+#: (measured on small inputs, 2026-12-02: a whole linear merge of three 8 KB checkpoints took
+#: 1.07 s wall, 1.0 s CPU; a 92k-tensor plan adds a few seconds).
+STARTUP_S = 1.1
 #: CPU seconds of that start-up (the rest is waiting on files).
-STARTUP_CPU_S = 2.0
+STARTUP_CPU_S = 1.0
 #: Loading numba's cached kernels adds this much (wall, CPU) when the run uses them: the fused
 #: selection kernels (selection, sce; methods/_fused.py) and FP8 dequantizing (io/quant).
 NUMBA_STARTUP_S = (0.4, 0.4)
@@ -58,8 +59,8 @@ class Costs:
 #: cost alike per element; `METHOD_COSTS` holds the members measured clearly apart.
 FAMILIES: dict[str, Costs] = {
     "elementwise": Costs(apply_ns=1.5),
-    "selection": Costs(apply_ns=5.5, pass_ns=0.3),  # the fused numba kernels (methods/_fused.py)
-    "sce": Costs(apply_ns=11.5, pass_ns=0.3),
+    "selection": Costs(apply_ns=4.8, pass_ns=0.3),  # the fused numba kernels (methods/_fused.py)
+    "sce": Costs(apply_ns=8.5, pass_ns=0.3),
     "geometric": Costs(apply_ns=4.5, pass_ns=1.0),
     "fusion": Costs(apply_ns=10.0, pass_ns=3.0, stream_ns=4.7),
 }
@@ -71,8 +72,8 @@ METHOD_COSTS: dict[str, Costs] = {
     "della": Costs(apply_ns=25.0, pass_ns=1.0),
     "della_linear": Costs(apply_ns=25.0, pass_ns=1.0),
     # two selections per input (the gamma largest dropped, the density kept): ~1.5x ties
-    "breadcrumbs": Costs(apply_ns=8.0, pass_ns=0.3),
-    "breadcrumbs_ties": Costs(apply_ns=8.0, pass_ns=0.3),
+    "breadcrumbs": Costs(apply_ns=6.0, pass_ns=0.3),
+    "breadcrumbs_ties": Costs(apply_ns=6.0, pass_ns=0.3),
     "model_stock": Costs(apply_ns=3.5, pass_ns=1.0),
     "ram": Costs(apply_ns=5.5),  # elementwise: on one thread
     "ramplus_tl": Costs(apply_ns=8.0, pass_ns=1.0),

@@ -158,9 +158,17 @@ def test_quantized_input_costs_dequantize(tmp_path: Path) -> None:
     cfg = tmp_path / "q.yml"
     cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
         {"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}]}))
-    p = plan(str(cfg), quantize="none")
-    quantized = [t for t in p.tensors if t.in_codecs]
-    assert quantized and all(c is not None for t in quantized for c in t.in_codecs)
+    fused = plan(str(cfg), quantize="none")
+    # a weighted sum (linear) decodes, scales and sums block FP8 in one loop: FUSED_FP8_NS per
+    # element and input in place of the apply and the dequantizing (engine/fused_fp8.py)
+    quantized = [t for t in fused.tensors if t.in_codecs]
+    assert quantized and all(c == "fp8-block" for t in quantized for c in t.in_codecs)
+    bare = dataclasses.replace(fused, tensors=tuple(dataclasses.replace(t, in_codecs=()) for t in fused.tensors))
+    elems = sum(t.numel * len(t.sources_used) for t in quantized)
+    assert fused.estimate().cpu_s - bare.estimate().cpu_s == pytest.approx(
+        elems * (est.FUSED_FP8_NS - est.FAMILIES["elementwise"].apply_ns) / 1e9 + est.NUMBA_STARTUP_S[1])
+    # another elementwise method (the same costs, not a weighted sum) dequantizes on read
+    p = dataclasses.replace(fused, method="passthrough")
     plain = dataclasses.replace(p, tensors=tuple(dataclasses.replace(t, in_codecs=()) for t in p.tensors))
     deq_elems = sum(t.numel * len(t.in_codecs) for t in quantized)
     # dequantizing runs beside the one compute thread of an elementwise method (cores - 1 of them)
@@ -172,7 +180,7 @@ def test_quantized_input_costs_dequantize(tmp_path: Path) -> None:
     # in CPU seconds the dequantizing is added whole, and numba's kernels load at start-up
     assert p.estimate().cpu_s - plain.estimate().cpu_s == pytest.approx(
         deq_elems * est.DEQUANT_NS / 1e9 + est.NUMBA_STARTUP_S[1])
-    requant = plan(str(cfg), quantize="like-input")
+    requant = dataclasses.replace(plan(str(cfg), quantize="like-input"), method="passthrough")
     requantized = [t for t in requant.tensors if t.quant is not None]
     assert requantized
     unquant = dataclasses.replace(requant, tensors=tuple(dataclasses.replace(t, quant=None) for t in requant.tensors))

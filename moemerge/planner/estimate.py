@@ -93,8 +93,12 @@ _FAMILY_OF: dict[str, str] = {
 
 #: CPU ns per element to dequantize a quantized input (io.quant; on the read threads, in
 #: parallel with the compute) and to requantize a quantized output (engine/requant.py).
-DEQUANT_NS = 1.5
+DEQUANT_NS = 0.5
 REQUANT_NS = 0.5
+#: CPU ns per element and input of a weighted sum taken from block-FP8 codes in one loop
+#: (engine/fused_fp8.py: decode, scale, sum, round), in place of dequantizing and the apply;
+#: bench_estimate --quant, 3 x 512 MB, 2026-12-02.
+FUSED_FP8_NS = 1.0
 #: CPU ns per byte the pipeline spends whatever the method: the copy of each read into the
 #: read buffer and the sha256 of each written byte (threads beside the compute).
 READ_COPY_NS = 0.1
@@ -151,10 +155,13 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _tensor_ns(t: TensorPlan, costs: Costs, n_passes: int) -> tuple[float, float]:
+def _tensor_ns(t: TensorPlan, costs: Costs, n_passes: int, weighted_sum: bool = False) -> tuple[float, float]:
     """(compute-thread CPU ns, read-thread CPU ns) of one merged tensor: the method and any
-    requantizing run where the chunk is computed, dequantizing where it is read."""
+    requantizing run where the chunk is computed, dequantizing where it is read (a weighted
+    sum of block-FP8 inputs: both in one loop, `FUSED_FP8_NS`)."""
     n_in = len(t.sources_used)
+    if weighted_sum and t.in_codecs and all(c == "fp8-block" for c in t.in_codecs):
+        return t.numel * n_in * FUSED_FP8_NS + (t.numel * REQUANT_NS if t.quant is not None else 0.0), 0.0
     per_pass = costs.pass_ns + (costs.stream_ns if t.rows > t.rows_per_chunk else 0.0)
     work = t.numel * n_in * (costs.apply_ns + per_pass * n_passes)
     if t.compute_dtype == "F64":
@@ -187,6 +194,9 @@ def estimate(plan: Plan, *, disk_speed: float | None = None, write_speed: float 
     work_ns = quant_ns = 0.0
     numba = family in NUMBA_FAMILIES
     passes_of: dict[tuple[int, tuple[int, ...]], int] = {}  # as the planner: few distinct (params, shape)
+    from moemerge.methods._fused import WEIGHTED_SUMS
+
+    weighted_sum = plan.method in WEIGHTED_SUMS
     for t in plan.tensors:
         if t.method == "copy":
             continue
@@ -194,8 +204,8 @@ def estimate(plan: Plan, *, disk_speed: float | None = None, write_speed: float 
         n = passes_of.get(key)
         if n is None:
             n = passes_of[key] = len(method.passes(t.params, t.shape))
-        w, q = _tensor_ns(t, costs, n)
-        numba = numba or q > 0
+        w, q = _tensor_ns(t, costs, n, weighted_sum)
+        numba = numba or q > 0 or (weighted_sum and bool(t.in_codecs))  # the fused loop is numba's too
         work_ns += w
         quant_ns += q
     # the pipeline's own CPU (read copies, output hashing) runs on other threads: it shares

@@ -152,3 +152,36 @@ def test_a_nan_result_is_redone_in_the_one_buffer(tmp_path: Path, gen: torch.Gen
     out = next((tmp_path / "want").glob("*.safetensors"))
     assert bool(load_file(out)["model.layers.0.mlp.w.weight"].isnan().any())  # the case makes NaN
     assert _digest(tmp_path / "got") == _digest(tmp_path / "want") and got.checksums == want.checksums
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_buffers_stay_under_the_budget_for_random_tensor_sets(tmp_path: Path, gen: torch.Generator, case: int) -> None:
+    """`_budget_cap` against the plan's own accounting: for random shapes, dtypes, methods and
+    budgets, the buffers the engine allocates (`peak_bytes`) fit the budget (unless the plan
+    says single rows are too big), and the compiled sizing's chunks are never smaller than
+    the torch path's (fewer buffers, same budget)."""
+    import random
+
+    rng = random.Random(int(torch.randint(0, 1 << 30, (1,), generator=gen)))
+    shapes = [(rng.randint(1, 700), rng.choice([64, 96, 512, 1000])) for _ in range(rng.randint(1, 6))]
+    dtypes = [rng.choice([torch.bfloat16, torch.float32]) for _ in shapes]
+    paths = []
+    for i in range(3):
+        t = {f"model.layers.{k}.mlp.w.weight": torch.randn(*s, generator=gen).to(d)
+             for k, (s, d) in enumerate(zip(shapes, dtypes))}
+        paths.append(write_checkpoint(tmp_path / f"m{i}", t))
+    method = rng.choice(["ties", "dare_ties", "breadcrumbs", "della"])
+    cfg = api._as_config(_cfg(paths, method))
+    ckpts = api._open_all(cfg)
+    budget = rng.randint(1 << 20, 8 << 20)
+    try:
+        plans = {c: api._plan(cfg, ckpts, memory_budget=budget, shard_size="1GB", seed=0, compiled=c)
+                 for c in (True, False)}
+    finally:
+        for c in ckpts:
+            c.close()
+    for p in plans.values():
+        if not any("single rows" in n for n in p.notes):
+            assert p.peak_bytes <= budget, (method, shapes, dtypes, budget, p.compiled_sizing)
+    rows = {c: {t.name: t.rows_per_chunk for t in p.tensors} for c, p in plans.items()}
+    assert all(rows[True][n] >= rows[False][n] for n in rows[True]), (method, shapes, dtypes, budget)

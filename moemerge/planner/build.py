@@ -341,22 +341,25 @@ def _size(method: Method, planned: Sequence[PlannedTensor], *, n_inputs: int, me
 def _budget_cap(planned: Sequence[PlannedTensor], budget: int, slab_per_elem: int, unit_bytes: int) -> int:
     """The largest chunk size C (elements) whose buffers fit `budget`, each tensor's chunks
     holding min(its elements, C) (a row at least): the read and write buffers (_IN_FLIGHT of
-    each) the largest chunk's input and output bytes, the compute buffers (`slab_per_elem`
-    bytes an element) the largest merged chunk, and no chunk's input above a work unit
-    (`unit_bytes`: units stay bounded, and bigger reads go no faster). Sized by the tensors
+    each) the largest chunk's input (as served) and output bytes, the compute buffers
+    (`slab_per_elem` bytes an element) the largest merged chunk, and no chunk's reads (as
+    stored: FP8 codes, not their float32 values) above a work unit (`unit_bytes`: units stay
+    bounded, and bigger reads go no faster). Sized by the tensors
     themselves, not by the costliest element of any of them: a few small float32 tensors (the
     norms) no longer shrink the chunks of the big bf16 ones (ties over 3 x 4 GB at 512MB:
     whole tensors, so one read each instead of two)."""
-    kinds: set[tuple[int, int, int, int, bool]] = set()
+    kinds: set[tuple[int, int, int, int, bool, float]] = set()
     for p in planned:
         rows, row_len = row_geometry(p.infos[0].shape)
-        kinds.add((rows * row_len, max(1, row_len), sum(itemsize(i.dtype) for i in p.infos),
-                   itemsize(p.out_dtype) + (QUANT_EXTRA_PER_ELEM if p.quant else 0), p.method != "copy"))
+        n = rows * row_len
+        kinds.add((n, max(1, row_len), sum(itemsize(i.dtype) for i in p.infos),
+                   itemsize(p.out_dtype) + (QUANT_EXTRA_PER_ELEM if p.quant else 0), p.method != "copy",
+                   sum(i.read_nbytes for i in p.infos) / max(1, n)))  # as stored: a unit is what is read
 
     def fits(c: int) -> bool:
         rin = rout = slab = 0
-        for n, row_len, in_t, out_t, merged in kinds:
-            if min(n, c) * in_t > unit_bytes:
+        for n, row_len, in_t, out_t, merged, read_t in kinds:
+            if min(n, c) * read_t > unit_bytes:
                 return False
             e = min(n, max(c, row_len))
             rin, rout = max(rin, e * in_t), max(rout, e * out_t)

@@ -90,11 +90,9 @@ def test_storage_without_hints_and_failing_hints_change_nothing(tmp_path: Path,
     assert res.checksums
 
 
-def test_run_hints_its_first_reads_before_it_loads_torch(tmp_path: Path) -> None:
-    cfg, _ = _models(tmp_path)
-    import yaml
-
-    (tmp_path / "merge.yml").write_text(yaml.safe_dump(cfg))
+def _hint_order(argv: list[str]) -> tuple[bool, int]:
+    """Run `moemerge argv` in a fresh interpreter: whether torch was loaded when the first
+    reads were hinted, and the bytes hinted."""
     code = f"""
 import sys
 import moemerge.engine.prefetch as pf
@@ -106,13 +104,22 @@ def spy(plan, ckpts, limit=pf.FIRST_READS):
     return n
 pf.prefetch_first_reads = spy
 from moemerge.cli import main
-sys.exit(main(["run", {str(tmp_path / 'merge.yml')!r}, {str(tmp_path / 'out')!r}, "--no-progress"]))
+sys.exit(main({argv!r}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.returncode == 0, out.stderr
-    assert "torch loaded at hint: False" in out.stdout
-    assert int(out.stdout.split("hinted ")[1].split()[0]) == 3 * 6 * 64 * 96 * 2
+    assert "torch loaded at hint:" in out.stdout, out.stdout
+    return "torch loaded at hint: True" in out.stdout, int(out.stdout.split("hinted ")[1].split()[0])
+
+
+def test_run_hints_its_first_reads_before_it_loads_torch(tmp_path: Path) -> None:
+    cfg, _ = _models(tmp_path)
+    import yaml
+
+    (tmp_path / "merge.yml").write_text(yaml.safe_dump(cfg))
+    loaded, hinted = _hint_order(["run", str(tmp_path / "merge.yml"), str(tmp_path / "out"), "--no-progress"])
+    assert not loaded and hinted == 3 * 6 * 64 * 96 * 2
 
 
 def test_pma_update_hints_the_snapshots_first_reads_before_it_loads_torch(tmp_path: Path) -> None:
@@ -120,22 +127,6 @@ def test_pma_update_hints_the_snapshots_first_reads_before_it_loads_torch(tmp_pa
     for step in (100, 200, 300):
         write_checkpoint(tmp_path / "ckpt" / f"step-{step}",
                          {f"model.layers.{k}.mlp.w.weight": torch.randn(64, 96, generator=g).bfloat16() for k in range(4)})
-    code = f"""
-import sys
-import moemerge.engine.prefetch as pf
-real = pf.prefetch_first_reads
-def spy(plan, ckpts, limit=pf.FIRST_READS):
-    print("torch loaded at hint:", "torch" in sys.modules)
-    n = real(plan, ckpts, limit)
-    print("hinted", n)
-    return n
-pf.prefetch_first_reads = spy
-from moemerge.cli import main
-sys.exit(main(["pma", "update", {str(tmp_path / 'state')!r}, {str(tmp_path / 'ckpt' / 'step-*')!r},
-               "-o", {str(tmp_path / 'out')!r}, "--method", "sma", "--last", "3", "--no-progress"]))
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert out.returncode == 0, out.stderr
-    assert "torch loaded at hint: False" in out.stdout
-    assert int(out.stdout.split("hinted ")[1].split()[0]) == 3 * 4 * 64 * 96 * 2  # every snapshot's rows
+    loaded, hinted = _hint_order(["pma", "update", str(tmp_path / "state"), str(tmp_path / "ckpt" / "step-*"),
+                                  "-o", str(tmp_path / "out"), "--method", "sma", "--last", "3", "--no-progress"])
+    assert not loaded and hinted == 3 * 4 * 64 * 96 * 2  # every snapshot's rows

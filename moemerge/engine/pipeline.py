@@ -22,7 +22,8 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 from moemerge._lazy import torch  # loaded on first use: plan, inspect, --help never load it
 
@@ -45,6 +46,9 @@ from moemerge.planner.plan import Plan, TensorPlan
 __all__ = ["run_jobs", "JobsResult", "EMPTY_SHA256", "Writer", "RowReader", "ChunkKernel"]
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+_T = TypeVar("_T")
 
 
 class Writer(Protocol):
@@ -486,12 +490,9 @@ class _Pipeline:
             if m is None:
                 done = chunk.sum_into(r0, r1, typed)
             else:
-                lo = self._helper().submit(chunk.sum_into, r0, m, typed)
-                try:
-                    hi = chunk.sum_into(m, r1, typed[(m - r0) * t.row_len:])
-                finally:
-                    wait([lo])  # it writes into `out`: never left running
-                done = lo.result() and hi
+                lo, hi = self._halves(partial(chunk.sum_into, r0, m, typed),
+                                      partial(chunk.sum_into, m, r1, typed[(m - r0) * t.row_len:]))
+                done = lo and hi
             if done:
                 return nbytes
         else:
@@ -515,12 +516,9 @@ class _Pipeline:
                     return bands(r0, r1, 0, nbytes, nbytes)
                 # two scratches in the values' room: the helper's first, then this thread's
                 half = nbytes // 2 // 64 * 64
-                head = self._helper().submit(bands, r0, m, 0, half, nbytes)
-                try:
-                    tail = bands(m, r1, half, nbytes - half, nbytes + parts_bytes(q, r0, m))
-                finally:
-                    wait([head])  # it writes into `out`: never left running
-                return [*head.result(), *tail]  # (its _NaNSum, if any, raised here)
+                head, tail = self._halves(partial(bands, r0, m, 0, half, nbytes),
+                                          partial(bands, m, r1, half, nbytes - half, nbytes + parts_bytes(q, r0, m)))
+                return [*head, *tail]
             except _NaNSum:
                 pass
         dequantize_sources(f, t, buf, r0, r1)
@@ -541,11 +539,18 @@ class _Pipeline:
         m = r0 + -(-((r1 - r0) // 2) // align) * align
         return m if r0 < m < r1 else None
 
-    def _helper(self) -> ThreadPoolExecutor:
-        """The thread that takes the first half of a split fused chunk (made on first use)."""
+    def _halves(self, first: Callable[[], _T], second: Callable[[], _T]) -> tuple[_T, _T]:
+        """`first()` on the helper thread (made on first use) while this one runs `second()`;
+        both results, or the first failure (the second's if both fail, e.g. _NaNSum). The
+        helper's half is always finished before this returns: it writes into the chunk's buffer."""
         if self.helper is None:
             self.helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moemerge-half")
-        return self.helper
+        lo = self.helper.submit(first)
+        try:
+            hi = second()
+        finally:
+            wait([lo])
+        return lo.result(), hi
 
     def _to_device(self, t: TensorPlan, buf: torch.Tensor, r0: int, r1: int) -> list[torch.Tensor]:
         """A chunk's typed views in the device's read buffer, copied from the host's `buf`.

@@ -28,7 +28,7 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["ALIGN", "DIRECT_MIN", "PIECE", "enabled", "mostly_cached", "open_direct", "read_direct", "read_once", "write_direct",
+__all__ = ["ALIGN", "DIRECT_MIN", "linux_libc", "PIECE", "enabled", "mostly_cached", "open_direct", "read_direct", "read_once", "write_direct",
            "write_once"]
 
 #: Offsets and lengths of direct transfers are multiples of this (the page size; every
@@ -82,18 +82,21 @@ class _CacheStatRange(ctypes.Structure):
 _SYS_CACHESTAT = 451
 
 
-def _load_syscall() -> Any:
+def linux_libc(name: str, restype: Any, argtypes: tuple[Any, ...] | None = None) -> Any:
+    """libc's function `name` (errno kept), or None off Linux or where libc lacks it."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(None, use_errno=True).syscall
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.restype = ctypes.c_long
+    fn.restype = restype
+    if argtypes is not None:
+        fn.argtypes = argtypes
     return fn
 
 
-_syscall = _load_syscall()
+_syscall = linux_libc("syscall", ctypes.c_long)
 _no_cachestat = _syscall is None
 
 

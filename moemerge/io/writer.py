@@ -13,7 +13,6 @@ import errno
 import json
 import math
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
@@ -227,19 +226,8 @@ def _check_remote_output(url: str, fs: Any, path: str, *, overwrite: bool, input
     return root
 
 
-def _load_sync_file_range() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE = direct.linux_libc("sync_file_range", ctypes.c_int,
+                                     (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))
 _SYNC_FILE_RANGE_WRITE = 2
 
 
